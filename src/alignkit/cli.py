@@ -1,0 +1,145 @@
+"""`alignkit <stage> [--config FILE] [key=value ...]` and `alignkit data check FILE`.
+
+`python -m alignkit ...` is the same program, so `accelerate launch -m alignkit sft ...` works.
+Stage modules are imported only when a stage runs, so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import textwrap
+
+from alignkit import config as C
+
+# stage name -> (module with run(cfg) -> summary, config class, one-line description)
+STAGES: dict[str, tuple[str, type, str]] = {
+    "pretrain": ("alignkit.stages.pretrain", C.PretrainConfig, "next-token pretraining on documents"),
+    "sft": ("alignkit.stages.sft", C.SFTConfig, "supervised fine-tuning, loss on assistant tokens"),
+}
+
+USAGE = """usage: alignkit <stage> [--config FILE] [key=value ...]
+       alignkit <stage> --help
+       alignkit data check FILE [--kind KIND] [--model MODEL] [--max-length N]
+
+stages:
+{stages}
+
+Keys on the command line override the config file; nested keys use dots (lora.r=8).
+"""
+
+
+def _usage() -> str:
+    width = max(len(n) for n in STAGES)
+    lines = [f"  {name:<{width}}  {desc}" for name, (_, _, desc) in STAGES.items()]
+    lines.append(f"  {'data':<{width}}  data check: counts, token lengths, truncation, a rendered example")
+    return USAGE.format(stages="\n".join(lines))
+
+
+def stage_help(name: str) -> str:
+    _, cls, desc = STAGES[name]
+    out = [f"usage: alignkit {name} [--config FILE] [key=value ...]", "", desc, "", "options (key: type = default):"]
+    for key, tname, default, help_text in C.field_help(cls):
+        out.append(f"  {key}: {tname} = {default!r}")
+        out.extend(textwrap.wrap(help_text, width=96, initial_indent="      ", subsequent_indent="      "))
+    return "\n".join(out)
+
+
+def parse_stage_args(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(--config path or None, key=value overrides); anything else is an error."""
+    config_path, overrides = None, []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--config", "-c"):
+            if i + 1 >= len(argv):
+                raise C.ConfigError("--config needs a file path")
+            config_path = argv[i + 1]
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            config_path = arg.split("=", 1)[1]
+        elif "=" in arg and not arg.startswith("-"):
+            overrides.append(arg)
+        else:
+            raise C.ConfigError(f"unexpected argument '{arg}': use --config FILE and key=value overrides")
+        i += 1
+    return config_path, overrides
+
+
+def run_stage(name: str, argv: list[str]) -> dict:
+    module_name, cls, _ = STAGES[name]
+    config_path, overrides = parse_stage_args(argv)
+    cfg = C.load_config(cls, config_path, overrides)
+    return importlib.import_module(module_name).run(cfg)
+
+
+def data_command(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="alignkit data")
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="report on a data file as a stage would see it")
+    check.add_argument("source", help="file path, dataset name or task:<name>/<part>")
+    check.add_argument("--kind", default=None, help="text, sft, preference, ranked or prompts (default: detect)")
+    check.add_argument("--model", default=None, help="model whose tokenizer to use (default: a BPE trained on the data)")
+    check.add_argument("--max-length", type=int, default=256, help="tokens per sequence, as max_length in a stage")
+    args = parser.parse_args(argv)
+    from alignkit.data.check import format_data_check, run_data_check
+
+    tokenizer = _tokenizer_for_check(args.source, args.kind, args.model)
+    report = run_data_check(args.source, args.kind, tokenizer, args.max_length)
+    print(format_data_check(report))
+    return 0
+
+
+def _tokenizer_for_check(source: str, kind: str | None, model: str | None):
+    if model:
+        from alignkit.models.loading import load_tokenizer, resolve_model_path
+
+        return load_tokenizer(resolve_model_path(model))
+    from alignkit.data.records import load_records
+    from alignkit.models.tokenizer import train_bpe_tokenizer
+    from alignkit.runtime.stage import record_texts
+
+    records, _ = load_records(source, kind)
+    return train_bpe_tokenizer(record_texts(records), vocab_size=1024)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return
+    name, rest = argv[0], argv[1:]
+    try:
+        if name == "data":
+            sys.exit(data_command(rest))
+        if name not in STAGES:
+            import difflib
+
+            close = difflib.get_close_matches(name, list(STAGES) + ["data"], n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            print(f"alignkit: unknown stage '{name}'{hint}\n\n{_usage()}", file=sys.stderr)
+            sys.exit(2)
+        if any(a in ("-h", "--help") for a in rest):
+            print(stage_help(name))
+            return
+        run_stage(name, rest)
+    except C.ConfigError as e:
+        print(f"alignkit {name}: config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except _input_errors() as e:
+        print(f"alignkit {name}: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """Errors that describe bad input: print the message, not a traceback."""
+    errors: list[type[BaseException]] = []
+    for module, attr in (("alignkit.data.records", "DataError"), ("alignkit.models.loading", "ModelError")):
+        try:
+            errors.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors) or (C.ConfigError,)

