@@ -60,7 +60,8 @@ def ensure_chat_template(tokenizer: Any) -> None:
     if tokenizer.pad_token is not None:
         return
     for candidate in _PAD_CANDIDATES:
-        if candidate != tokenizer.eos_token and _token_id_if_present(tokenizer, candidate) is not None:
+        present = _token_id_if_present(tokenizer, candidate) is not None
+        if present and candidate != tokenizer.eos_token:
             tokenizer.pad_token = candidate
             return
     if tokenizer.eos_token is None:
@@ -173,7 +174,7 @@ def document_separator_id(tokenizer: Any) -> int:
     if token_id is not None:
         return token_id
     if tokenizer.eos_token_id is None:
-        raise ValueError("tokenizer has neither <|endoftext|> nor an eos token to separate documents")
+        raise ValueError("tokenizer has neither <|endoftext|> nor eos to separate documents")
     return tokenizer.eos_token_id
 
 
