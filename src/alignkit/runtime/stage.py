@@ -53,13 +53,16 @@ def record_texts(records: list[dict]) -> list[str]:
     return texts
 
 
-def load_policy(cfg: Any, train_records: list[dict]):
+def load_policy(accelerator: Accelerator, cfg: Any, train_records: list[dict]):
     """The model and tokenizer named by cfg.model, with LoRA and gradient checkpointing as configured."""
-    from alignkit.models.loading import load_causal_lm
+    from alignkit.models.loading import load_causal_lm, resolve_model_path
     from alignkit.models.lora import LoraOptions, apply_lora
 
+    # A named GGUF model is converted once into the cache: the main process does it, the others wait.
+    with accelerator.main_process_first():
+        name = resolve_model_path(cfg.model)
     model, tokenizer = load_causal_lm(
-        cfg.model,
+        name,
         tokenizer=cfg.tokenizer,
         train_texts=lambda: record_texts(train_records),
         vocab_size=cfg.vocab_size,

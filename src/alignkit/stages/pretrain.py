@@ -29,7 +29,7 @@ def run(cfg: PretrainConfig) -> dict:
     accelerator = start_run(cfg)
 
     train_records, eval_records = load_train_eval(cfg, kind="text")
-    model, tokenizer = load_policy(cfg, train_records)
+    model, tokenizer = load_policy(accelerator, cfg, train_records)
     train_rows = token_rows(tokenizer, train_records, cfg.max_length)
     eval_rows = token_rows(tokenizer, eval_records, cfg.max_length)
 

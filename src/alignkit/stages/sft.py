@@ -33,7 +33,7 @@ def run(cfg: SFTConfig) -> dict:
     accelerator = start_run(cfg)
 
     train_records, eval_records = load_train_eval(cfg, kind="sft")
-    model, tokenizer = load_policy(cfg, train_records)
+    model, tokenizer = load_policy(accelerator, cfg, train_records)
     train_rows, dropped = token_rows(tokenizer, train_records, cfg.max_length, cfg.packing)
     if not train_rows:
         raise DataError(
