@@ -141,6 +141,21 @@ def test_prompt_completion_equals_conversation(tok):
     assert _supervised_texts(tok, example) == ["1 2<|im_end|>"]
 
 
+def test_prompt_completion_trains_only_the_completion(tok):
+    """A multi-turn prompt's earlier assistant turns are context, not trained."""
+    prompt = [user("sort 2 1"), assistant("1 2"), user("and 3 1")]
+    example = tokenize_prompt_completion(tok, prompt, "1 3", 100)
+    assert _supervised_texts(tok, example) == ["1 3<|im_end|>"]
+    everything = tokenize_conversation(tok, prompt + [assistant("1 3")], 100)
+    assert everything["input_ids"] == example["input_ids"]
+    assert _supervised_texts(tok, everything) == ["1 2<|im_end|>", "1 3<|im_end|>"]
+    # Truncating inside the completion's header leaves nothing to train, though an earlier
+    # assistant turn survives.
+    n_prompt = len(_ids(tok, render_prompt(tok, prompt)))
+    assert tokenize_prompt_completion(tok, prompt, "1 3", n_prompt) is None
+    assert tokenize_conversation(tok, prompt + [assistant("1 3")], n_prompt) is not None
+
+
 def test_other_template_style(tok):
     """Generic method: an [INST]-style template with no generation prompt and no newlines."""
     template = (

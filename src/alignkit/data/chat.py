@@ -136,8 +136,10 @@ def has_supervised_tokens(labels: list[int]) -> bool:
     return any(label != IGNORE_INDEX for label in labels[1:])
 
 
-def tokenize_conversation(tokenizer: Any, messages: list[dict], max_length: int) -> dict | None:
-    """Tokenize a chat with labels on assistant turns only.
+def tokenize_conversation(
+    tokenizer: Any, messages: list[dict], max_length: int, last_turn_only: bool = False
+) -> dict | None:
+    """Tokenize a chat with labels on assistant turns only (every one, or only the last).
 
     Returns {"input_ids": list[int], "labels": list[int]} (same length, <= max_length), or None
     when no supervised token is left after truncation (the caller counts the drop). Truncation
@@ -147,6 +149,8 @@ def tokenize_conversation(tokenizer: Any, messages: list[dict], max_length: int)
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("alignkit needs a fast (Rust) tokenizer for offset mappings")
     text, spans = assistant_char_spans(tokenizer, messages)
+    if last_turn_only:
+        spans = spans[-1:]
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = list(encoded["input_ids"])[:max_length]
     mask = _label_mask(list(encoded["offset_mapping"])[:max_length], spans)
@@ -162,10 +166,11 @@ def tokenize_prompt_completion(
     """Tokenize prompt `messages` followed by an assistant `completion` (a preference side).
 
     input = render_prompt(messages) + completion + the template's end-of-turn text; labels only on
-    the completion and its end-of-turn. None when truncation leaves no completion token.
+    the completion and its end-of-turn (earlier assistant turns of the prompt are context, not
+    trained). None when truncation leaves no completion token.
     """
     conversation = list(messages) + [{"role": "assistant", "content": completion}]
-    return tokenize_conversation(tokenizer, conversation, max_length)
+    return tokenize_conversation(tokenizer, conversation, max_length, last_turn_only=True)
 
 
 def document_separator_id(tokenizer: Any) -> int:
