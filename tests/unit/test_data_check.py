@@ -134,3 +134,12 @@ def test_marked_example_exact_with_bpe():
         "<|im_start|>user\nsort two one<|im_end|>\n<|im_start|>assistant\n[[one two<|im_end|>]]\n"
         "<|im_start|>user\ntwo<|im_end|>\n<|im_start|>assistant\n[[sort<|im_end|>]]\n"
     )
+
+
+def test_example_when_every_record_loses_its_supervision(tmp_path, word_tok):
+    rows = [{"prompt": words(8), "completion": "z"}]  # 13-token header
+    report = run_data_check(write(tmp_path / "s.jsonl", rows), None, word_tok, max_length=5)
+    assert report["n_no_supervised"] == 1
+    assert report["example"] == (
+        "<|im_start|> user a b c\n(no supervised token left within max_length=5)"
+    )

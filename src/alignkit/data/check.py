@@ -99,10 +99,15 @@ def _example(tokenizer: Any, record: dict, kind: str, max_length: int) -> str:
         return render_prompt(tokenizer, record["prompt"])
     if kind == "sft":
         example = tokenize_conversation(tokenizer, record["messages"], max_length)
+        full = tokenize_conversation(tokenizer, record["messages"], _UNLIMITED)
     else:
         reply = record["responses"][0] if kind == "ranked" else record["chosen"]
         example = tokenize_prompt_completion(tokenizer, record["prompt"], reply, max_length)
-    return mark_supervised(tokenizer, example) if example else "(no supervised token left)"
+        full = tokenize_prompt_completion(tokenizer, record["prompt"], reply, _UNLIMITED)
+    if example is not None:
+        return mark_supervised(tokenizer, example)
+    kept = tokenizer.decode(full["input_ids"][:max_length], skip_special_tokens=False)
+    return f"{kept}\n(no supervised token left within max_length={max_length})"
 
 
 def run_data_check(source: str, kind: str | None, tokenizer: Any, max_length: int) -> dict:
