@@ -71,6 +71,9 @@ class TrainConfig:
         0.05, "held-out data: a path/spec like train_data, or a fraction split off train_data, or null for none"
     )
     data_kind: Union[str, None] = opt(None, "record kind (text, sft, preference, ranked, prompts); null: detect")
+    skip_invalid: bool = opt(
+        False, "skip records that fail validation (counted in summary.json, first ones printed) instead of stopping"
+    )
     output_dir: str = opt("runs/run", "the run directory (config, metrics, summary, checkpoints, final model)")
     max_steps: int = opt(0, "optimizer steps to train; 0: derive from epochs")
     epochs: float = opt(1.0, "passes over the training rows when max_steps is 0")

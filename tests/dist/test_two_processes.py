@@ -12,8 +12,10 @@ from tests.helpers import max_weight_diff, run_cli, sft_overrides
 
 pytestmark = pytest.mark.dist
 
+# On a machine without GPUs, `--multi_gpu` is accelerate's torchrun path; alignkit's Accelerator(cpu=True)
+# then joins the processes into one gloo group. (`--cpu` alone starts a single process.)
 LAUNCH = [
-    sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+    sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
 ]
 

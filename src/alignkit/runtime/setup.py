@@ -20,9 +20,12 @@ from accelerate.utils import set_seed
 
 def make_accelerator(mixed_precision: str = "no") -> Accelerator:
     """One Accelerator per run; fp16 on CPU is refused because autocast there is bf16-only."""
-    if mixed_precision == "fp16" and not torch.cuda.is_available():
+    has_gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    if mixed_precision == "fp16" and not has_gpu:
         raise ValueError("mixed_precision=fp16 needs a GPU; use bf16 or no on CPU")
-    return Accelerator(mixed_precision=mixed_precision)
+    # cpu=True on a machine without a GPU makes processes started by `accelerate launch
+    # --num_processes N` (torchrun underneath) join one gloo group instead of N lone runs.
+    return Accelerator(mixed_precision=mixed_precision, cpu=not has_gpu)
 
 
 def seed_everything(seed: int) -> None:

@@ -24,17 +24,27 @@ def start_run(cfg: Any) -> Accelerator:
     return accelerator
 
 
-def load_train_eval(cfg: Any, kind: str) -> tuple[list[dict], list[dict]]:
-    """Training and held-out records of `kind`: eval_data is a path/spec, a fraction of train_data, or None."""
+def load_train_eval(cfg: Any, kind: str) -> tuple[list[dict], list[dict], list[str]]:
+    """(train, held-out, invalid-record messages) of `kind`.
+
+    eval_data is a path/spec, a fraction split off train_data, or None. Invalid records stop the run
+    with file:line and field, unless cfg.skip_invalid, where they are skipped and returned as messages
+    (stages count them in summary.json).
+    """
     from alignkit.data.records import load_records, split_records
 
-    records, _ = load_records(cfg.train_data, cfg.data_kind or kind)
+    invalid: list[str] | None = [] if cfg.skip_invalid else None
+    records, _ = load_records(cfg.train_data, cfg.data_kind or kind, errors=invalid)
     if isinstance(cfg.eval_data, float):
-        return split_records(records, cfg.eval_data, cfg.seed)
-    if cfg.eval_data:
-        eval_records, _ = load_records(cfg.eval_data, cfg.data_kind or kind)
-        return records, eval_records
-    return records, []
+        train, held_out = split_records(records, cfg.eval_data, cfg.seed)
+    elif cfg.eval_data:
+        held_out, _ = load_records(cfg.eval_data, cfg.data_kind or kind, errors=invalid)
+        train = records
+    else:
+        train, held_out = records, []
+    if invalid:
+        print(f"skipped {len(invalid)} invalid records; first: " + " | ".join(invalid[:3]), flush=True)
+    return train, held_out, invalid or []
 
 
 def record_texts(records: list[dict]) -> list[str]:

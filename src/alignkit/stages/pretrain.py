@@ -28,7 +28,7 @@ def run(cfg: PretrainConfig) -> dict:
     started = time.time()
     accelerator = start_run(cfg)
 
-    train_records, eval_records = load_train_eval(cfg, kind="text")
+    train_records, eval_records, invalid = load_train_eval(cfg, kind="text")
     model, tokenizer = load_policy(accelerator, cfg, train_records)
     train_rows = token_rows(tokenizer, train_records, cfg.max_length)
     eval_rows = token_rows(tokenizer, eval_records, cfg.max_length)
@@ -37,5 +37,5 @@ def run(cfg: PretrainConfig) -> dict:
         cfg, accelerator, model, tokenizer.pad_token_id, train_rows, eval_rows, packed=True, stage="pretrain"
     )
     save_final(accelerator, model, tokenizer, cfg.output_dir)
-    summary.update(n_train_records=len(train_records), n_eval_records=len(eval_records))
+    summary.update(n_train_records=len(train_records), n_eval_records=len(eval_records), invalid_records=len(invalid))
     return finish_run(accelerator, cfg, summary, started)

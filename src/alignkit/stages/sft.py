@@ -32,7 +32,7 @@ def run(cfg: SFTConfig) -> dict:
     started = time.time()
     accelerator = start_run(cfg)
 
-    train_records, eval_records = load_train_eval(cfg, kind="sft")
+    train_records, eval_records, invalid = load_train_eval(cfg, kind="sft")
     model, tokenizer = load_policy(accelerator, cfg, train_records)
     train_rows, dropped = token_rows(tokenizer, train_records, cfg.max_length, cfg.packing)
     if not train_rows:
@@ -49,6 +49,7 @@ def run(cfg: SFTConfig) -> dict:
     summary.update(
         n_train_records=len(train_records),
         n_eval_records=len(eval_records),
+        invalid_records=len(invalid),
         dropped_records=dropped,
         dropped_eval_records=eval_dropped,
     )
