@@ -16,6 +16,14 @@ from alignkit import config as C
 STAGES: dict[str, tuple[str, type, str]] = {
     "pretrain": ("alignkit.stages.pretrain", C.PretrainConfig, "next-token pretraining on documents"),
     "sft": ("alignkit.stages.sft", C.SFTConfig, "supervised fine-tuning, loss on assistant tokens"),
+    "rm": ("alignkit.stages.rm", C.RMConfig, "reward model: Bradley-Terry (+ Llama 2 margin), ranking over K responses"),
+    "dpo": ("alignkit.stages.dpo", C.DPOConfig, "direct preference optimisation: DPO, IPO, conservative DPO"),
+    "rrhf": ("alignkit.stages.rrhf", C.RRHFConfig, "rank K responses by reward; align length-normalised log-probs"),
+}
+
+# Commands with their own flags (not a training stage): name -> (module with main(argv) -> int, description)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "score": ("alignkit.stages.score", "add a reward-model score to each record: --model RM --data FILE --out FILE"),
 }
 
 USAGE = """usage: alignkit <stage> [--config FILE] [key=value ...]
@@ -33,6 +41,7 @@ def _usage() -> str:
     width = max(len(n) for n in STAGES)
     lines = [f"  {name:<{width}}  {desc}" for name, (_, _, desc) in STAGES.items()]
     lines.append(f"  {'data':<{width}}  data check: counts, token lengths, truncation, a rendered example")
+    lines.extend(f"  {name:<{width}}  {desc}" for name, (_, desc) in COMMANDS.items())
     return USAGE.format(stages="\n".join(lines))
 
 
@@ -115,10 +124,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if name == "data":
             sys.exit(data_command(rest))
+        if name in COMMANDS:
+            sys.exit(importlib.import_module(COMMANDS[name][0]).main(rest))
         if name not in STAGES:
             import difflib
 
-            close = difflib.get_close_matches(name, list(STAGES) + ["data"], n=1)
+            close = difflib.get_close_matches(name, [*STAGES, *COMMANDS, "data"], n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             print(f"alignkit: unknown stage '{name}'{hint}\n\n{_usage()}", file=sys.stderr)
             sys.exit(2)

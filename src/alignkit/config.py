@@ -326,3 +326,61 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# --------------------------------------------------------------------------------------------
+# Reward model and offline preference optimisation
+
+
+@dataclass
+class RMConfig(TrainConfig):
+    """`alignkit rm`: a scalar reward model trained on preference pairs or ranked lists."""
+
+    train_data: Union[str, list[str]] = opt("task:sort/prefs?n=4000&seed=2", TRAIN_DATA_HELP)
+    output_dir: str = opt("runs/rm", "the run directory")
+    lr: float = opt(5e-4, "peak learning rate (AdamW)")
+    margin: str = opt(
+        "none",
+        "Llama 2 margin in the Bradley-Terry loss: none; field (each record's 'margin'); "
+        "scores (margin_scale * score difference, ranked data)",
+    )
+    margin_scale: float = opt(1.0, "multiplier of the score difference when margin=scores")
+    center_rewards_coef: float = opt(0.0, "weight of mean(reward^2), keeping rewards centred near 0 (0: off)")
+    row_tokens: int = opt(0, "tokens per packed forward row (0: max_length); responses are packed padding-free")
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """`alignkit dpo`: direct preference optimisation (DPO, IPO, conservative DPO) against a frozen reference."""
+
+    train_data: Union[str, list[str]] = opt("task:sort/prefs?n=4000&seed=3", TRAIN_DATA_HELP)
+    output_dir: str = opt("runs/dpo", "the run directory")
+    lr: float = opt(1e-4, "peak learning rate (AdamW)")
+    ref_model: Union[str, None] = opt(None, "reference model path/id; null: the starting policy (model)")
+    beta: float = opt(0.1, "strength of the implicit KL constraint (higher stays closer to the reference)")
+    loss_type: str = opt("sigmoid", "sigmoid (DPO) or ipo")
+    label_smoothing: float = opt(0.0, "conservative DPO: assumed probability that a label is flipped (sigmoid only)")
+    sft_weight: float = opt(0.0, "weight of an added NLL term on the chosen response (per token); 0: off")
+    precompute_ref: bool = opt(
+        True, "compute reference log-probs once before training and cache them (the reference is then freed)"
+    )
+    row_tokens: int = opt(0, "tokens per packed forward row (0: 2 * max_length); chosen and rejected share one forward")
+
+
+@dataclass
+class RRHFConfig(TrainConfig):
+    """`alignkit rrhf`: rank responses by reward and align the policy's length-normalised log-probs to the ranking."""
+
+    train_data: Union[str, list[str]] = opt("task:sort/ranked?n=2000&seed=4", TRAIN_DATA_HELP)
+    output_dir: str = opt("runs/rrhf", "the run directory")
+    lr: float = opt(1e-4, "peak learning rate (AdamW)")
+    reward: str = opt(
+        "given", "what ranks the responses: given (the data's scores), gold (the built-in task's gold reward), rm (reward_model)"
+    )
+    reward_model: Union[str, None] = opt(None, "reward model path when reward=rm")
+    policy_samples: int = opt(0, "extra responses per prompt sampled from the starting policy (then scored)")
+    temperature: float = opt(1.0, "sampling temperature for policy_samples")
+    max_new_tokens: int = opt(32, "length cap of sampled responses")
+    rank_weight: float = opt(1.0, "weight of the ranking loss")
+    sft_weight: float = opt(1.0, "weight of the cross-entropy on the best response")
+    row_tokens: int = opt(0, "tokens per packed forward row (0: max_length * responses per prompt)")

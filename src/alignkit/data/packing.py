@@ -15,7 +15,7 @@ import torch
 from alignkit.data.chat import IGNORE_INDEX
 
 
-def _first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     """Bin indices of `lengths` by first-fit decreasing into bins of `capacity`.
 
     A max segment tree over bin capacities finds the first bin that fits in O(log n), so
@@ -59,7 +59,7 @@ def pack_examples(examples: list[dict], max_length: int) -> list[dict]:
         if not 0 < length <= max_length:
             raise ValueError(f"example {i} has {length} tokens; packing needs 1..{max_length}")
     rows = []
-    for members in _first_fit_decreasing(lengths, max_length):
+    for members in first_fit_decreasing(lengths, max_length):
         row: dict = {"input_ids": [], "labels": [], "position_ids": [], "n_samples": len(members)}
         for index in members:
             example = examples[index]

@@ -12,7 +12,8 @@ import time
 from alignkit.config import PretrainConfig
 from alignkit.data.chat import document_separator_id, tokenize_text
 from alignkit.data.packing import chunk_stream
-from alignkit.runtime.lm_training import save_final, train_lm
+from alignkit.runtime.lm import train_lm
+from alignkit.runtime.train_loop import save_final
 from alignkit.runtime.stage import finish_run, load_policy, load_train_eval, start_run
 
 

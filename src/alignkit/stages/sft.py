@@ -16,7 +16,8 @@ from alignkit.config import SFTConfig
 from alignkit.data.chat import tokenize_conversation
 from alignkit.data.packing import pack_examples
 from alignkit.data.records import DataError
-from alignkit.runtime.lm_training import save_final, train_lm
+from alignkit.runtime.lm import train_lm
+from alignkit.runtime.train_loop import save_final
 from alignkit.runtime.stage import finish_run, load_policy, load_train_eval, start_run
 
 

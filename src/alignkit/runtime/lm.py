@@ -1,0 +1,75 @@
+"""Language-modelling pieces shared by `pretrain` and `sft`: a row is a dict of python lists
+`input_ids`, `labels` (-100 where no loss) and `position_ids` when several samples are packed in it."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from alignkit.data.packing import collate
+from alignkit.losses import lm_loss
+from alignkit.runtime.train_loop import train
+
+
+def supervised_tokens(row: dict) -> int:
+    """Tokens that carry loss after the one-token shift (the first label is never predicted)."""
+    return sum(1 for label in row["labels"][1:] if label != -100)
+
+
+def forward_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed next-token cross-entropy of one micro-batch (a scalar tensor)."""
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    logits = model(**inputs, use_cache=False).logits
+    return lm_loss(logits.float(), batch["labels"], reduction="sum")
+
+
+def evaluate_lm(accelerator: Accelerator, model, rows: list[dict], micro_batch_size: int, pad_id: int, packed: bool) -> dict:
+    """Token-weighted mean loss and perplexity over `rows`, split across processes."""
+    if not rows:
+        return {}
+    mine = rows[accelerator.process_index :: accelerator.num_processes]
+    loss_sum = torch.zeros((), device=accelerator.device)
+    n_tokens = torch.zeros((), device=accelerator.device)
+    for i in range(0, len(mine), micro_batch_size):
+        chunk = mine[i : i + micro_batch_size]
+        batch = {k: v.to(accelerator.device) for k, v in collate(chunk, pad_id, packed).items()}
+        loss_sum += forward_loss_sum(model, batch)
+        n_tokens += sum(supervised_tokens(r) for r in chunk)
+    loss_sum, n_tokens = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(n_tokens, "sum")
+    loss = (loss_sum / n_tokens.clamp(min=1)).item()
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+
+
+def train_lm(
+    cfg: Any,
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    pad_id: int,
+    train_rows: list[dict],
+    eval_rows: list[dict],
+    packed: bool,
+    stage: str,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Next-token training on rows; the loss is normalised by supervised tokens of the global batch."""
+    eval_rows = eval_rows[: cfg.max_eval_rows] if cfg.max_eval_rows > 0 else eval_rows
+
+    def micro_loss(model, indices: list[int]):
+        batch = collate([train_rows[i] for i in indices], pad_id, packed)
+        return forward_loss_sum(model, {k: v.to(accelerator.device) for k, v in batch.items()}), {}
+
+    model, summary = train(
+        cfg,
+        accelerator,
+        model,
+        row_weights=[supervised_tokens(r) for r in train_rows],
+        micro_loss=micro_loss,
+        evaluate=lambda m: evaluate_lm(accelerator, m, eval_rows, cfg.micro_batch_size, pad_id, packed),
+        stage=stage,
+        input_tokens=[len(r["input_ids"]) for r in train_rows],
+    )
+    summary["train_tokens"] = int(summary.pop("train_weight"))
+    summary["n_eval_rows"] = len(eval_rows)
+    return model, summary

@@ -1,0 +1,175 @@
+"""The optimisation loop every training stage shares; a stage supplies what a micro-batch costs.
+
+A stage hands over `n_rows` training rows (whatever a row is: a packed token row, a preference pair, a
+ranked list), a weight per row, and `micro_loss(model, row_indices) -> (loss_sum, metric_sums)`. The
+loss of an optimizer step is the sum of micro losses over the whole GLOBAL batch divided by the global
+batch's total weight (supervised tokens for language modelling, pairs for DPO). Every process knows the
+whole global batch (rows are chosen by `BatchPlan` from the seed and step), so it divides by the global
+weight without communication; gradients are then those of one process on the whole batch, whatever the
+number of processes and micro-batches (up to float summation order). Metric sums are divided the same
+way, so a metric is a weighted mean over the global batch.
+
+The loop owns: AdamW + schedule, gradient accumulation without needless all-reduce, clipping,
+logging, periodic evaluation, atomic checkpoints, and resume (`resume=true`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator
+
+from alignkit.runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from alignkit.runtime.logging import RunLogger
+from alignkit.runtime.setup import BatchPlan, build_optimizer, build_scheduler, total_steps
+
+KILL_ENV = "ALIGNKIT_KILL_AT_STEP"  # test hook: SIGKILL this process right after that optimizer step
+
+MicroLoss = Callable[[torch.nn.Module, list[int]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+Evaluate = Callable[[torch.nn.Module], dict[str, float]]
+
+
+def train(
+    cfg: Any,
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    row_weights: list[float],
+    micro_loss: MicroLoss,
+    evaluate: Evaluate,
+    stage: str,
+    input_tokens: list[int] | None = None,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Train `model`; return the prepared model and summary numbers.
+
+    row_weights[i]: the weight of row i in the global normaliser. micro_loss returns the SUM of the loss
+    over the given rows and a dict of metric SUMS. evaluate(model) returns held-out metrics (without
+    prefix; they are logged as eval_<name>). input_tokens[i]: tokens in row i, for throughput.
+    """
+    plan = BatchPlan(
+        n_rows=len(row_weights),
+        batch_size=cfg.batch_size,
+        micro_batch_size=cfg.micro_batch_size,
+        world_size=accelerator.num_processes,
+        rank=accelerator.process_index,
+        seed=cfg.seed,
+    )
+    steps = total_steps(cfg.max_steps, cfg.epochs, plan.steps_per_epoch)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2))
+    scheduler = build_scheduler(optimizer, cfg.lr_schedule, cfg.warmup_steps, steps, cfg.min_lr_ratio)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # The scheduler is stepped by us once per optimizer step (accelerate's wrapper would step it once
+    # per process); registering it puts its state into every checkpoint.
+    accelerator.register_for_checkpointing(scheduler)
+
+    state: dict[str, Any] = {"train_weight": 0.0, "input_tokens": 0, "train_s": 0.0}
+    start_step = 0
+    checkpoint = latest_checkpoint(cfg.output_dir) if cfg.resume else None
+    if checkpoint is not None:
+        state = load_checkpoint(accelerator, checkpoint)
+        start_step = state.pop("step")
+    logger = RunLogger(cfg.output_dir, stage, steps, accelerator.is_main_process, start_step)
+    if checkpoint is not None:
+        logger.message(f"resumed from {checkpoint} at step {start_step}/{steps}")
+    else:
+        before = _evaluate(model, evaluate)
+        state["eval_before"] = before
+        logger.log(0, {f"eval_{k}": v for k, v in before.items()})
+
+    world = accelerator.num_processes
+    kill_at = int(os.environ.get(KILL_ENV, "0"))
+    model.train()
+    for step in range(start_step, steps):
+        t0 = time.perf_counter()
+        global_rows = plan.global_rows(step)
+        global_weight = sum(row_weights[i] for i in global_rows)
+        micro_batches = plan.local_micro_batches(step)
+        step_loss = torch.zeros((), device=accelerator.device)
+        step_metrics: dict[str, torch.Tensor] = {}
+        for i, rows in enumerate(micro_batches):
+            # Skip the gradient all-reduce on all but the last micro-batch of the step.
+            sync = nullcontext() if i == len(micro_batches) - 1 else accelerator.no_sync(model)
+            with sync:
+                loss_sum, metric_sums = micro_loss(model, rows)
+                loss = loss_sum / max(global_weight, 1e-12)
+                # DDP averages gradients over processes; scale back up to the global-batch sum.
+                accelerator.backward(loss * world)
+            step_loss += loss.detach()
+            for key, value in metric_sums.items():
+                step_metrics[key] = step_metrics.get(key, 0.0) + value.detach().float() / max(global_weight, 1e-12)
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        state["train_s"] += time.perf_counter() - t0
+        state["train_weight"] += global_weight
+        if input_tokens is not None:
+            state["input_tokens"] += sum(input_tokens[i] for i in global_rows)
+        done = step + 1
+        if done % cfg.log_steps == 0 or done == steps:
+            names = sorted(step_metrics)
+            packed = torch.stack([step_loss] + [torch.as_tensor(step_metrics[n], device=accelerator.device) for n in names])
+            packed = accelerator.reduce(packed, "sum").tolist()
+            record = {"loss": packed[0], **dict(zip(names, packed[1:])), "lr": lr, "grad_norm": float(grad_norm)}
+            if input_tokens is not None:
+                record["tokens_per_s"] = state["input_tokens"] / max(state["train_s"], 1e-9)
+            logger.log(done, record)
+        else:
+            logger.advance(done)
+        if cfg.eval_steps > 0 and done % cfg.eval_steps == 0 and done != steps:
+            logger.log(done, {f"eval_{k}": v for k, v in _evaluate(model, evaluate).items()}, show=False)
+        if (cfg.save_steps > 0 and done % cfg.save_steps == 0) or done == steps:
+            save_checkpoint(accelerator, cfg.output_dir, done, state, keep=cfg.save_total_limit)
+        if kill_at and done == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    after = _evaluate(model, evaluate)
+    logger.log(steps, {f"eval_{k}": v for k, v in after.items()}, show=False)
+    logger.close()
+    summary: dict[str, Any] = {"steps": steps}
+    summary.update({f"eval_{k}_before": v for k, v in state.get("eval_before", {}).items()})
+    summary.update({f"eval_{k}": v for k, v in after.items()})
+    summary.update({
+        "train_s": state["train_s"],
+        "n_train_rows": len(row_weights),
+        "num_processes": world,
+        "steps_per_s": steps / max(state["train_s"], 1e-9),
+    })
+    if input_tokens is not None:
+        summary["input_tokens"] = state["input_tokens"]
+        summary["tokens_per_s"] = state["input_tokens"] / max(state["train_s"], 1e-9)
+    summary["train_weight"] = state["train_weight"]
+    return model, summary
+
+
+def _evaluate(model: torch.nn.Module, evaluate: Evaluate) -> dict[str, float]:
+    model.eval()
+    with torch.no_grad():
+        out = evaluate(model)
+    model.train()
+    return out
+
+
+def save_final(accelerator: Accelerator, model, tokenizer, output_dir: str | Path, save: Callable | None = None) -> Path:
+    """Write `output_dir/final/` (Hugging Face format, LoRA merged) atomically on the main process."""
+    from alignkit.models.loading import save_model
+
+    final = Path(output_dir) / "final"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tmp = Path(output_dir) / ".tmp-final"
+        shutil.rmtree(tmp, ignore_errors=True)
+        (save or save_model)(accelerator.unwrap_model(model), tokenizer, tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    accelerator.wait_for_everyone()
+    return final
