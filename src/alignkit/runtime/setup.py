@@ -23,6 +23,12 @@ def make_accelerator(mixed_precision: str = "no") -> Accelerator:
     has_gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
     if mixed_precision == "fp16" and not has_gpu:
         raise ValueError("mixed_precision=fp16 needs a GPU; use bf16 or no on CPU")
+    # Several stages may run in one process (the pipeline), each with its own precision: forget the
+    # previous stage's accelerator settings but keep the process group (PartialState).
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     # cpu=True on a machine without a GPU makes processes started by `accelerate launch
     # --num_processes N` (torchrun underneath) join one gloo group instead of N lone runs.
     return Accelerator(mixed_precision=mixed_precision, cpu=not has_gpu)

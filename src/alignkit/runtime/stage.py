@@ -79,7 +79,7 @@ def load_policy(accelerator: Accelerator, cfg: Any, train_records: list[dict]):
         seed=cfg.seed,
     )
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     lora = cfg.lora
     model = apply_lora(model, LoraOptions(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules))
     return model, tokenizer
