@@ -384,3 +384,10 @@ class RRHFConfig(TrainConfig):
     rank_weight: float = opt(1.0, "weight of the ranking loss")
     sft_weight: float = opt(1.0, "weight of the cross-entropy on the best response")
     row_tokens: int = opt(0, "tokens per packed forward row (0: max_length * responses per prompt)")
+    task: Union[str, None] = opt(
+        None, "built-in task whose gold reward ranks responses when reward=gold; null: the task of a task: spec in train_data"
+    )
+    sample_chunk: int = opt(
+        32, "prompts per generation call for policy_samples (chunks are seeded by index, so any process count samples alike)"
+    )
+    reward_batch_size: int = opt(32, "responses per reward-model forward when reward=rm")
