@@ -19,6 +19,8 @@ STAGES: dict[str, tuple[str, type, str]] = {
     "rm": ("alignkit.stages.rm", C.RMConfig, "reward model: Bradley-Terry (+ Llama 2 margin), ranking over K responses"),
     "dpo": ("alignkit.stages.dpo", C.DPOConfig, "direct preference optimisation: DPO, IPO, conservative DPO"),
     "rrhf": ("alignkit.stages.rrhf", C.RRHFConfig, "rank K responses by reward; align length-normalised log-probs"),
+    "eval": ("alignkit.stages.evaluate", C.EvalConfig, "evaluate models or checkpoints: gold/proxy reward, KL, win rate, diversity, alarms"),
+    "pipeline": ("alignkit.stages.pipeline", C.PipelineConfig, "every stage end to end, then eval and a report"),
 }
 
 # Commands with their own flags (not a training stage): name -> (module with main(argv) -> int, description)

@@ -328,6 +328,22 @@ def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+@dataclass
+class PipelineConfig:
+    """`alignkit pipeline`: every stage end to end, each in output_dir/<stage>/, then eval and the report."""
+
+    output_dir: str = opt("runs/pipeline", "the pipeline directory: one sub-directory per stage, report.json/.md, plots/")
+    config_dir: str = opt("configs/tiny", "folder holding one <stage>.yaml per stage (their output_dir/model are overridden)")
+    stages: list[str] = opt(
+        ["pretrain", "sft", "rm", "dpo", "rrhf", "ppo", "raft", "best_of_n"],
+        "stages to run, in order; a stage whose config file or implementation is missing is skipped with a note",
+    )
+    overrides: list[str] = opt([], "per-stage overrides as '<stage>.<key>=<value>' (e.g. 'sft.max_steps=50')")
+    evaluate: bool = opt(True, "run `alignkit eval` on every resulting policy and write the report")
+    launcher: str = opt("", "command prefix for each stage, e.g. 'accelerate launch --multi_gpu --num_processes 2'")
+    seed: int = opt(0, "seed given to every stage")
+
+
 # --------------------------------------------------------------------------------------------
 # Reward model and offline preference optimisation
 
@@ -347,6 +363,9 @@ class RMConfig(TrainConfig):
     margin_scale: float = opt(1.0, "multiplier of the score difference when margin=scores")
     center_rewards_coef: float = opt(0.0, "weight of mean(reward^2), keeping rewards centred near 0 (0: off)")
     row_tokens: int = opt(0, "tokens per packed forward row (0: max_length); responses are packed padding-free")
+    calibration_buckets: int = opt(
+        4, "held-out calibration: accuracy per this many equal-count buckets of |reward difference| (4: quartiles)"
+    )
 
 
 @dataclass
@@ -391,3 +410,48 @@ class RRHFConfig(TrainConfig):
         32, "prompts per generation call for policy_samples (chunks are seeded by index, so any process count samples alike)"
     )
     reward_batch_size: int = opt(32, "responses per reward-model forward when reward=rm")
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@dataclass
+class EvalConfig:
+    """`alignkit eval`: sample held-out prompts from one or more models (or a run's checkpoints) and measure."""
+
+    models: Union[list[str], str] = opt(
+        [], "model dirs / ids, or run dirs (a run dir with checkpoints/ is evaluated at every checkpoint and final/)"
+    )
+    names: list[str] = opt([], "labels of the models in the report, one per entry of models (default: derived from paths)")
+    baseline: Union[str, None] = opt(None, "model (a label or a path) that win rates compare against; null: the first model")
+    reference: Union[str, None] = opt(None, "model (a label or a path) for KL(policy || reference); null: the baseline")
+    reward_models: list[str] = opt([], "proxy reward models (paths); >= 2 also gives ensemble disagreement")
+    prompts: str = opt("task:sort/prompts_eval?n=500", "held-out prompts: a path/spec of prompt records")
+    max_prompts: int = opt(0, "use at most this many prompts (0: all)")
+    task: Union[str, None] = opt(
+        "auto", "built-in task for the gold reward: auto (from a task: prompts spec), a task name, or null (no gold)"
+    )
+    n_samples: int = opt(4, "sampled responses per prompt")
+    temperature: float = opt(1.0, "sampling temperature (KL is that of the sampling distribution)")
+    top_p: float = opt(1.0, "nucleus sampling threshold (1.0: off)")
+    greedy: bool = opt(True, "also decode greedily and report greedy_gold_reward")
+    max_new_tokens: int = opt(32, "length cap of responses")
+    heldout_text: Union[str, None] = opt(
+        "task:sort/pretrain?n=200&seed=99", "pretraining-style text for held-out perplexity (null: skip)"
+    )
+    pairs: Union[str, None] = opt(
+        "task:sort/prefs?n=500&seed=99", "held-out preference pairs for reward-model accuracy (used when reward_models)"
+    )
+    checkpoints: bool = opt(True, "for run dirs, also evaluate every checkpoints/step-N (plots each metric over steps)")
+    max_length: int = opt(256, "token cap of a scored sequence (prompt + response, a text, an RM input)")
+    batch_size: int = opt(64, "sequences per generation / reward-model batch")
+    score_tokens: int = opt(4096, "tokens per packed forward when scoring log-probs and perplexity")
+    kl_budget: Union[float, None] = opt(None, "alarm when KL(policy || reference) exceeds this many nats (null: off)")
+    alarm_gold_tolerance: float = opt(0.02, "proxy-up-gold-down alarm: gold drop below its best that counts")
+    alarm_length_corr: float = opt(0.5, "length alarm: |Pearson r| between proxy reward and length above this")
+    alarm_disagreement_factor: float = opt(2.0, "ensemble alarm: RM disagreement beyond this times its first value")
+    save_samples: bool = opt(True, "write every sampled response with its rewards to output_dir/samples/<model>.jsonl")
+    device: str = opt("auto", "auto (cuda when available), cpu or cuda")
+    output_dir: str = opt("runs/eval", "where summary.json, metrics.jsonl, samples/ and plots/ go")
+    seed: int = opt(0, "sampling seed (the same for every model: common random numbers)")

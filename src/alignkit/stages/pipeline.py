@@ -1,0 +1,137 @@
+"""`alignkit pipeline`: pretrain -> SFT -> reward model -> DPO / RRHF / PPO / RAFT / best-of-n -> eval -> report.
+
+Each stage runs as its own process (`python -m alignkit <stage>`, or under `launcher`) with its config
+file from `config_dir`, its output in `output_dir/<stage>/`, and its inputs wired from earlier stages
+(the SFT model starts from the pretrained one, DPO from SFT, PPO uses the reward model...). A stage whose
+`summary.json` and `final/` exist is skipped, and every stage runs with resume=true, so rerunning the
+pipeline after a crash continues where it stopped. Separate processes also give each stage its own
+peak-memory figure.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from alignkit.config import ConfigError, PipelineConfig
+
+# Inputs each stage takes from earlier stages: config key -> path under the pipeline directory.
+WIRING: dict[str, dict[str, str]] = {
+    "sft": {"model": "pretrain/final"},
+    "rm": {"model": "sft/final"},
+    "dpo": {"model": "sft/final"},
+    "rrhf": {"model": "sft/final", "reward_model": "rm/final"},
+    "ppo": {"model": "sft/final", "reward_model": "rm/final"},
+    "raft": {"model": "sft/final", "reward_model": "rm/final"},
+    "best_of_n": {"model": "sft/final", "reward_model": "rm/final"},
+}
+# Stages whose final/ is a policy to evaluate, under the method name the report uses.
+POLICY_METHODS = {"pretrain": "base", "sft": "sft", "dpo": "dpo", "rrhf": "rrhf", "ppo": "ppo", "raft": "raft", "best_of_n": "best_of_n"}
+
+
+def cli_name(stage: str) -> str:
+    return stage.replace("_", "-")
+
+
+def stage_available(stage: str) -> bool:
+    """Whether this installation has the stage (stages land one by one)."""
+    from alignkit.cli import STAGES
+
+    name = cli_name(stage) if cli_name(stage) in STAGES else stage
+    return name in STAGES and importlib.util.find_spec(STAGES[name][0]) is not None
+
+
+def stage_done(stage_dir: Path) -> bool:
+    return (stage_dir / "summary.json").exists() and (stage_dir / "final").exists()
+
+
+def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
+    """['sft.max_steps=5'] -> {'sft': ['max_steps=5']}."""
+    per_stage: dict[str, list[str]] = {}
+    for item in overrides:
+        stage, sep, rest = item.partition(".")
+        if not sep or "=" not in rest:
+            raise ConfigError(f"pipeline override '{item}' is not '<stage>.<key>=<value>'")
+        per_stage.setdefault(stage, []).append(rest)
+    return per_stage
+
+
+def stage_overrides(stage: str, cfg: PipelineConfig, done: dict[str, Path], extra: list[str]) -> list[str]:
+    """output_dir, seed, resume and the wiring from earlier stages, then the user's overrides."""
+    from alignkit.cli import STAGES
+    from alignkit.config import field_help
+
+    out = Path(cfg.output_dir)
+    keys = {k for k, *_ in field_help(STAGES[cli_name(stage) if cli_name(stage) in STAGES else stage][1])}
+    args = [f"output_dir={out / stage}", f"seed={cfg.seed}", "resume=true"]
+    for key, upstream in WIRING.get(stage, {}).items():
+        source = upstream.split("/")[0]
+        if key in keys and source in done:
+            args.append(f"{key}={out / upstream}")
+    # The user's word comes last and wins.
+    return args + extra
+
+
+def run_stage_process(stage: str, config_file: Path, args: list[str], launcher: str, log_path: Path) -> None:
+    from alignkit.cli import STAGES
+
+    name = cli_name(stage) if cli_name(stage) in STAGES else stage
+    prefix = shlex.split(launcher) if launcher else [sys.executable]
+    cmd = [*prefix, "-m", "alignkit", name, "--config", str(config_file), *args]
+    print(f"[pipeline] {' '.join(shlex.quote(c) for c in cmd)}", file=sys.stderr, flush=True)
+    with open(log_path, "a") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None
+        for line in proc.stdout:  # show progress live and keep it in the stage's log
+            sys.stderr.write(line)
+            log.write(line)
+        code = proc.wait()
+    if code != 0:
+        raise RuntimeError(f"stage {stage} failed with exit code {code}; see {log_path}")
+
+
+def run(cfg: PipelineConfig) -> dict:
+    started = time.time()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    from alignkit.config import save_config
+
+    save_config(cfg, out / "config.yaml")
+    per_stage = split_overrides(cfg.overrides)
+    unknown = set(per_stage) - set(cfg.stages) - {"eval"}
+    if unknown:
+        raise ConfigError(f"overrides name stages not in the pipeline: {sorted(unknown)}")
+
+    done: dict[str, Path] = {}
+    notes: list[str] = []
+    for stage in cfg.stages:
+        config_file = Path(cfg.config_dir) / f"{stage}.yaml"
+        if not stage_available(stage) or not config_file.exists():
+            why = "not implemented yet" if not stage_available(stage) else f"no {config_file}"
+            notes.append(f"{stage}: skipped ({why})")
+            print(f"[pipeline] {stage}: skipped ({why})", file=sys.stderr, flush=True)
+            continue
+        stage_dir = out / stage
+        if stage_done(stage_dir):
+            print(f"[pipeline] {stage}: already complete in {stage_dir}, skipped", file=sys.stderr, flush=True)
+        else:
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            args = stage_overrides(stage, cfg, done, per_stage.get(stage, []))
+            run_stage_process(stage, config_file, args, cfg.launcher, stage_dir / "log.txt")
+        done[stage] = stage_dir
+
+    stage_summaries = {s: json.loads((d / "summary.json").read_text()) for s, d in done.items()}
+    report: dict = {"stages": stage_summaries, "methods": {}, "alarms": [], "notes": notes}
+    if cfg.evaluate and done:
+        from alignkit.eval.report import evaluate_and_report
+
+        report = evaluate_and_report(cfg, done, stage_summaries, notes, per_stage.get("eval", []))
+    report["wall_s"] = time.time() - started
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    print(f"[pipeline] done in {report['wall_s']:.0f}s: {out / 'report.json'}", file=sys.stderr, flush=True)
+    return report
