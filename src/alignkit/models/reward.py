@@ -1,0 +1,251 @@
+"""Reward models: a causal LM's transformer with a scalar head, read at the end-of-turn token.
+
+A reward model is `AutoModelForSequenceClassification` with `num_labels=1` (for Llama:
+`LlamaForSequenceClassification`, the base transformer under `model.model` and a bias-free linear
+`model.score`). Started from a causal LM checkpoint, transformers keeps the transformer weights,
+drops the LM head and creates a fresh `score` head; alignkit initialises it from a seed.
+
+Input format. The RM scores TEXT: the chat-rendered prompt + response + the template's end-of-turn
+marker, tokenized with the RM's own tokenizer (it may differ from the policy's), in exactly the
+format the policy is trained on (`tokenize_prompt_completion`). The sequence ends AT the
+end-of-turn token (the template's trailing newline is cut), and the reward is the score of the
+hidden state there, i.e. after the model has read the whole response. A sequence longer than
+`max_length` loses the START of its prompt (the reward needs the response and its end, not the
+oldest turns); when the response alone does not fit, it is dropped from training (scoring keeps
+its last tokens).
+
+Padding. transformers' own pooling reads the reward at the last token that is not `pad_token_id`.
+If the pad token were the end-of-turn token (SmolLM2 pads with <|im_end|>), that would read the
+token BEFORE the end of turn; so the RM gets a pad token that differs from it, and a saved RM gives
+the same rewards through `AutoModelForSequenceClassification` as through `packed_rewards`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from alignkit.data.chat import IGNORE_INDEX, tokenize_prompt_completion
+from alignkit.runtime.sequences import pack_for_forward
+
+_NO_LIMIT = 1 << 30
+# Tried in order when the tokenizer pads with its end-of-turn token.
+_RM_PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad_id|>", "<|endoftext|>", "<unk>")
+
+
+# ------------------------------------------------------------------------------------- loading
+
+
+def _token_id(tokenizer: Any, token: str) -> int | None:
+    """Id of `token` if it is a real vocabulary entry, else None."""
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or tokenizer.convert_ids_to_tokens(token_id) != token:
+        return None
+    return token_id
+
+
+def end_of_turn_id(tokenizer: Any) -> int:
+    """The token a rendered assistant turn ends with (e.g. <|im_end|>): the reward is read there."""
+    example = tokenize_prompt_completion(tokenizer, [{"role": "user", "content": "x"}], "y", _NO_LIMIT)
+    return [t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX][-1]
+
+
+def ensure_reward_pad(tokenizer: Any) -> int:
+    """Make the tokenizer's pad token differ from the end-of-turn token if the vocabulary allows.
+
+    Returns the pad id to put into the model config (see the module docstring, 'Padding').
+    """
+    eot = end_of_turn_id(tokenizer)
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != eot:
+        return tokenizer.pad_token_id
+    for candidate in _RM_PAD_CANDIDATES:
+        token_id = _token_id(tokenizer, candidate)
+        if token_id is not None and token_id != eot:
+            tokenizer.pad_token = candidate
+            return token_id
+    return tokenizer.pad_token_id  # no alternative: HF pooling will then read before the end of turn
+
+
+def _resolve_tokenizer(tokenizer: Any, path: str):
+    from alignkit.models.loading import load_tokenizer
+
+    if tokenizer is None or isinstance(tokenizer, str):
+        return load_tokenizer(tokenizer if tokenizer is not None else path)
+    from alignkit.data.chat import ensure_chat_template
+
+    ensure_chat_template(tokenizer)
+    return tokenizer
+
+
+def _from_scratch(name: str, tokenizer: Any, seed: int, train_texts, vocab_size: int):
+    """A fresh RM of a scratch:* preset: the preset's transformer (seeded) and a seeded head."""
+    from transformers import AutoModelForSequenceClassification
+
+    from alignkit.models.loading import build_scratch_model, load_causal_lm
+
+    if tokenizer is None or isinstance(tokenizer, str):
+        causal, tok = load_causal_lm(name, tokenizer=tokenizer, train_texts=train_texts, vocab_size=vocab_size, seed=seed)
+    else:
+        tok = _resolve_tokenizer(tokenizer, name)
+        causal = build_scratch_model(name, tok, seed)
+    config = causal.config
+    config.num_labels = 1
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    model.model.load_state_dict(causal.model.state_dict())
+    return model, tok
+
+
+def load_reward_model(
+    name_or_path: str,
+    tokenizer: Any = None,
+    *,
+    seed: int = 0,
+    train_texts: Callable[[], Iterable[str]] | None = None,
+    vocab_size: int = 1024,
+    dtype: torch.dtype = torch.float32,
+):
+    """(reward model, tokenizer) from a causal LM checkpoint, an RM checkpoint or a scratch:* preset.
+
+    name_or_path: local path, hub id, "smollm2-135m-instruct" or "scratch:*" (the latter needs
+    `tokenizer` or `train_texts`). tokenizer: None (the model's), a path/id, or a tokenizer object.
+    A new score head is initialised from `seed` (an RM checkpoint keeps its own). The tokenizer gets a
+    chat template, and a pad token that is not the end-of-turn token; config.pad_token_id is set.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    from alignkit.models.loading import ModelError, _check_exists, is_scratch, resolve_model_path
+
+    if is_scratch(name_or_path):
+        model, tok = _from_scratch(name_or_path, tokenizer, seed, train_texts, vocab_size)
+    else:
+        path = resolve_model_path(name_or_path)
+        _check_exists(path, "model")
+        try:
+            # The head missing from a causal LM checkpoint is initialised from the global RNG: seed it.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    path, num_labels=1, dtype=dtype, attn_implementation="sdpa"
+                )
+        except (OSError, ValueError) as err:
+            raise ModelError(f"cannot load reward model {name_or_path!r} from {path!r}: {err}") from err
+        tok = _resolve_tokenizer(tokenizer, path)
+    if model.config.num_labels != 1:
+        raise ModelError(f"{name_or_path!r} has {model.config.num_labels} labels; a reward model has 1")
+    if len(tok) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tok))
+    model.config.pad_token_id = ensure_reward_pad(tok)
+    return model, tok
+
+
+# ------------------------------------------------------------------------------------- rewards
+
+
+def _base_and_head(model: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(base transformer, score head) of a plain or peft-wrapped sequence-classification model."""
+    if hasattr(model, "get_base_model"):  # peft: LoRA layers and the saved head live in the base
+        model = model.get_base_model()
+    return getattr(model, model.base_model_prefix), model.score
+
+
+def last_positions(segment: torch.Tensor, n: int) -> torch.Tensor:
+    """Flat index (into R*T) of the last token of each example. segment [R,T] (-1 = pad) -> [n]."""
+    flat = segment.reshape(-1)
+    index = torch.arange(flat.numel(), device=flat.device)
+    real = flat >= 0
+    last = torch.full((n,), -1, dtype=torch.long, device=flat.device)
+    return last.scatter_reduce(0, flat[real], index[real], reduce="amax")
+
+
+def packed_rewards(model: Any, examples: list[dict], pad_id: int, row_tokens: int) -> torch.Tensor:
+    """Reward of each example, read at its last token, from padding-free packed forwards. -> [N].
+
+    examples: {"input_ids", "labels"} lists (labels unused here), each ending at its end-of-turn
+    token. Differentiable; runs the base transformer once over rows of up to `row_tokens` tokens
+    (examples isolated by position-id resets) and the score head only on the N last hidden states.
+    """
+    base, head = _base_and_head(model)
+    device = next(model.parameters()).device
+    batch = pack_for_forward(examples, row_tokens, pad_id, device)
+    hidden = base(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+    last = last_positions(batch["segment"], len(examples))
+    picked = hidden.reshape(-1, hidden.shape[-1])[last]  # [N,H]
+    return head(picked)[:, 0].float()
+
+
+class PackedRewardModel(torch.nn.Module):
+    """`forward(examples, pad_id, row_tokens) -> rewards[N]` around a reward model.
+
+    Training wraps this module (not the RM) with DDP, so the packed forward goes through DDP's own
+    forward and gradients are synchronised; `.rm` is the model that gets saved.
+    """
+
+    def __init__(self, rm: torch.nn.Module):
+        super().__init__()
+        self.rm = rm
+
+    def forward(self, examples: list[dict], pad_id: int, row_tokens: int) -> torch.Tensor:
+        return packed_rewards(self.rm, examples, pad_id, row_tokens)
+
+
+# --------------------------------------------------------------------------------- input text
+
+
+def reward_example(
+    tokenizer: Any, prompt: list[dict] | str, response: str, max_length: int, keep_cut_response: bool = False
+) -> dict | None:
+    """Token ids of prompt + response + end-of-turn, ending AT the end-of-turn token.
+
+    Returns {"input_ids", "labels" (response + end-of-turn), "truncated": bool} with at most
+    max_length tokens: a longer sequence loses the start of its prompt. When even the response and
+    its end-of-turn exceed max_length: None, or (keep_cut_response) the last max_length tokens.
+    """
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    full = tokenize_prompt_completion(tokenizer, messages, response, _NO_LIMIT)
+    if full is None:  # cannot happen without truncation; kept for a template that renders nothing
+        return None
+    trained = [i for i, label in enumerate(full["labels"]) if label != IGNORE_INDEX]
+    end = trained[-1] + 1
+    ids, labels = full["input_ids"][:end], full["labels"][:end]
+    if end <= max_length:
+        return {"input_ids": ids, "labels": labels, "truncated": False}
+    if end - trained[0] > max_length and not keep_cut_response:
+        return None
+    return {"input_ids": ids[-max_length:], "labels": labels[-max_length:], "truncated": True}
+
+
+def score_texts(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[dict] | str],
+    responses: list[str],
+    batch_size: int = 16,
+    max_length: int = 1024,
+) -> list[float]:
+    """Reward of each (prompt, response) pair; prompts are messages or a user string.
+
+    Texts are tokenized with the RM's own tokenizer; a response longer than max_length is scored on
+    its last max_length tokens. `batch_size` examples are packed into each forward.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    examples = [reward_example(tokenizer, p, r, max_length, keep_cut_response=True) for p, r in zip(prompts, responses)]
+    return score_examples(model, examples, batch_size, max_length)
+
+
+def score_examples(model: Any, examples: list[dict], batch_size: int, row_tokens: int) -> list[float]:
+    """Rewards of token examples (from `reward_example`), `batch_size` per packed forward, no grad."""
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    was_training = model.training
+    model.eval()
+    rewards: list[float] = []
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            rewards.extend(packed_rewards(model, chunk, pad_id, row_tokens).tolist())
+    model.train(was_training)
+    return rewards

@@ -1,0 +1,42 @@
+"""`accelerate launch --num_processes 2` on CPU (gloo) trains the same reward model as one process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.dist.test_two_processes import LAUNCH
+from tests.helpers import max_weight_diff, run_cli
+
+pytestmark = pytest.mark.dist
+
+
+def test_rm_two_processes_equal_one(pretrained_tiny: Path, tmp_path: Path):
+    # batch 8 = 2 processes x 2 micro-batches x 2 pairs, against 1 process x 2 micro-batches x 4 pairs.
+    common = [
+        f"model={pretrained_tiny / 'final'}", "train_data=task:sort/prefs?n=200&seed=5", "eval_data=0.1",
+        "max_length=64", "batch_size=8", "micro_batch_size=2", "lr=2e-3", "max_steps=5", "warmup_steps=1",
+        "log_steps=1",
+    ]
+    env = {"OMP_NUM_THREADS": "1"}
+    one = run_cli(["rm", *common, "micro_batch_size=4", f"output_dir={tmp_path / 'one'}"], env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_cli(["rm", *common, f"output_dir={tmp_path / 'two'}"], launcher=LAUNCH, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    s1 = json.loads((tmp_path / "one" / "summary.json").read_text())
+    s2 = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert (s1["num_processes"], s2["num_processes"]) == (1, 2)
+    assert s2["train_pairs"] == s1["train_pairs"] == 40
+    # Held-out pairs are split over the processes and gathered: the same 20 pairs, the same metrics.
+    assert s2["eval_n_pairs"] == s1["eval_n_pairs"] == 20
+    for key in ("eval_loss", "eval_margin", "eval_chosen_reward", "eval_loss_before"):
+        assert s2[key] == pytest.approx(s1[key], abs=1e-4), key
+    assert s2["eval_accuracy"] == s1["eval_accuracy"]
+    assert max_weight_diff(tmp_path / "one" / "final", tmp_path / "two" / "final") < 1e-4
+    m1 = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    m2 = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert [m["loss"] for m in m2] == pytest.approx([m["loss"] for m in m1], abs=1e-4)
+    assert [m["accuracy"] for m in m2] == pytest.approx([m["accuracy"] for m in m1], abs=1e-6)
