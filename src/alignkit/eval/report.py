@@ -1,0 +1,163 @@
+"""The pipeline's report: `alignkit eval` over every policy, then report.json, report.md and plots/.
+
+report.json = {"stages": {stage: summary}, "methods": {method: {gold_reward, proxy_reward, kl,
+win_rate_vs_sft, length, distinct_2, wall_s, peak_rss_mb, ...}}, "alarms": [...], "notes": [...]}.
+`methods` has `base` (after pretraining), `sft`, and each policy method that ran.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+# report key -> key in eval's per-model metrics
+METHOD_KEYS = {
+    "gold_reward": "gold_reward",
+    "gold_reward_stderr": "gold_reward_stderr",
+    "greedy_gold_reward": "greedy_gold_reward",
+    "proxy_reward": "proxy_reward",
+    "proxy_reward_stderr": "proxy_reward_stderr",
+    "kl": "kl",
+    "kl_stderr": "kl_stderr",
+    "win_rate_vs_sft": "win_rate_gold",
+    "win_rate_vs_sft_stderr": "win_rate_gold_stderr",
+    "length": "length",
+    "distinct_2": "distinct_2",
+    "heldout_ppl": "heldout_ppl",
+}
+TABLE = ["gold_reward", "greedy_gold_reward", "proxy_reward", "kl", "win_rate_vs_sft", "length", "distinct_2",
+         "heldout_ppl", "wall_s", "peak_rss_mb"]
+
+
+def evaluate_and_report(cfg: Any, done: dict[str, Path], stage_summaries: dict, notes: list[str], eval_overrides: list[str]) -> dict:
+    """Run `alignkit eval` on every policy of the pipeline and build the report (json, md, plots)."""
+    from alignkit.stages.pipeline import POLICY_METHODS, run_stage_process
+
+    out = Path(cfg.output_dir)
+    policies = {POLICY_METHODS[s]: d / "final" for s, d in done.items() if s in POLICY_METHODS}
+    names, paths = list(policies), [str(p) for p in policies.values()]
+    args = [f"output_dir={out / 'eval'}", f"seed={cfg.seed}", f"models=[{', '.join(paths)}]",
+            f"names=[{', '.join(names)}]", "checkpoints=false"]
+    if "sft" in policies:
+        args += ["baseline=sft", "reference=sft"]
+    if "rm" in done:
+        args.append(f"reward_models=[{done['rm'] / 'final'}]")
+    eval_summary_path = out / "eval" / "summary.json"
+    config_file = Path(cfg.config_dir) / "eval.yaml"
+    if not eval_summary_path.exists():
+        (out / "eval").mkdir(parents=True, exist_ok=True)
+        run_stage_process("eval", config_file, args + eval_overrides, cfg.launcher, out / "eval" / "log.txt")
+    eval_summary = json.loads(eval_summary_path.read_text())
+    report = build_report(stage_summaries, eval_summary, notes)
+    plots = write_plots(out, done, report)
+    (out / "report.md").write_text(render_markdown(report, plots, out))
+    return report
+
+
+def build_report(stage_summaries: dict, eval_summary: dict, notes: list[str]) -> dict:
+    """Combine stage summaries and eval metrics into the report dictionary."""
+    from alignkit.stages.pipeline import POLICY_METHODS
+
+    stage_of = {method: stage for stage, method in POLICY_METHODS.items()}
+    methods: dict[str, dict] = {}
+    for name, metrics in eval_summary.get("models", {}).items():
+        row = {key: metrics.get(src) for key, src in METHOD_KEYS.items()}
+        stage = stage_summaries.get(stage_of.get(name, ""), {})
+        row["wall_s"] = stage.get("wall_s")
+        row["peak_rss_mb"] = stage.get("peak_rss_mb")
+        methods[name] = row
+    return {
+        "stages": stage_summaries,
+        "methods": methods,
+        "alarms": eval_summary.get("alarms", []),
+        "reward_models": eval_summary.get("reward_models", {}),
+        "eval": {k: eval_summary.get(k) for k in ("n_prompts", "n_samples", "task", "baseline", "wall_s")},
+        "notes": notes,
+    }
+
+
+def _fmt(value: Any, stderr: Any = None) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    text = f"{value:.3f}" if isinstance(value, float) else str(value)
+    if isinstance(stderr, float) and math.isfinite(stderr):
+        text += f" ± {stderr:.3f}"
+    return text
+
+
+def render_markdown(report: dict, plots: list[Path], out: Path) -> str:
+    ev = report.get("eval", {})
+    lines = ["# alignkit pipeline report", ""]
+    lines.append(f"Held-out prompts: {ev.get('n_prompts')}, {ev.get('n_samples')} samples each (± is one "
+                 f"standard error); task: {ev.get('task')}; KL and win rate against SFT.")
+    lines += ["", "| method | " + " | ".join(TABLE) + " |", "|---" * (len(TABLE) + 1) + "|"]
+    for name, row in report["methods"].items():
+        cells = [_fmt(row.get(k), row.get(f"{k}_stderr")) for k in TABLE]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if report.get("reward_models"):
+        lines += ["", "## Reward models on held-out pairs", ""]
+        for name, metrics in report["reward_models"].items():
+            shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            lines.append(f"- `{name}`: " + ", ".join(f"{k}={_fmt(v)}" for k, v in shown.items()))
+    lines += ["", "## Alarms", ""]
+    if report["alarms"]:
+        for a in report["alarms"]:
+            lines.append(f"- **{a.get('name')}** ({a.get('model')}, step {a.get('step')}): {a.get('message')} "
+                         f"Remedy: {a.get('remedy')}")
+    else:
+        lines.append("None fired.")
+    lines += ["", "## Stages", "", "| stage | wall_s | peak_rss_mb | key results |", "|---|---|---|---|"]
+    for stage, summary in report["stages"].items():
+        keys = [k for k in summary if k.startswith("eval_") and not k.endswith("_before")][:4]
+        before = [f"{k}: {_fmt(summary.get(k + '_before'))} → {_fmt(summary[k])}" for k in keys]
+        lines.append(f"| {stage} | {_fmt(summary.get('wall_s'))} | {_fmt(summary.get('peak_rss_mb'))} | {'; '.join(before)} |")
+    if report.get("notes"):
+        lines += ["", "Notes: " + "; ".join(report["notes"])]
+    lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.relative_to(out)})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def write_plots(out: Path, done: dict[str, Path], report: dict) -> list[Path]:
+    """Training curves per stage, the gold-vs-KL frontier, and proxy vs gold per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from alignkit.eval.plots import plot_frontier
+
+    plot_dir = out / "plots"
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    curves = {s: _train_curve(d / "metrics.jsonl") for s, d in done.items()}
+    curves = {s: c for s, c in curves.items() if len(c) >= 2}
+    if curves:
+        fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 3.0), squeeze=False)
+        for ax, (stage, points) in zip(axes[0], curves.items()):
+            ax.plot([p[0] for p in points], [p[1] for p in points])
+            ax.set_title(stage)
+            ax.set_xlabel("step")
+            ax.set_ylabel("train loss")
+        fig.tight_layout()
+        path = plot_dir / "training_curves.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    for name, (x, y) in {"frontier_gold_vs_kl": ("kl", "gold_reward"), "proxy_vs_gold": ("gold_reward", "proxy_reward")}.items():
+        path = plot_frontier(report["methods"], plot_dir / f"{name}.png", x=x, y=y)
+        if path is not None:
+            written.append(Path(path))
+    return written
+
+
+def _train_curve(metrics_path: Path) -> list[tuple[int, float]]:
+    if not metrics_path.exists():
+        return []
+    points = []
+    for line in metrics_path.read_text().splitlines():
+        record = json.loads(line)
+        if isinstance(record.get("loss"), (int, float)):
+            points.append((record["step"], record["loss"]))
+    return points
