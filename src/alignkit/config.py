@@ -248,7 +248,10 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not key=value")
         key, raw = item.split("=", 1)
-        value = _fix_yaml_floats(yaml.safe_load(raw)) if raw != "" else ""
+        try:
+            value = _fix_yaml_floats(yaml.safe_load(raw)) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({e.problem}); quote list items") from None
         node = nested
         parts = key.strip().split(".")
         for part in parts[:-1]:

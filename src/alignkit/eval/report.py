@@ -38,12 +38,13 @@ def evaluate_and_report(cfg: Any, done: dict[str, Path], stage_summaries: dict, 
     out = Path(cfg.output_dir)
     policies = {POLICY_METHODS[s]: d / "final" for s, d in done.items() if s in POLICY_METHODS}
     names, paths = list(policies), [str(p) for p in policies.values()]
-    args = [f"output_dir={out / 'eval'}", f"seed={cfg.seed}", f"models=[{', '.join(paths)}]",
-            f"names=[{', '.join(names)}]", "checkpoints=false"]
+    # JSON lists are YAML flow lists with every item quoted: safe for any path.
+    args = [f"output_dir={out / 'eval'}", f"seed={cfg.seed}", f"models={json.dumps(paths)}",
+            f"names={json.dumps(names)}", "checkpoints=false"]
     if "sft" in policies:
         args += ["baseline=sft", "reference=sft"]
     if "rm" in done:
-        args.append(f"reward_models=[{done['rm'] / 'final'}]")
+        args.append(f"reward_models={json.dumps([str(done['rm'] / 'final')])}")
     eval_summary_path = out / "eval" / "summary.json"
     config_file = Path(cfg.config_dir) / "eval.yaml"
     if not eval_summary_path.exists():
