@@ -18,7 +18,7 @@ from alignkit.models.reward import (
     reward_example,
     score_texts,
 )
-from alignkit.stages.rm import calibration, ordered_pairs, pair_margin, pair_summary, rows_loss_sum
+from alignkit.stages.rm import calibration, centering_sum, ordered_pairs, pair_margin, pair_summary, rows_loss_sum
 
 PROMPT = [{"role": "user", "content": "sort: c a b"}]
 
@@ -205,3 +205,10 @@ def test_pair_summary_accuracy_gold_and_calibration():
     assert (metrics["accuracy_q1"], metrics["accuracy_q2"]) == (0.5, 1.0)
     assert table[0]["abs_diff_max"] == pytest.approx(0.2) and table[1]["abs_diff_min"] == pytest.approx(1.0)
     assert len(calibration([0.1] * 10, 4)) == 4 and sum(c["n"] for c in calibration([0.1] * 10, 4)) == 10
+
+
+def test_reward_centering_weighs_each_row_by_its_pairs():
+    rows = [{"pairs": [(0, 1)]}, {"pairs": [(0, 1), (0, 2), (1, 2)]}]
+    rewards = [torch.tensor([1.0, -3.0]), torch.tensor([0.0, 1.0, 2.0])]
+    # 1 pair * mean(1, 9) + 3 pairs * mean(0, 1, 4) = 5 + 5
+    assert centering_sum(rewards, rows).item() == pytest.approx(10.0)
