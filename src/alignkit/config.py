@@ -437,7 +437,7 @@ class EvalConfig:
     )
     n_samples: int = opt(4, "sampled responses per prompt")
     temperature: float = opt(1.0, "sampling temperature (KL is that of the sampling distribution)")
-    top_p: float = opt(1.0, "nucleus sampling threshold (1.0: off)")
+    top_p: float = opt(1.0, "nucleus sampling threshold (1.0: off; KL then ignores the truncation)")
     greedy: bool = opt(True, "also decode greedily and report greedy_gold_reward")
     max_new_tokens: int = opt(32, "length cap of responses")
     heldout_text: Union[str, None] = opt(

@@ -1,0 +1,206 @@
+"""Evaluation metrics as pure functions (math/numpy/torch only): hand-checkable, no model inside.
+
+Conventions: every function takes plain sequences (lists, numpy arrays or 1-D tensors) and returns
+python floats. A "stderr" is the standard error of the mean, sample std (ddof=1) / sqrt(n); it is NaN
+when it is undefined (fewer than 2 values), which JSON writers turn into null. Where samples come in
+groups (K responses to the same prompt) the groups, not the samples, are the independent units: pass
+per-group means to `mean_and_stderr` (see `grouped_mean_and_stderr`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+
+Numbers = Union[Sequence[float], np.ndarray, torch.Tensor]
+NAN = float("nan")
+
+
+def _array(values: Numbers) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().double().numpy()
+    return np.asarray(values, dtype=np.float64)
+
+
+def mean_and_stderr(values: Numbers) -> tuple[float, float]:
+    """(mean, standard error of the mean) of values[N]; (nan, nan) when empty, stderr nan when N < 2."""
+    x = _array(values).ravel()
+    if x.size == 0:
+        return NAN, NAN
+    if x.size == 1:
+        return float(x[0]), NAN
+    return float(x.mean()), float(x.std(ddof=1) / math.sqrt(x.size))
+
+
+def grouped_mean_and_stderr(values: Numbers) -> tuple[float, float]:
+    """values[G, K] (K samples for each of G prompts): (mean of all, stderr over the G group means).
+
+    Samples of one prompt are correlated (an easy prompt makes all K good), so the G prompts are the
+    independent units. With equal K the mean equals the plain mean of all G*K values.
+    """
+    x = _array(values)
+    if x.ndim != 2:
+        raise ValueError(f"expected values[G, K], got shape {x.shape}")
+    return mean_and_stderr(x.mean(axis=1)) if x.shape[1] else (NAN, NAN)
+
+
+def _ngrams(tokens: Sequence, n: int) -> list[tuple]:
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def distinct_n(sequences: Sequence[Union[str, Sequence]], n: int) -> float:
+    """Distinct n-grams / total n-grams over the whole set (Li et al. 2016); 0.0 when there are none.
+
+    A string is split on whitespace; a list is taken as tokens. N-grams never cross sequences.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    grams: list[tuple] = []
+    for seq in sequences:
+        grams.extend(_ngrams(seq.split() if isinstance(seq, str) else list(seq), n))
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def win_outcomes(a_scores: Numbers, b_scores: Numbers) -> np.ndarray:
+    """1.0 where a > b, 0.5 on ties, 0.0 where a < b (elementwise; same shape)."""
+    a, b = _array(a_scores), _array(b_scores)
+    if a.shape != b.shape:
+        raise ValueError(f"a_scores {a.shape} and b_scores {b.shape} must have the same shape")
+    return (a > b) + 0.5 * (a == b)
+
+
+def win_rate(a_scores: Numbers, b_scores: Numbers) -> tuple[float, float]:
+    """(rate at which a beats b, stderr), ties counted 0.5.
+
+    a_scores[N], b_scores[N]: N independent pairs. a_scores[G, K], b_scores[G, K]: sample k of prompt g
+    against sample k of the same prompt; outcomes are averaged per prompt first and the stderr is over
+    the G prompts (the independent units).
+    """
+    outcomes = win_outcomes(a_scores, b_scores)
+    return grouped_mean_and_stderr(outcomes) if outcomes.ndim == 2 else mean_and_stderr(outcomes)
+
+
+def kl_from_samples(policy_logps: Numbers, ref_logps: Numbers) -> tuple[float, float]:
+    """(mean, stderr) of the sequence-level k1 estimate of KL(policy || reference).
+
+    policy_logps[N], ref_logps[N]: summed log-probs of N responses SAMPLED FROM THE POLICY, under the
+    policy and the reference. E_policy[log p(y) - log q(y)] = KL(p || q); single estimates can be
+    negative, their mean is unbiased.
+    """
+    p, q = _array(policy_logps), _array(ref_logps)
+    if p.shape != q.shape:
+        raise ValueError(f"policy_logps {p.shape} and ref_logps {q.shape} must have the same shape")
+    return mean_and_stderr(p - q)
+
+
+def kl_k3_per_token(policy_token_logps: Sequence[Numbers], ref_token_logps: Sequence[Numbers]) -> tuple[float, float]:
+    """(mean, stderr) over N sampled responses of sum_t k3_t, k3 = exp(ref - lp) - 1 - (ref - lp).
+
+    policy_token_logps[n][T_n], ref_token_logps[n][T_n]: per-token log-probs of response n. Each k3 term
+    is >= 0 and its conditional mean is the per-token KL, so the sum is an unbiased, lower-variance
+    estimate of the sequence KL (Schulman 2020, "Approximating KL divergence").
+    """
+    if len(policy_token_logps) != len(ref_token_logps):
+        raise ValueError("policy and reference token log-probs must have the same number of responses")
+    totals = []
+    for lp, ref in zip(policy_token_logps, ref_token_logps):
+        log_ratio = _array(ref) - _array(lp)
+        totals.append(float(np.sum(np.expm1(log_ratio) - log_ratio)))
+    return mean_and_stderr(totals)
+
+
+def length_stats(lengths: Numbers) -> dict[str, float]:
+    """{"mean", "stderr", "median", "min", "max"} of response lengths[N] (tokens or words)."""
+    x = _array(lengths).ravel()
+    if x.size == 0:
+        return {"mean": NAN, "stderr": NAN, "median": NAN, "min": NAN, "max": NAN}
+    mean, stderr = mean_and_stderr(x)
+    return {"mean": mean, "stderr": stderr, "median": float(np.median(x)), "min": float(x.min()), "max": float(x.max())}
+
+
+def eos_fraction(finished: Sequence[bool]) -> float:
+    """Share of responses that ended with the end-of-turn token (not cut at max_new_tokens)."""
+    return float(np.mean(np.asarray(finished, dtype=np.float64))) if len(finished) else NAN
+
+
+def rm_accuracy(chosen_rewards: Numbers, rejected_rewards: Numbers) -> tuple[float, float]:
+    """(share of pairs where reward(chosen) > reward(rejected), stderr); ties count 0.5."""
+    return win_rate(chosen_rewards, rejected_rewards)
+
+
+def rm_gold_accuracy(chosen_rewards: Numbers, rejected_rewards: Numbers, gold_margins: Numbers) -> tuple[float, float]:
+    """(accuracy, stderr) of an RM against the GOLD preference instead of the (noisy) labels.
+
+    gold_margins[N] = gold(chosen) - gold(rejected): > 0 the labelled chosen side is truly better, < 0
+    the label was flipped by annotator noise or bias; 0 (gold tie) or nan (unknown) pairs are left out.
+    The RM is right where its reward difference has the sign of the gold margin (ties 0.5).
+    """
+    diff = _array(chosen_rewards) - _array(rejected_rewards)
+    gold = _array(gold_margins)
+    known = np.isfinite(gold) & (gold != 0)
+    return mean_and_stderr(win_outcomes(diff[known] * np.sign(gold[known]), np.zeros(int(known.sum()))))
+
+
+def calibration_buckets(chosen_rewards: Numbers, rejected_rewards: Numbers, n_buckets: int = 4) -> list[dict]:
+    """Accuracy by confidence: pairs split into n_buckets equal-count buckets of |reward difference|.
+
+    For each bucket (ascending |diff|): low/high |diff|, n, accuracy (ties 0.5) and predicted, the mean
+    Bradley-Terry probability sigmoid(|diff|) that the higher-scored side is the chosen one. A
+    calibrated RM has accuracy ~= predicted in every bucket; a useful one gains accuracy with |diff|.
+    """
+    diff = _array(chosen_rewards) - _array(rejected_rewards)
+    order = np.argsort(np.abs(diff), kind="stable")
+    buckets = []
+    for part in np.array_split(order, min(n_buckets, diff.size)) if diff.size else []:
+        d = diff[part]
+        buckets.append({
+            "low": float(np.abs(d).min()),
+            "high": float(np.abs(d).max()),
+            "n": int(d.size),
+            "accuracy": float(np.mean((d > 0) + 0.5 * (d == 0))),
+            "predicted": float(np.mean(1.0 / (1.0 + np.exp(-np.abs(d))))),
+        })
+    return buckets
+
+
+def perplexity(nll_sum: float, n_tokens: float) -> float:
+    """exp(total negative log-likelihood / tokens); nan without tokens. Capped at exp(50) to stay finite."""
+    if n_tokens <= 0:
+        return NAN
+    return math.exp(min(nll_sum / n_tokens, 50.0))
+
+
+def pearson(x: Numbers, y: Numbers) -> tuple[float, float]:
+    """(Pearson r, two-sided p-value of r = 0) over paired samples x[N], y[N].
+
+    The p-value uses Fisher's z = atanh(r) * sqrt(N - 3) ~ N(0, 1) (good for N >= 10; p is 1.0 for
+    N <= 3). r is nan (and p 1.0) when N < 3 or either side is constant.
+    """
+    a, b = _array(x).ravel(), _array(y).ravel()
+    if a.shape != b.shape:
+        raise ValueError(f"x {a.shape} and y {b.shape} must have the same shape")
+    if a.size < 3 or a.std() == 0 or b.std() == 0:
+        return NAN, 1.0
+    r = float(np.clip(np.corrcoef(a, b)[0, 1], -1.0, 1.0))
+    if a.size <= 3:  # Fisher's z has N - 3 degrees of freedom: no evidence either way
+        return r, 1.0
+    if abs(r) == 1.0:
+        return r, 0.0
+    z = math.atanh(r) * math.sqrt(a.size - 3)
+    return r, math.erfc(abs(z) / math.sqrt(2.0))
+
+
+def ensemble_disagreement(rewards: Numbers) -> float:
+    """rewards[M, N] (M reward models, N samples): mean over samples of the std across models (ddof=0).
+
+    0 when every RM agrees; nan with fewer than 2 models.
+    """
+    r = _array(rewards)
+    if r.ndim != 2:
+        raise ValueError(f"expected rewards[M, N], got shape {r.shape}")
+    if r.shape[0] < 2 or r.shape[1] == 0:
+        return NAN
+    return float(r.std(axis=0).mean())

@@ -1,0 +1,132 @@
+"""Presentation of evaluation results: PNG plots (matplotlib, Agg backend: no display needed) and the
+terminal table.
+
+- `plot_metrics_over_steps`: each metric against training step, one line per run, error bars from
+  "<metric>_stderr" when present.
+- `plot_frontier`: one point per method in the plane of two metrics (gold reward against KL), the
+  picture of what each method bought and what it cost.
+- `print_table`: one row per model, "mean ± stderr" cells (rich).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
+SKIP_KEYS = {"step", "model"}
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def safe_name(text: str) -> str:
+    """A file-name-safe version of a metric or model name."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "metric"
+
+
+def plottable_metrics(series: dict[str, list[dict]]) -> list[str]:
+    """Numeric metrics (not stderrs) that some run logs at >= 2 distinct steps, in first-seen order."""
+    seen: dict[str, None] = {}
+    for points in series.values():
+        for m in points:
+            for key, value in m.items():
+                if key not in SKIP_KEYS and not key.endswith("_stderr") and _finite(value):
+                    seen.setdefault(key)
+    return [k for k in seen if any(len(_curve(points, k)[0]) >= 2 for points in series.values())]
+
+
+def _curve(points: Iterable[dict], key: str) -> tuple[list[float], list[float], list[float]]:
+    """(steps, values, stderrs) of `key` over the points that have a step and a finite value."""
+    rows = sorted((m["step"], m[key], m.get(f"{key}_stderr")) for m in points
+                  if m.get("step") is not None and _finite(m.get(key)))
+    return [r[0] for r in rows], [r[1] for r in rows], [r[2] if _finite(r[2]) else 0.0 for r in rows]
+
+
+def plot_metrics_over_steps(series: dict[str, list[dict]], out_dir: str | Path,
+                            metrics: list[str] | None = None) -> list[Path]:
+    """One PNG per metric (out_dir/<metric>.png): value against step, a line per run in `series`.
+
+    series: run label -> list of metric dicts with "step". Runs with fewer than 2 steps of a metric are
+    left out of its plot. Returns the written paths.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for key in metrics or plottable_metrics(series):
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        drawn = 0
+        for label, points in series.items():
+            steps, values, errors = _curve(points, key)
+            if len(steps) >= 2:
+                ax.errorbar(steps, values, yerr=errors, marker="o", capsize=3, label=label)
+                drawn += 1
+        if drawn:
+            ax.set_xlabel("step")
+            ax.set_ylabel(key)
+            ax.set_title(key)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize="small")
+            fig.tight_layout()
+            path = out / f"{safe_name(key)}.png"
+            fig.savefig(path, dpi=100)
+            written.append(path)
+        plt.close(fig)
+    return written
+
+
+def plot_frontier(methods: dict[str, dict], path: str | Path, x: str = "kl", y: str = "gold_reward") -> Path | None:
+    """Scatter of methods in the (x, y) plane with stderr bars ("<x>_stderr", "<y>_stderr"), labelled.
+
+    methods: name -> metrics dict. Methods missing x or y are left out; None when none has both.
+    """
+    points = {n: m for n, m in methods.items() if _finite(m.get(x)) and _finite(m.get(y))}
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 4.0))
+    for name, m in points.items():
+        xerr = m.get(f"{x}_stderr") if _finite(m.get(f"{x}_stderr")) else 0.0
+        yerr = m.get(f"{y}_stderr") if _finite(m.get(f"{y}_stderr")) else 0.0
+        ax.errorbar([m[x]], [m[y]], xerr=[xerr], yerr=[yerr], marker="o", capsize=3)
+        ax.annotate(name, (m[x], m[y]), textcoords="offset points", xytext=(5, 5), fontsize="small")
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title(f"{y} against {x}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _cell(value: Any, stderr: Any) -> str:
+    if not isinstance(value, (int, float)):
+        return ""
+    return f"{value:.3f}" + (f" ± {stderr:.3f}" if isinstance(stderr, float) and math.isfinite(stderr) else "")
+
+
+def print_table(models: dict[str, dict]) -> None:
+    """The main metrics of each model (name -> metrics) as a table on the terminal; absent columns are left out."""
+    from rich.console import Console
+    from rich.table import Table
+
+    columns = [("gold_reward", "gold"), ("greedy_gold_reward", "greedy gold"), ("proxy_reward", "proxy"),
+               ("kl", "KL"), ("win_rate_gold", "win (gold)"), ("win_rate_rm", "win (RM)"), ("length", "length"),
+               ("eos_fraction", "EOS"), ("distinct_1", "dist-1"), ("distinct_2", "dist-2"), ("heldout_ppl", "ppl")]
+    shown = [(k, h) for k, h in columns if any(k in m for m in models.values())]
+    table = Table(title="alignkit eval")
+    table.add_column("model")
+    for _, header in shown:
+        table.add_column(header, justify="right")
+    for name, m in models.items():
+        table.add_row(name, *(_cell(m.get(key), m.get(f"{key}_stderr")) for key, _ in shown))
+    Console(width=200).print(table)

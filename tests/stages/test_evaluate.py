@@ -1,0 +1,195 @@
+"""`alignkit eval` end to end on the tiny pretrained fixture and a short SFT run with checkpoints."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from alignkit.cli import run_stage
+from alignkit.config import ConfigError
+from tests.helpers import sft_overrides
+
+# Small enough for seconds: 16 held-out prompts x 2 samples, short responses, 20 held-out texts.
+FAST = ["prompts=task:sort/prompts_eval?n=16", "n_samples=2", "max_new_tokens=16",
+        "heldout_text=task:sort/pretrain?n=20&seed=99", "pairs=task:sort/prefs?n=40&seed=99", "batch_size=32"]
+METRIC_KEYS = {"gold_reward", "gold_reward_stderr", "greedy_gold_reward", "kl", "kl_stderr", "kl_k3", "length",
+               "eos_fraction", "distinct_1", "distinct_2", "heldout_ppl", "heldout_nll", "gold_perfect", "eval_s"}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+@pytest.fixture(scope="module")
+def sft_run(pretrained_tiny: Path, tmp_path_factory) -> Path:
+    """8 SFT steps from the fixture with checkpoints at steps 4 and 8 (8 is also final/)."""
+    out = tmp_path_factory.mktemp("sft_for_eval")
+    run_stage("sft", sft_overrides(pretrained_tiny / "final", output_dir=out, max_steps=8, save_steps=4, lr=3e-3))
+    return out
+
+
+def test_eval_base_and_sft_checkpoints(pretrained_tiny: Path, sft_run: Path, tmp_path: Path):
+    out = tmp_path / "eval"
+    summary = run_stage("eval", FAST + [f"models=[{pretrained_tiny / 'final'},{sft_run}]", "names=[base,sft]",
+                                        "kl_budget=0.5", f"output_dir={out}"])
+    saved = json.loads((out / "summary.json").read_text())
+    assert set(saved["models"]) == {"base", "sft@step-4", "sft"}  # step-8 is final/: evaluated once
+    assert saved["baseline"] == "base" and saved["n_prompts"] == 16 and saved["task"] == "sort"
+    for name, m in saved["models"].items():
+        assert METRIC_KEYS <= set(m), (name, METRIC_KEYS - set(m))
+        assert 0.0 <= m["gold_reward"] <= 1.0 and 0.0 <= m["eos_fraction"] <= 1.0
+    base, sft = saved["models"]["base"], saved["models"]["sft"]
+    # The baseline is the reference: its own samples score identically under both -> KL exactly 0.
+    assert base["kl"] == 0.0 and base["kl_k3"] == 0.0
+    assert "win_rate_gold" not in base and 0.0 <= sft["win_rate_gold"] <= 1.0
+    assert sft["kl"] > 0.0 and sft["kl_k3"] > 0.0  # SFT moved away from the base
+    # The reported gold reward is the mean of the per-sample gold rewards written to samples/.
+    rows = read_jsonl(out / "samples" / "sft.jsonl")
+    assert len(rows) == 16 * 2
+    assert sft["gold_reward"] == pytest.approx(np.mean([r["gold_reward"] for r in rows]))
+    assert sft["length"] == pytest.approx(np.mean([r["length"] for r in rows]))
+    # metrics.jsonl: one line per model/checkpoint, with its step.
+    lines = read_jsonl(out / "metrics.jsonl")
+    assert [(m["model"], m["step"]) for m in lines] == [("base", 40), ("sft@step-4", 4), ("sft", 8)]
+    # Plots of each metric against step (the sft run has two steps), real PNG files.
+    plots = {Path(p).name for p in saved["plots"]}
+    assert {"gold_reward.png", "kl.png", "distinct_2.png"} <= plots
+    assert (out / "plots" / "gold_reward.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # KL beyond the 0.5 budget fires for the sft run, at its first step past the budget.
+    kl_alarms = [a for a in saved["alarms"] if a["name"] == "kl_budget"]
+    assert kl_alarms and kl_alarms[0]["model"] == "sft" and kl_alarms[0]["step"] in (4, 8)
+    assert summary["models"]["sft"]["gold_reward"] == pytest.approx(sft["gold_reward"])
+    assert (out / "config.yaml").exists()
+
+
+def test_token_logps_sum_to_sequence_logps(pretrained_tiny: Path):
+    from alignkit.models.loading import load_causal_lm
+    from alignkit.runtime.sequences import sequence_logps
+    from alignkit.stages.evaluate import token_logps
+
+    model, tok = load_causal_lm(str(pretrained_tiny / "final"))
+    rng = np.random.default_rng(0)
+    examples = []
+    for n_prompt, n_resp in [(5, 3), (9, 1), (4, 12), (7, 6)]:
+        ids = rng.integers(4, len(tok), n_prompt + n_resp).tolist()
+        examples.append({"input_ids": ids, "labels": [-100] * n_prompt + ids[n_prompt:]})
+    with torch.no_grad():
+        sums, counts = sequence_logps(model, examples, tok.pad_token_id, 64)
+    per_token = token_logps(model, examples, tok.pad_token_id, row_tokens=16, token_budget=20)  # other packing
+    assert [len(t) for t in per_token] == counts.long().tolist() == [3, 1, 12, 6]
+    assert torch.allclose(torch.stack([t.sum() for t in per_token]), sums, atol=1e-4)
+
+
+def test_checkpoint_weights_load_like_final(sft_run: Path, tmp_path: Path):
+    from alignkit.stages.evaluate import expand_entry, load_target
+
+    (ckpt,) = expand_entry(str(sft_run / "checkpoints" / "step-8"), None, checkpoints=True)
+    assert ckpt.step == 8 and ckpt.name.endswith("@step-8")
+    (final,) = expand_entry(str(sft_run / "final"), None, checkpoints=True)
+    a, _ = load_target(ckpt, torch.device("cpu"))
+    b, _ = load_target(final, torch.device("cpu"))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_lora_checkpoint_is_merged(pretrained_tiny: Path, tmp_path: Path):
+    from alignkit.stages.evaluate import expand_entry, load_target
+
+    run = tmp_path / "lora"
+    run_stage("sft", sft_overrides(pretrained_tiny / "final", output_dir=run, max_steps=4, save_steps=4,
+                                   **{"lora.r": 4, "lr": 1e-2}))
+    (ckpt,) = expand_entry(str(run / "checkpoints" / "step-4"), None, checkpoints=True)
+    merged, _ = load_target(ckpt, torch.device("cpu"))
+    final, _ = load_target(expand_entry(str(run / "final"), None, True)[0], torch.device("cpu"))
+    ours, theirs = merged.state_dict(), final.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) < 1e-5
+
+
+class _StubRM(torch.nn.Module):
+    """Stands in for a reward model: reward = scale * number of words of the response."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+
+
+def _stub_reward_module() -> types.ModuleType:
+    module = types.ModuleType("alignkit.models.reward")
+    module.load_reward_model = lambda path, tokenizer=None, **kw: (_StubRM(float(Path(path).name[-1])), None)
+    module.score_texts = lambda rm, tok, prompts, responses, batch_size=16, max_length=1024: [
+        rm.scale * len(r.split()) for r in responses]
+    return module
+
+
+def test_proxy_rewards_ensemble_and_length_alarm_with_stub_rms(pretrained_tiny: Path, sft_run: Path,
+                                                              tmp_path: Path, monkeypatch):
+    # Two stub RMs that pay for length (scales 1 and 3): the plumbing of proxy metrics, RM accuracy on
+    # pairs and the length alarm, independent of the real reward-model module.
+    monkeypatch.setitem(sys.modules, "alignkit.models.reward", _stub_reward_module())
+    import alignkit.stages.evaluate as evaluate_stage
+
+    seen = {}  # what the alarms get to see, per run
+
+    def spy(series, samples=None, config=None):
+        seen[series[0]["step"]] = (series, samples)
+        return check_all(series, samples, config)
+
+    from alignkit.eval.alarms import check_all
+
+    monkeypatch.setattr(evaluate_stage, "check_all", spy)
+    out = tmp_path / "eval_rm"
+    summary = run_stage("eval", FAST + [f"models=[{pretrained_tiny / 'final'},{sft_run}]", "names=[base,sft]",
+                                        "reward_models=[rm1,rm3]", "checkpoints=false", f"output_dir={out}"])
+    rows = read_jsonl(out / "samples" / "sft.jsonl")
+    words = np.array([len(r["text"].split()) for r in rows])
+    sft = summary["models"]["sft"]
+    assert sft["proxy_reward"] == pytest.approx(2.0 * words.mean())  # ensemble mean of 1x and 3x
+    assert sft["proxy_reward_rm1"] == pytest.approx(words.mean())
+    assert sft["rm_disagreement"] == pytest.approx(words.mean())  # std of {w, 3w} is w
+    assert 0.0 <= sft["win_rate_rm"] <= 1.0
+    # RM accuracy on pairs = share where the chosen side has more words (ties 0.5), by hand.
+    from alignkit.data.records import load_records
+
+    pairs, _ = load_records("task:sort/prefs?n=40&seed=99", "preference")
+    c = np.array([len(p["chosen"].split()) for p in pairs])
+    r = np.array([len(p["rejected"].split()) for p in pairs])
+    acc = summary["reward_models"]["rm1"]
+    assert acc["accuracy"] == pytest.approx(np.mean((c > r) + 0.5 * (c == r)))
+    assert "gold_accuracy" in acc and len(acc["calibration"]) == 4
+    # The alarms see each sample's token length and ensemble proxy reward (the length alarm's input).
+    (series, samples), = [v for v in seen.values() if v[0][0]["proxy_reward"] == sft["proxy_reward"]]
+    assert samples[0]["length"] == [row["length"] for row in rows]
+    assert samples[0]["proxy_reward"] == pytest.approx((2.0 * words).tolist())
+    assert series[0]["rm_disagreement"] == sft["rm_disagreement"]
+
+
+def test_real_reward_model_scores_samples(pretrained_tiny: Path, tmp_path: Path):
+    try:
+        import alignkit.models.reward  # noqa: F401
+    except ImportError as err:
+        pytest.skip(f"alignkit.models.reward not available yet: {err}")
+    summary = run_stage("eval", FAST + [f"models=[{pretrained_tiny / 'final'}]",
+                                        f"reward_models=[{pretrained_tiny / 'final'}]", f"output_dir={tmp_path}"])
+    (metrics,) = summary["models"].values()
+    assert np.isfinite(metrics["proxy_reward"]) and np.isfinite(metrics["proxy_reward_stderr"])
+    (rm_metrics,) = summary["reward_models"].values()
+    assert 0.0 <= rm_metrics["accuracy"] <= 1.0 and rm_metrics["n_pairs"] == 40
+
+
+def test_bad_input_is_a_clear_error(pretrained_tiny: Path, tmp_path: Path):
+    with pytest.raises(ConfigError, match="models"):
+        run_stage("eval", [f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="names"):
+        run_stage("eval", [f"models=[{pretrained_tiny / 'final'}]", "names=[a,b]", f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="temperature"):
+        run_stage("eval", [f"models=[{pretrained_tiny / 'final'}]", "temperature=0", f"output_dir={tmp_path}"])
+    from alignkit.models.loading import ModelError
+
+    with pytest.raises(ModelError, match="no/such/model"):
+        run_stage("eval", FAST + ["models=[./no/such/model]", f"output_dir={tmp_path}"])
