@@ -108,3 +108,15 @@ def test_check_all_collects_sorted_and_serialisable():
     assert set(as_dicts[0]) == {"name", "step", "value", "message", "remedy"}
     assert check_all(CLEAN, [_samples(0, 0.0, 6)], AlarmConfig(kl_budget=10.0)) == []
     assert isinstance(alarms[0], Alarm)
+
+
+def test_metrics_and_alarms_import_no_heavy_library():
+    # A fresh interpreter: importing the eval math must not pull in transformers, accelerate, matplotlib.
+    import subprocess
+    import sys
+
+    code = ("import sys, alignkit.eval.metrics, alignkit.eval.alarms; "
+            "print([m for m in ('transformers', 'accelerate', 'datasets', 'peft', 'matplotlib') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
