@@ -386,7 +386,11 @@ class DPOConfig(TrainConfig):
     precompute_ref: bool = opt(
         True, "compute reference log-probs once before training and cache them (the reference is then freed)"
     )
-    row_tokens: int = opt(0, "tokens per packed forward row (0: 2 * max_length); chosen and rejected share one forward")
+    row_tokens: int = opt(
+        0,
+        "tokens per packed forward row (0: the longest sequence of the forward, so packing never widens a row "
+        "beyond what padding would); chosen and rejected share one forward",
+    )
 
 
 @dataclass
