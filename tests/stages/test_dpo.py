@@ -71,6 +71,10 @@ def test_first_step_loss_is_log2_and_precompute_matches_on_the_fly(pretrained_ti
     assert train_logs(tmp_path / "fly")[1]["loss"] == pytest.approx(train_logs(tmp_path / "pre")[1]["loss"], abs=1e-5)
     assert fly["eval_loss"] == pytest.approx(pre["eval_loss"], abs=1e-5)
     assert max_weight_diff(tmp_path / "pre" / "final", tmp_path / "fly" / "final") < 1e-5
+    # A separate ref_model (here the same weights from disk) is the same reference.
+    sep = run_stage("dpo", dpo_overrides(pretrained_tiny / "final", output_dir=tmp_path / "sep", max_steps=2,
+                                         ref_model=str(pretrained_tiny / "final")))
+    assert sep["eval_loss"] == pytest.approx(pre["eval_loss"], abs=1e-6)
 
 
 def test_lora_reference_with_adapters_disabled_matches_precomputed(pretrained_tiny: Path, tmp_path: Path):
