@@ -19,6 +19,9 @@ STAGES: dict[str, tuple[str, type, str]] = {
     "rm": ("alignkit.stages.rm", C.RMConfig, "reward model: Bradley-Terry (+ Llama 2 margin), ranking over K responses"),
     "dpo": ("alignkit.stages.dpo", C.DPOConfig, "direct preference optimisation: DPO, IPO, conservative DPO"),
     "rrhf": ("alignkit.stages.rrhf", C.RRHFConfig, "rank K responses by reward; align length-normalised log-probs"),
+    "ppo": ("alignkit.stages.ppo", C.PPOConfig, "RLHF with PPO: actor, critic, reference, reward model; KL-shaped rewards, GAE"),
+    "raft": ("alignkit.stages.raft", C.RAFTConfig, "reward-ranked fine-tuning: sample, keep the best by reward, fine-tune, repeat"),
+    "best-of-n": ("alignkit.stages.best_of_n", C.BestOfNConfig, "best-of-n / rejection sampling: n samples per prompt, keep the highest reward"),
     "eval": ("alignkit.stages.evaluate", C.EvalConfig, "evaluate models or checkpoints: gold/proxy reward, KL, win rate, diversity, alarms"),
     "pipeline": ("alignkit.stages.pipeline", C.PipelineConfig, "every stage end to end, then eval and a report"),
 }

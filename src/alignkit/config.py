@@ -420,6 +420,34 @@ class RRHFConfig(TrainConfig):
 
 
 # --------------------------------------------------------------------------------------------
+# Learning from the policy's own samples: best-of-n, RAFT, PPO
+
+
+@dataclass
+class BestOfNConfig(TrainConfig):
+    """`alignkit best-of-n`: sample n responses per prompt, keep the one the reward ranks highest (rejection sampling)."""
+
+    train_data: Union[str, list[str]] = opt("task:sort/prompts?n=500", TRAIN_DATA_HELP)
+    output_dir: str = opt("runs/best_of_n", "the run directory")
+
+
+@dataclass
+class RAFTConfig(TrainConfig):
+    """`alignkit raft`: reward-ranked fine-tuning: sample, keep the highest-reward responses, fine-tune on them, repeat."""
+
+    train_data: Union[str, list[str]] = opt("task:sort/prompts?n=1000", TRAIN_DATA_HELP)
+    output_dir: str = opt("runs/raft", "the run directory")
+
+
+@dataclass
+class PPOConfig(TrainConfig):
+    """`alignkit ppo`: RLHF with PPO: actor, critic, frozen reference and reward model, KL-shaped rewards, GAE."""
+
+    train_data: Union[str, list[str]] = opt("task:sort/prompts?n=2000", TRAIN_DATA_HELP)
+    output_dir: str = opt("runs/ppo", "the run directory")
+
+
+# --------------------------------------------------------------------------------------------
 # Evaluation
 
 

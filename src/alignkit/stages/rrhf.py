@@ -25,7 +25,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -34,6 +34,7 @@ from alignkit.config import ConfigError, RRHFConfig
 from alignkit.data.chat import tokenize_prompt_completion
 from alignkit.data.records import DataError
 from alignkit.losses import rrhf_loss
+from alignkit.rollout import rewards_for, sample_texts, task_name_for
 from alignkit.runtime.sequences import sequence_logps
 from alignkit.runtime.stage import finish_run, load_policy, load_train_eval, start_run
 from alignkit.runtime.train_loop import save_final, train
@@ -63,15 +64,7 @@ def check_config(cfg: RRHFConfig) -> None:
 
 def gold_task_name(cfg: RRHFConfig) -> str:
     """cfg.task, else the task of the first task: spec in train_data."""
-    from alignkit.data.tasks import parse_task_spec
-
-    if cfg.task:
-        return cfg.task
-    specs = cfg.train_data if isinstance(cfg.train_data, list) else [cfg.train_data]
-    for spec in specs:
-        if str(spec).startswith("task:"):
-            return parse_task_spec(str(spec))[0]
-    raise ConfigError("reward=gold needs a built-in task: set task=sort (or reverse), or train on a task: spec")
+    return task_name_for(cfg.task, cfg.train_data)
 
 
 # ----------------------------------------------------------------------------- lists and rewards
@@ -86,38 +79,15 @@ def as_lists(records: list[dict]) -> list[dict]:
     ]
 
 
-def map_chunks(accelerator: Accelerator, items: list, chunk: int, fn: Callable[[int, list], list]) -> list:
-    """Concatenated fn(c, items[c*chunk:(c+1)*chunk]) over all chunks; chunk c runs on process c % world.
-
-    Chunk boundaries and indices do not depend on the number of processes, so neither does the result.
-    """
-    from accelerate.utils import gather_object
-
-    world, rank = accelerator.num_processes, accelerator.process_index
-    starts = range(0, len(items), chunk)
-    mine = [(c, fn(c, items[s : s + chunk])) for c, s in enumerate(starts) if c % world == rank]
-    gathered = gather_object(mine) if world > 1 else mine
-    return [x for _, out in sorted(gathered, key=lambda pair: pair[0]) for x in out]
-
-
 def add_policy_samples(accelerator: Accelerator, model, tokenizer, lists: list[dict], cfg: RRHFConfig, split: int) -> dict:
     """Append cfg.policy_samples sampled responses per list (new texts only); return counts."""
-    from alignkit.generation import generate
-
     n = cfg.policy_samples
     if n <= 0 or not lists:
         return {"samples_drawn": 0, "samples_added": 0}
-
-    def sample(c: int, chunk: list[dict]) -> list[list[str]]:
-        gens = generate(
-            model, tokenizer, [item["prompt"] for item in chunk], n=n, do_sample=cfg.temperature > 0,
-            temperature=max(cfg.temperature, 1e-6), max_new_tokens=cfg.max_new_tokens,
-            batch_size=len(chunk) * n, seed=cfg.seed * 1_000_003 + split * 100_003 + c,
-        )
-        return [[g.text for g in per_prompt] for per_prompt in gens]
-
+    sampled = sample_texts(accelerator, model, tokenizer, [item["prompt"] for item in lists], n, cfg.temperature,
+                           cfg.max_new_tokens, cfg.sample_chunk, cfg.seed, split)
     added = 0
-    for item, texts in zip(lists, map_chunks(accelerator, lists, cfg.sample_chunk, sample)):
+    for item, texts in zip(lists, sampled):
         seen = {r.strip() for r in item["responses"]}
         for text in texts:
             if text not in seen:
@@ -128,53 +98,14 @@ def add_policy_samples(accelerator: Accelerator, model, tokenizer, lists: list[d
     return {"samples_drawn": n * len(lists), "samples_added": added}
 
 
-def gold_rewards(task_name: str, lists: list[dict]) -> list[list[float]]:
-    """The built-in task's gold reward of every response."""
-    from alignkit.data.tasks import get_task
-
-    task = get_task(task_name)
-    out = []
-    for i, item in enumerate(lists):
-        try:
-            out.append([task.gold_reward(item["prompt"], r) for r in item["responses"]])
-        except ValueError as err:
-            raise DataError(f"reward=gold (task {task_name}): list {i}: {err}") from None
-    return out
-
-
-def reward_model_rewards(accelerator: Accelerator, cfg: RRHFConfig, lists: list[dict]) -> list[list[float]]:
-    """Scores of cfg.reward_model for every response (the reward model is freed afterwards)."""
-    try:
-        from alignkit.models.reward import load_reward_model, score_texts
-    except ImportError as err:
-        raise ConfigError(f"reward=rm needs alignkit.models.reward, which failed to import: {err}") from None
-    with accelerator.main_process_first():
-        rm, rm_tokenizer = load_reward_model(cfg.reward_model)
-    rm.to(accelerator.device).eval()
-    pairs = [(item["prompt"], r) for item in lists for r in item["responses"]]
-
-    def score(_: int, chunk: list[tuple]) -> list[float]:
-        with torch.no_grad():
-            return list(score_texts(rm, rm_tokenizer, [p for p, _ in chunk], [r for _, r in chunk],
-                                    cfg.reward_batch_size, cfg.max_length))
-
-    flat = map_chunks(accelerator, pairs, cfg.reward_batch_size * 4, score)
-    del rm
-    out, start = [], 0
-    for item in lists:
-        out.append([float(x) for x in flat[start : start + len(item["responses"])]])
-        start += len(item["responses"])
-    return out
-
-
 def assign_rewards(accelerator: Accelerator, cfg: RRHFConfig, lists: list[dict]) -> None:
     """Set item["rewards"] on every list from cfg.reward."""
     if cfg.reward == "given":
         rewards = [item["given"] for item in lists]
-    elif cfg.reward == "gold":
-        rewards = gold_rewards(gold_task_name(cfg), lists)
     else:
-        rewards = reward_model_rewards(accelerator, cfg, lists)
+        rewards = rewards_for(accelerator, cfg.reward, [item["prompt"] for item in lists],
+                              [item["responses"] for item in lists], gold_task_name(cfg) if cfg.reward == "gold" else None,
+                              cfg.reward_model, cfg.reward_batch_size, cfg.max_length)
     for item, r in zip(lists, rewards):
         item["rewards"] = r
 
