@@ -445,6 +445,53 @@ class PPOConfig(TrainConfig):
 
     train_data: Union[str, list[str]] = opt("task:sort/prompts?n=2000", TRAIN_DATA_HELP)
     output_dir: str = opt("runs/ppo", "the run directory")
+    max_steps: int = opt(0, "PPO steps (one rollout + its updates each); 0: derive from epochs over the prompts")
+    batch_size: int = opt(32, "unused by ppo: rollout_batch_size (prompts per step) and mini_batch_size set the batches")
+    micro_batch_size: int = opt(8, "sequences per training forward on one process (accumulation fills the mini-batch)")
+    lr: float = opt(1e-5, "actor peak learning rate (AdamW); the schedule advances once per PPO step")
+    warmup_steps: int = opt(0, "linear warm-up, in PPO steps (actor and critic)")
+    lr_schedule: str = opt("constant", "learning-rate schedule over PPO steps after warm-up: cosine, linear or constant")
+    reward: str = opt("rm", "the proxy reward optimised: rm (reward_model scores the text) or gold (the task's gold reward)")
+    reward_model: Union[str, None] = opt(None, "reward model directory (alignkit rm output) when reward=rm")
+    task: Union[str, None] = opt(
+        None, "built-in task for the gold reward (optimised when reward=gold, always logged when known); "
+        "null: the task of a task: spec in train_data"
+    )
+    ref_model: Union[str, None] = opt(None, "frozen reference policy for the KL penalty; null: the starting policy")
+    critic_model: Union[str, None] = opt(
+        None, "critic initialisation; null: the reward model when reward=rm and it shares the policy's tokenizer "
+        "(InstructGPT), else the policy with a fresh scalar head"
+    )
+    critic_lr: float = opt(1e-5, "critic peak learning rate (its own AdamW, same schedule)")
+    critic_warmup_steps: int = opt(0, "first PPO steps that train only the critic (the actor waits for sane values)")
+    rollout_batch_size: int = opt(32, "GLOBAL prompts per PPO step, chosen from (seed, step)")
+    samples_per_prompt: int = opt(1, "responses sampled per prompt in a rollout")
+    mini_batch_size: int = opt(0, "GLOBAL sequences per optimizer update (0: the whole rollout)")
+    ppo_epochs: int = opt(4, "passes over the rollout per PPO step (mini-batches reshuffled from (seed, step))")
+    temperature: float = opt(1.0, "sampling temperature (log-probs and KL are those of the sampling distribution)")
+    max_new_tokens: int = opt(32, "length cap of a response; a prompt must leave this many tokens below max_length")
+    sample_chunk: int = opt(32, "prompts per generation call (chunks are seeded by index: any process count samples alike)")
+    forward_batch_size: int = opt(32, "sequences per no-grad forward (old/reference log-probs, values) in a rollout")
+    reward_batch_size: int = opt(32, "responses per reward-model forward")
+    clip_eps: float = opt(0.2, "PPO ratio clipping")
+    value_clip_eps: float = opt(0.2, "clipping of the critic's change from its rollout values")
+    entropy_coef: float = opt(0.0, "entropy bonus weight in the actor loss (0: off)")
+    kl_coef: float = opt(0.05, "KL penalty coefficient per token (initial value when adaptive_kl)")
+    kl_estimator: str = opt("k1", "per-token KL estimator in the reward: k1 (log-ratio) or k3 (non-negative)")
+    adaptive_kl: bool = opt(False, "adapt kl_coef towards kl_target (Ziegler et al. 2019)")
+    kl_target: float = opt(6.0, "target KL per sequence (nats) for adaptive_kl")
+    kl_horizon: float = opt(10000.0, "adaptive KL horizon, in sampled sequences")
+    gamma: float = opt(1.0, "GAE discount")
+    lam: float = opt(0.95, "GAE lambda")
+    whiten_advantages: bool = opt(True, "whiten advantages over the whole global rollout")
+    missing_eos_penalty: float = opt(0.0, "subtracted from the score of a response cut by max_new_tokens (0: off)")
+    reward_norm: str = opt(
+        "none", "score normalisation before shaping: none, batch (standardise over the rollout), "
+        "running (running mean/std over all rollouts so far)"
+    )
+    reward_clip: float = opt(0.0, "clip scores to [-reward_clip, reward_clip] after normalisation (0: off)")
+    eval_samples_per_prompt: int = opt(1, "sampled responses per held-out prompt at each evaluation")
+    kl_budget: Union[float, None] = opt(None, "alarm when KL(policy || reference) per sequence exceeds this (null: off)")
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ score exactly the same responses.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -163,3 +164,160 @@ def rewards_for(
             raise ConfigError("reward=rm needs reward_model (a reward model directory)")
         return reward_model_rewards(accelerator, reward_model, prompts, responses, batch_size, max_length)
     raise ConfigError(f"reward must be one of {', '.join(REWARD_SOURCES)}, got {source!r}")
+
+
+# ----------------------------------------------------------------------------- PPO rollouts (typed)
+
+
+@dataclass
+class Rollout:
+    """One PPO rollout of N sequences (rollout prompts x samples_per_prompt), in response-aligned layout.
+
+    T is the longest response. Row i holds sequence i's generated tokens at positions 0..len_i-1 (position t
+    is the t-th generated token, the action taken in state prompt + response[:t]); positions >= len_i are
+    padding, where `mask` is 0 and every float field is 0.
+
+    prompt_ids: N lists of prompt token ids (ragged, unpadded).
+    response_ids [N,T] long: generated ids, `pad_id` on padding (end-of-turn token included when produced).
+    mask [N,T] float: 1.0 on generated tokens.
+    finished [N] bool: the response ended with the end-of-turn token (not cut by max_new_tokens).
+    logprobs [N,T]: log-prob of each token under the sampling (old) policy, logits / temperature.
+    ref_logprobs [N,T]: the same under the frozen reference policy.
+    values [N,T]: the critic's value of the state each token is chosen in.
+    scores [N]: sequence score entering the reward (the proxy after eos penalty, normalisation, clipping).
+    kl [N,T]: per-token KL estimate (kl_estimator) of policy vs reference.
+    rewards [N,T]: -kl_coef * kl, plus scores[i] at sequence i's last token.
+    advantages [N,T]: GAE advantages, whitened over the whole rollout when asked.
+    returns [N,T]: GAE returns (un-whitened advantages + values): the critic's targets.
+    """
+
+    prompt_ids: list[list[int]]
+    response_ids: torch.Tensor
+    mask: torch.Tensor
+    finished: torch.Tensor
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    scores: torch.Tensor
+    kl: torch.Tensor
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+
+def pad_right(rows: list, value: float | int, dtype: torch.dtype) -> torch.Tensor:
+    """Ragged 1-D rows (lists or tensors) -> [N, longest] with `value` after each row."""
+    width = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), width), value, dtype=dtype)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.as_tensor(row, dtype=dtype)
+    return out
+
+
+def forward_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Inputs of one padded forward over (prompt, response) sequences, responses occupying the last columns.
+
+    Prompts are left-padded to a common width W and responses right-padded to R (the longest), so every
+    response starts at column W and the logits of columns W-1 .. W+R-2 score them (`logits_to_keep=R+1`,
+    last column dropped). Returns input_ids, attention_mask, position_ids [B,W+R]; labels [B,R] (response
+    ids, -100 on padding); mask [B,R] float.
+    """
+    width = max(len(p) for p in prompt_ids)
+    length = max(len(r) for r in response_ids)
+    batch = len(prompt_ids)
+    input_ids = torch.full((batch, width + length), pad_id, dtype=torch.long)
+    attention = torch.zeros((batch, width + length), dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        input_ids[i, width - len(p) : width] = torch.as_tensor(p)
+        input_ids[i, width : width + len(r)] = torch.as_tensor(r)
+        attention[i, width - len(p) : width + len(r)] = 1
+    position_ids = (attention.cumsum(1) - 1).clamp(min=0)
+    labels = pad_right(response_ids, -100, torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention, "position_ids": position_ids,
+            "labels": labels, "mask": (labels != -100).float()}
+
+
+@dataclass
+class RunningMoments:
+    """Running mean and variance of every score seen so far (Chan et al.'s parallel update), checkpointable."""
+
+    count: float = 0.0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    def update(self, x: torch.Tensor) -> None:
+        n, mean = float(x.numel()), float(x.double().mean())
+        m2 = float(((x.double() - mean) ** 2).sum())
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += m2 + delta**2 * self.count * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return (self.m2 / max(self.count - 1, 1.0)) ** 0.5
+
+
+def shape_scores(raw: torch.Tensor, finished: torch.Tensor, missing_eos_penalty: float = 0.0, norm: str = "none",
+                 clip: float = 0.0, running: RunningMoments | None = None) -> torch.Tensor:
+    """Proxy scores [N] -> the scores PPO optimises [N].
+
+    In order: minus `missing_eos_penalty` where not finished; normalisation `norm` ("batch": standardised
+    over these N; "running": by the mean/std of every score so far, `running` updated first with these);
+    then clipped to [-clip, clip] when clip > 0.
+    """
+    scores = raw.float() - missing_eos_penalty * (~finished.bool()).float()
+    if norm == "batch":
+        scores = (scores - scores.mean()) / (scores.std() + 1e-8) if len(scores) > 1 else scores - scores.mean()
+    elif norm == "running":
+        if running is None:
+            raise ValueError("norm='running' needs a RunningMoments")
+        running.update(scores)
+        scores = (scores - running.mean) / (running.std + 1e-8)
+    elif norm != "none":
+        raise ValueError(f"reward normalisation must be none, batch or running, got {norm!r}")
+    return scores.clamp(-clip, clip) if clip > 0 else scores
+
+
+def build_rollout(
+    prompt_ids: list[list[int]],
+    response_ids: list[list[int]],
+    finished: list[bool],
+    logprobs: list[torch.Tensor],
+    ref_logprobs: list[torch.Tensor],
+    values: list[torch.Tensor],
+    scores: torch.Tensor,
+    pad_id: int,
+    kl_coef: float,
+    kl_estimator: str = "k1",
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    whiten_advantages: bool = True,
+) -> Rollout:
+    """Assemble a Rollout from per-sequence 1-D tensors (len_i each) and scores [N].
+
+    rewards, kl = rl.kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, kl_estimator);
+    advantages, returns = rl.gae(rewards, values, mask, gamma, lam); advantages whitened (ops.whiten) over
+    every token of the rollout when asked.
+    """
+    from alignkit.ops import whiten
+    from alignkit.rl import gae, kl_shaped_rewards
+
+    for name, rows in (("logprobs", logprobs), ("ref_logprobs", ref_logprobs), ("values", values)):
+        lengths = [len(r) for r in rows]
+        if lengths != [len(r) for r in response_ids]:
+            raise ValueError(f"{name} lengths {lengths[:8]} differ from the response lengths")
+    ids = pad_right(response_ids, pad_id, torch.long)
+    mask = pad_right([[1.0] * len(r) for r in response_ids], 0.0, torch.float32)
+    lp, ref, vals = (pad_right(rows, 0.0, torch.float32) for rows in (logprobs, ref_logprobs, values))
+    rewards, kl = kl_shaped_rewards(scores.float(), lp, ref, mask, kl_coef, kl_estimator)
+    advantages, returns = gae(rewards, vals, mask, gamma, lam)
+    if whiten_advantages:
+        advantages = whiten(advantages, mask)
+    return Rollout(prompt_ids=[list(p) for p in prompt_ids], response_ids=ids, mask=mask,
+                   finished=torch.tensor(finished, dtype=torch.bool), logprobs=lp, ref_logprobs=ref, values=vals,
+                   scores=scores.float(), kl=kl, rewards=rewards, advantages=advantages, returns=returns)

@@ -1,0 +1,174 @@
+"""Plain helpers of `alignkit ppo`: sampling token ids, the no-grad forwards of a rollout, held-out
+evaluation and reward-hacking alarms. The stage file (stages/ppo.py) reads top to bottom on top of these.
+
+Process-count independence: sampling and the no-grad forwards run in fixed chunks (chunk c on process
+c % world, seeded from (seed, split, c)) and are gathered, so every process ends up with the whole rollout,
+computed exactly as one process would compute it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator
+
+from alignkit.ops import entropy_from_logits, logprobs_from_logits
+from alignkit.rollout import chunk_seed, forward_batch, map_chunks
+
+# (prompts, responses[i] = texts answering prompts[i]) -> rewards[i][j]
+RewardFn = Callable[[list, list[list[str]]], list[list[float]]]
+
+
+@dataclass
+class Sample:
+    """One sampled response: prompt_ids, response_ids (end-of-turn included when produced), text,
+    finished (ended with the end-of-turn token), prompt (messages) and prompt_index (into the step's prompts)."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    text: str
+    finished: bool
+    prompt: list = field(default_factory=list)
+    prompt_index: int = 0
+
+
+def sample_responses(accelerator: Accelerator, model, tokenizer, prompts: list, n: int, temperature: float,
+                     max_new_tokens: int, chunk: int, seed: int, split: int) -> list[Sample]:
+    """n samples per prompt (prompt-major: sample j of prompt i is at i*n + j), with the KV cache."""
+    from alignkit.generation import generate
+
+    model = accelerator.unwrap_model(model)
+
+    def sample(c: int, part: list) -> list[list]:
+        gens = generate(model, tokenizer, part, n=n, do_sample=True, temperature=temperature,
+                        max_new_tokens=max_new_tokens, batch_size=len(part) * n, seed=chunk_seed(seed, split, c))
+        return [[(g.prompt_ids, g.response_ids, g.text, g.finished) for g in per_prompt] for per_prompt in gens]
+
+    per_prompt = map_chunks(accelerator, prompts, chunk, sample)
+    return [Sample(*gen, prompt=prompts[i], prompt_index=i) for i, gens in enumerate(per_prompt) for gen in gens]
+
+
+def batch_on(samples: list[Sample], pad_id: int, device) -> dict[str, torch.Tensor]:
+    """rollout.forward_batch of these samples, on `device`."""
+    batch = forward_batch([s.prompt_ids for s in samples], [s.response_ids for s in samples], pad_id)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def response_logprobs(model, batch: dict[str, torch.Tensor], temperature: float,
+                      with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log-probs [B,R] of the response tokens under logits / temperature, entropy [B,R] or None).
+
+    One forward; only the R+1 last columns get logits (`logits_to_keep`), the rest is never projected
+    on the vocabulary. Padding positions hold 0.
+    """
+    n_response = batch["labels"].shape[1]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"], use_cache=False, logits_to_keep=n_response + 1).logits
+    logits = logits[:, :-1].float() / temperature  # column k scores response token k
+    logps = logprobs_from_logits(logits, batch["labels"])
+    entropy = entropy_from_logits(logits) * batch["mask"] if with_entropy else None
+    return logps, entropy
+
+
+def response_values(critic, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Critic values [B,R]: value of the state each response token is chosen in (0 on padding)."""
+    n_response = batch["labels"].shape[1]
+    values = critic(batch["input_ids"], batch["attention_mask"], batch["position_ids"], n_response + 1)
+    return values[:, :-1] * batch["mask"]
+
+
+def rollout_forwards(accelerator: Accelerator, actor, ref, critic, samples: list[Sample], pad_id: int,
+                     temperature: float, chunk: int) -> list[tuple[torch.Tensor, ...]]:
+    """Per sample (old log-probs [len], reference log-probs [len], values [len] or empty, entropy sum).
+
+    No gradient; the models run unwrapped (no DDP collectives) in eval mode, in fixed chunks over processes.
+    """
+    actor, critic = accelerator.unwrap_model(actor), (accelerator.unwrap_model(critic) if critic is not None else None)
+    modes = [(m, m.training) for m in (actor, ref, critic) if m is not None]
+
+    def forward(_: int, part: list[Sample]) -> list[tuple]:
+        batch = batch_on(part, pad_id, accelerator.device)
+        with torch.no_grad():
+            logps, entropy = response_logprobs(actor, batch, temperature, with_entropy=True)
+            ref_logps, _ = response_logprobs(ref, batch, temperature)
+            values = response_values(critic, batch) if critic is not None else torch.zeros_like(logps)
+        out = []
+        for i, s in enumerate(part):
+            n = len(s.response_ids)
+            out.append((logps[i, :n].cpu(), ref_logps[i, :n].cpu(), values[i, :n].cpu(), float(entropy[i].sum())))
+        return out
+
+    for m, _ in modes:
+        m.eval()
+    try:
+        return map_chunks(accelerator, samples, chunk, forward)
+    finally:
+        for m, was_training in modes:
+            m.train(was_training)
+
+
+def grouped(values: list[float], n: int) -> list[list[float]]:
+    """Prompt-major flat values -> [G][n]."""
+    return [values[i : i + n] for i in range(0, len(values), n)]
+
+
+def evaluate_policy(accelerator: Accelerator, actor, ref, tokenizer, prompts: list, cfg: Any, proxy: RewardFn,
+                    gold: RewardFn | None) -> dict[str, float]:
+    """Held-out metrics of the current policy on `prompts`, sampled at cfg.temperature with a FIXED seed
+    (common random numbers across evaluations): reward, gold_reward (+ _stderr over prompts), kl (mean
+    per-sequence sum of log pi - log pi_ref, an unbiased KL estimate; + _stderr), length, eos_fraction."""
+    from alignkit.eval.metrics import grouped_mean_and_stderr
+
+    if not prompts:
+        return {}
+    n = cfg.eval_samples_per_prompt
+    samples = sample_responses(accelerator, actor, tokenizer, prompts, n, cfg.temperature, cfg.max_new_tokens,
+                               cfg.sample_chunk, cfg.seed, split=1)
+    texts = grouped([s.text for s in samples], n)
+    forwards = rollout_forwards(accelerator, actor, ref, None, samples, tokenizer.pad_token_id, cfg.temperature,
+                                cfg.forward_batch_size)
+    kl = [float((lp - ref_lp).sum()) for lp, ref_lp, _, _ in forwards]
+    out: dict[str, float] = {}
+    series = {"reward": proxy(prompts, texts), "kl": grouped(kl, n),
+              "length": grouped([float(len(s.response_ids)) for s in samples], n)}
+    if gold is not None:
+        series["gold_reward"] = gold(prompts, texts)
+    for name, values in series.items():
+        out[name], out[f"{name}_stderr"] = grouped_mean_and_stderr(values)
+    out.pop("length_stderr")
+    out["eos_fraction"] = sum(s.finished for s in samples) / len(samples)
+    return out
+
+
+class AlarmWatch:
+    """Reward-hacking alarms over the series logged so far (rollout statistics every step, held-out
+    evaluations), each alarm reported once per (source, name). Its state goes into checkpoints."""
+
+    def __init__(self, kl_budget: float | None):
+        from alignkit.eval.alarms import AlarmConfig
+
+        self.config = AlarmConfig(kl_budget=kl_budget, proxy_key="reward", gold_key="gold_reward", kl_key="kl")
+        self.series: dict[str, list[dict]] = {"rollout": [], "eval": []}
+        self.alarms: list[dict] = []
+
+    def check(self, source: str, point: dict[str, Any], samples: dict[str, Any] | None = None) -> list[dict]:
+        """Add `point` (step + reward, gold_reward(_stderr), kl) to `source`'s series; return NEW alarms.
+        samples: this step's {"step", "length": [N], "reward": [N], "gold_reward": [N]} for the length alarm."""
+        from alignkit.eval.alarms import kl_budget, length_correlation, proxy_up_gold_down
+
+        keys = ("step", "reward", "gold_reward", "gold_reward_stderr", "kl")
+        self.series[source].append({k: point[k] for k in keys if k in point})
+        found = proxy_up_gold_down(self.series[source], self.config) + kl_budget(self.series[source], self.config)
+        found += length_correlation([samples] if samples else [], self.config)
+        seen = {(a["source"], a["name"]) for a in self.alarms}
+        new = [{"source": source, **a.to_dict()} for a in found if (source, a.name) not in seen]
+        self.alarms.extend(new)
+        return new
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"series": self.series, "alarms": self.alarms}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.series, self.alarms = state["series"], state["alarms"]

@@ -1,0 +1,172 @@
+"""PPO building blocks: the typed Rollout, its padded forward layout, score shaping, the critic's value head,
+and the alarm watch, against hand-worked numbers or slow obvious references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from alignkit.ppo_parts import AlarmWatch, response_logprobs, response_values
+from alignkit.rollout import RunningMoments, build_rollout, forward_batch, pad_right, shape_scores
+
+
+def tiny_llama(seed: int = 0, classifier: bool = False):
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=4, max_position_embeddings=64, num_labels=1, pad_token_id=0)
+    torch.manual_seed(seed)
+    cls = LlamaForSequenceClassification if classifier else LlamaForCausalLM
+    return cls(config).eval()
+
+
+PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12], [13]]
+RESPONSES = [[20, 21], [22, 23, 24, 2], [25]]
+
+
+def test_forward_batch_layout_by_hand():
+    batch = forward_batch(PROMPTS, RESPONSES, pad_id=0)
+    # W = 5 (longest prompt), R = 4 (longest response): prompts end at column 5, responses start there.
+    assert batch["input_ids"].tolist() == [
+        [0, 0, 5, 6, 7, 20, 21, 0, 0],
+        [8, 9, 10, 11, 12, 22, 23, 24, 2],
+        [0, 0, 0, 0, 13, 25, 0, 0, 0],
+    ]
+    assert batch["attention_mask"].tolist() == [
+        [0, 0, 1, 1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 1, 1, 1, 1, 1],
+        [0, 0, 0, 0, 1, 1, 0, 0, 0],
+    ]
+    assert batch["position_ids"][0].tolist()[2:7] == [0, 1, 2, 3, 4]
+    assert batch["position_ids"][2].tolist()[4:6] == [0, 1]
+    assert batch["labels"].tolist() == [[20, 21, -100, -100], [22, 23, 24, 2], [25, -100, -100, -100]]
+    assert batch["mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert pad_right([[1, 2], [3]], -1, torch.long).tolist() == [[1, 2], [3, -1]]
+
+
+def test_response_logprobs_and_values_equal_one_unpadded_forward_per_sample():
+    actor, critic_model = tiny_llama(0), tiny_llama(1, classifier=True)
+    from alignkit.models.value import ValueModel
+
+    critic = ValueModel(critic_model)
+    batch = forward_batch(PROMPTS, RESPONSES, pad_id=0)
+    with torch.no_grad():
+        logps, entropy = response_logprobs(actor, batch, temperature=0.7, with_entropy=True)
+        values = response_values(critic, batch)
+    assert logps.shape == entropy.shape == values.shape == (3, 4)
+    for i, (p, r) in enumerate(zip(PROMPTS, RESPONSES)):
+        ids = torch.tensor([p + r])
+        with torch.no_grad():
+            logits = actor(ids).logits[0].float() / 0.7
+            hidden = critic_model.model(ids).last_hidden_state[0]
+        for t, token in enumerate(r):
+            row = logits[len(p) - 1 + t]  # the position before response token t predicts it
+            assert logps[i, t].item() == pytest.approx(row.log_softmax(-1)[token].item(), abs=1e-5)
+            probs = row.softmax(-1)
+            assert entropy[i, t].item() == pytest.approx(-(probs * probs.log()).sum().item(), abs=1e-5)
+            expected_value = critic_model.score(hidden[len(p) - 1 + t]).item()
+            assert values[i, t].item() == pytest.approx(expected_value, abs=1e-5)
+        assert logps[i, len(r):].abs().sum() == 0 and values[i, len(r):].abs().sum() == 0
+
+
+def test_value_model_shapes_and_gradient():
+    from alignkit.models.value import ValueModel
+
+    critic = ValueModel(tiny_llama(2, classifier=True))
+    batch = forward_batch(PROMPTS, RESPONSES, pad_id=0)
+    out = critic(batch["input_ids"], batch["attention_mask"], batch["position_ids"], 3)
+    assert out.shape == (3, 3) and out.dtype == torch.float32
+    out.sum().backward()
+    assert critic.model.score.weight.grad is not None and critic.model.score.weight.grad.abs().sum() > 0
+
+
+def slow_gae(rewards: list[float], values: list[float], gamma: float, lam: float) -> list[float]:
+    """Textbook GAE over one sequence, value after the end = 0."""
+    out = []
+    for t in range(len(rewards)):
+        total = 0.0
+        for k in range(t, len(rewards)):
+            next_value = values[k + 1] if k + 1 < len(values) else 0.0
+            delta = rewards[k] + gamma * next_value - values[k]
+            total += (gamma * lam) ** (k - t) * delta
+        out.append(total)
+    return out
+
+
+def close(tensor: torch.Tensor, expected: list) -> None:
+    torch.testing.assert_close(tensor, torch.tensor(expected, dtype=tensor.dtype), atol=1e-6, rtol=1e-6)
+
+
+def test_build_rollout_by_hand():
+    logps = [torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-0.25])]
+    refs = [torch.tensor([-1.5, -1.0, -0.5]), torch.tensor([-1.25])]
+    values = [torch.tensor([0.1, 0.2, 0.3]), torch.tensor([-0.4])]
+    scores = torch.tensor([2.0, -1.0])
+    r = build_rollout([[1, 2], [3]], [[7, 8, 9], [4]], [True, False], logps, refs, values, scores, pad_id=0,
+                      kl_coef=0.1, kl_estimator="k1", gamma=0.9, lam=0.8, whiten_advantages=False)
+    assert len(r) == 2 and r.response_ids.tolist() == [[7, 8, 9], [4, 0, 0]]
+    assert r.mask.tolist() == [[1, 1, 1], [1, 0, 0]] and r.finished.tolist() == [True, False]
+    # k1 = logp - ref; reward = -0.1 * kl, plus the score at the last response token.
+    close(r.kl, [[0.5, -1.0, 0.0], [1.0, 0.0, 0.0]])
+    close(r.rewards, [[-0.05, 0.1, 2.0], [-0.1 + -1.0, 0.0, 0.0]])
+    expected0 = slow_gae([-0.05, 0.1, 2.0], [0.1, 0.2, 0.3], 0.9, 0.8)
+    expected1 = slow_gae([-1.1], [-0.4], 0.9, 0.8)
+    assert r.advantages[0].tolist() == pytest.approx(expected0, abs=1e-6)
+    assert r.advantages[1, 0].item() == pytest.approx(expected1[0]) and r.advantages[1, 1:].abs().sum() == 0
+    assert r.returns[0].tolist() == pytest.approx([a + v for a, v in zip(expected0, [0.1, 0.2, 0.3])], abs=1e-6)
+
+    whitened = build_rollout([[1, 2], [3]], [[7, 8, 9], [4]], [True, False], logps, refs, values, scores, 0, 0.1,
+                             "k1", 0.9, 0.8, whiten_advantages=True)
+    raw = expected0 + expected1
+    mean = sum(raw) / 4
+    std = math.sqrt(sum((a - mean) ** 2 for a in raw) / 3)  # unbiased, over the 4 counted tokens of the rollout
+    assert whitened.advantages[0].tolist() == pytest.approx([(a - mean) / std for a in expected0], abs=1e-5)
+    assert whitened.advantages[1, 0].item() == pytest.approx((expected1[0] - mean) / std, abs=1e-5)
+    assert whitened.advantages[1, 1:].abs().sum() == 0
+    close(whitened.returns, r.returns.tolist())  # critic targets are not whitened
+
+
+def test_build_rollout_rejects_misaligned_lengths():
+    with pytest.raises(ValueError, match="values lengths"):
+        build_rollout([[1]], [[7, 8]], [True], [torch.zeros(2)], [torch.zeros(2)], [torch.zeros(3)],
+                      torch.zeros(1), 0, 0.1)
+
+
+def test_shape_scores_penalty_normalisation_and_clip():
+    raw = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    finished = torch.tensor([True, False, True, True])
+    assert shape_scores(raw, finished, missing_eos_penalty=1.5).tolist() == [1.0, 0.5, 3.0, 6.0]
+    batch = shape_scores(raw, finished, norm="batch")
+    assert batch.mean().item() == pytest.approx(0.0, abs=1e-6) and batch.std().item() == pytest.approx(1.0, abs=1e-5)
+    assert shape_scores(raw, finished, norm="batch", clip=1.0).max().item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="none, batch or running"):
+        shape_scores(raw, finished, norm="whiten")
+
+    running = RunningMoments()
+    shape_scores(raw, finished, norm="running", running=running)
+    second = shape_scores(torch.tensor([10.0, -2.0]), torch.tensor([True, True]), norm="running", running=running)
+    seen = torch.tensor([1.0, 2.0, 3.0, 6.0, 10.0, -2.0], dtype=torch.float64)
+    assert running.count == 6 and running.mean == pytest.approx(seen.mean().item())
+    assert running.std == pytest.approx(seen.std().item())
+    expected = (torch.tensor([10.0, -2.0]) - seen.mean()) / seen.std()
+    assert second.tolist() == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+def test_alarm_watch_reports_each_alarm_once_and_round_trips():
+    watch = AlarmWatch(kl_budget=1.0)
+    assert watch.check("rollout", {"step": 1, "reward": 0.1, "gold_reward": 0.8, "kl": 0.1}) == []
+    new = watch.check("rollout", {"step": 2, "reward": 0.5, "gold_reward": 0.5, "kl": 2.0})
+    assert sorted(a["name"] for a in new) == ["kl_budget", "proxy_up_gold_down"]
+    assert all(a["source"] == "rollout" and a["step"] == 2 for a in new)
+    assert watch.check("rollout", {"step": 3, "reward": 0.9, "gold_reward": 0.3, "kl": 3.0}) == []  # already reported
+    # The same condition in another series is another alarm.
+    assert [a["name"] for a in watch.check("eval", {"step": 3, "reward": 0.0, "kl": 5.0})] == ["kl_budget"]
+    lengths = list(range(1, 41))
+    samples = {"step": 4, "length": lengths, "reward": [0.1 * x for x in lengths]}
+    assert [a["name"] for a in watch.check("rollout", {"step": 4, "reward": 1.0}, samples)] == ["length_correlation"]
+    restored = AlarmWatch(kl_budget=1.0)
+    restored.load_state_dict(watch.state_dict())
+    assert restored.alarms == watch.alarms and len(restored.alarms) == 4
+    assert restored.check("rollout", {"step": 5, "reward": 1.0, "gold_reward": 0.1, "kl": 9.0}, samples) == []
