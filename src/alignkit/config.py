@@ -429,6 +429,22 @@ class BestOfNConfig(TrainConfig):
 
     train_data: Union[str, list[str]] = opt("task:sort/prompts?n=500", TRAIN_DATA_HELP)
     output_dir: str = opt("runs/best_of_n", "the run directory")
+    lr: float = opt(1e-4, "peak learning rate (AdamW) when finetune=true")
+    n: int = opt(8, "responses sampled per prompt; the highest-reward one is kept (KL to the sampler <= log n - (n-1)/n)")
+    temperature: float = opt(1.0, "sampling temperature (0: greedy, every candidate identical)")
+    max_new_tokens: int = opt(32, "length cap of sampled responses")
+    reward: str = opt("rm", "what picks the best response: rm (reward_model) or gold (the built-in task's gold reward)")
+    reward_model: Union[str, None] = opt(None, "reward model path when reward=rm")
+    task: Union[str, None] = opt(
+        None, "built-in task for the gold reward (reward=gold, and gold metrics with reward=rm); null: the task of a task: spec in train_data"
+    )
+    sample_chunk: int = opt(
+        32, "prompts per generation call (chunks are seeded by index, so any process count samples alike)"
+    )
+    reward_batch_size: int = opt(32, "responses per reward-model forward when reward=rm")
+    finetune: bool = opt(
+        False, "rejection-sampling fine-tuning: SFT of model on the best responses (writes final/); false: inference only"
+    )
 
 
 @dataclass
@@ -437,6 +453,26 @@ class RAFTConfig(TrainConfig):
 
     train_data: Union[str, list[str]] = opt("task:sort/prompts?n=1000", TRAIN_DATA_HELP)
     output_dir: str = opt("runs/raft", "the run directory")
+    lr: float = opt(1e-4, "peak learning rate (AdamW, one optimizer over all iterations)")
+    iterations: int = opt(4, "sample -> rank -> fine-tune rounds")
+    prompts_per_iteration: int = opt(64, "prompts sampled each iteration (successive slices of a seeded shuffle of train_data)")
+    samples_per_prompt: int = opt(8, "K: responses sampled per prompt from the current policy")
+    keep: str = opt("per_prompt", "per_prompt: the best keep_top_k of each prompt's K; global: the top keep_fraction of all samples")
+    keep_top_k: int = opt(1, "responses kept per prompt when keep=per_prompt")
+    keep_fraction: float = opt(0.125, "share of all the iteration's samples kept when keep=global")
+    steps_per_iteration: int = opt(0, "optimizer steps on each iteration's kept responses (0: one pass over them)")
+    temperature: float = opt(1.0, "sampling temperature")
+    max_new_tokens: int = opt(32, "length cap of sampled responses")
+    reward: str = opt("rm", "what ranks the samples: rm (reward_model) or gold (the built-in task's gold reward)")
+    reward_model: Union[str, None] = opt(None, "reward model path when reward=rm")
+    task: Union[str, None] = opt(
+        None, "built-in task for the gold reward (reward=gold, and gold metrics with reward=rm); null: the task of a task: spec in train_data"
+    )
+    eval_samples: int = opt(1, "samples per eval_data prompt for eval_gold_reward before/after (same seeds both times)")
+    sample_chunk: int = opt(
+        32, "prompts per generation call (chunks are seeded by index, so any process count samples alike)"
+    )
+    reward_batch_size: int = opt(32, "responses per reward-model forward when reward=rm")
 
 
 @dataclass

@@ -1,0 +1,224 @@
+"""`alignkit best-of-n`: best-of-n / rejection sampling (Llama 2, Touvron et al. 2023; Gao et al. 2022).
+
+config -> prompts -> n samples per prompt from `model` -> a reward for each (rm | gold) -> the best per
+prompt (selection.best_of_n) -> `best.jsonl` (SFT-ready {prompt, completion, reward, n}), `samples.jsonl`
+(every candidate with its reward, and gold when a task exists), `summary.json`. With finetune=true the
+model is then fine-tuned on the best responses with the SFT loss (rejection-sampling fine-tuning) and
+`final/` is written; without it the stage is inference only (no training, no final/).
+
+The policy "sample n, keep the best" is itself a policy; its KL to the sampling policy is at most
+log(n) - (n-1)/n nats (exact for a continuous reward without ties), reported as `kl_bound`.
+
+Sampling is done in fixed chunks of prompts seeded from (seed, split, chunk) and spread over processes
+(rollout.map_chunks), reward-model scores likewise, so 1 and N processes select the same responses. The
+texts are exactly rollout.sample_texts' (same generate call, same seeds); this module also keeps each
+response's token length and whether it ended with the end-of-turn token.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from alignkit.config import BestOfNConfig, ConfigError
+from alignkit.data.chat import tokenize_prompt_completion
+from alignkit.data.records import DataError
+from alignkit.eval import metrics as M
+from alignkit.rollout import REWARD_SOURCES, chunk_seed, load_scorer, map_chunks, rewards_for, score_with, task_name_for
+from alignkit.runtime.stage import finish_run, load_policy, load_train_eval, start_run
+
+TRAIN_SPLIT, EVAL_SPLIT = 0, 1  # sampling seeds of train_data and eval_data prompts
+
+
+def check_sampling_config(cfg: Any, n: int) -> None:
+    """Errors shared by best-of-n and RAFT that would otherwise surface after minutes of sampling."""
+    if n < 1:
+        raise ConfigError(f"n (samples per prompt) must be >= 1, got {n}")
+    if cfg.temperature < 0:
+        raise ConfigError(f"temperature must be >= 0, got {cfg.temperature}")
+    if cfg.max_new_tokens < 1 or cfg.sample_chunk < 1 or cfg.reward_batch_size < 1:
+        raise ConfigError("max_new_tokens, sample_chunk and reward_batch_size must be >= 1")
+    if cfg.reward not in REWARD_SOURCES:
+        raise ConfigError(f"reward must be one of {', '.join(REWARD_SOURCES)}, got {cfg.reward!r}")
+    if cfg.reward == "rm" and not cfg.reward_model:
+        raise ConfigError("reward=rm needs reward_model (a reward model directory)")
+    if cfg.reward == "gold":
+        task_name_for(cfg.task, cfg.train_data)  # raises a ConfigError naming the fix
+
+
+def gold_task(cfg: Any) -> str | None:
+    """The built-in task whose gold reward can score responses, or None (no gold metrics)."""
+    try:
+        return task_name_for(cfg.task, cfg.train_data)
+    except ConfigError:
+        return None
+
+
+# ----------------------------------------------------------------------------- sampling and scoring
+
+
+def sample_candidates(
+    accelerator: Accelerator, model, tokenizer, prompts: list, n: int, cfg: Any, seed: int, split: int
+) -> list[list[dict]]:
+    """n responses per prompt: result[i][j] = {"text", "length" (response tokens, end-of-turn included),
+    "finished" (ended with the end-of-turn token)}. Texts equal rollout.sample_texts(same arguments)."""
+    from alignkit.generation import generate
+
+    model = accelerator.unwrap_model(model)
+
+    def sample(c: int, part: list) -> list[list[dict]]:
+        gens = generate(
+            model, tokenizer, part, n=n, do_sample=cfg.temperature > 0, temperature=max(cfg.temperature, 1e-6),
+            max_new_tokens=cfg.max_new_tokens, batch_size=len(part) * n, seed=chunk_seed(seed, split, c),
+        )
+        return [[{"text": g.text, "length": len(g.response_ids), "finished": g.finished} for g in per] for per in gens]
+
+    if not prompts:
+        return []
+    return map_chunks(accelerator, prompts, cfg.sample_chunk, sample)
+
+
+class Scorer:
+    """Proxy (rm | gold) and gold rewards of candidates; a reward model is loaded once and reused."""
+
+    def __init__(self, accelerator: Accelerator, cfg: Any):
+        self.accelerator, self.cfg = accelerator, cfg
+        self.task = gold_task(cfg)
+        self.rm = load_scorer(accelerator, cfg.reward_model) if cfg.reward == "rm" else None
+
+    def __call__(self, prompts: list, candidates: list[list[dict]]) -> None:
+        """Set "reward" (the proxy that selects) and "gold" (when a task exists) on every candidate."""
+        texts = [[c["text"] for c in per] for per in candidates]
+        gold = rewards_for(self.accelerator, "gold", prompts, texts, self.task) if self.task else None
+        if self.rm is not None:
+            proxy = score_with(self.accelerator, *self.rm, prompts, texts, self.cfg.reward_batch_size, self.cfg.max_length)
+        else:
+            proxy = gold
+        for i, per in enumerate(candidates):
+            for j, cand in enumerate(per):
+                cand["reward"] = float(proxy[i][j])
+                if gold is not None:
+                    cand["gold"] = float(gold[i][j])
+
+
+def reward_matrix(candidates: list[list[dict]], key: str) -> torch.Tensor:
+    """[B,K] float64 tensor of candidates' `key` (all prompts have K candidates)."""
+    return torch.tensor([[c[key] for c in per] for per in candidates], dtype=torch.float64)
+
+
+def kl_bound(n: int) -> float:
+    """KL(best-of-n || sampler) = log n - (n-1)/n nats (Stiennon et al. 2020, App. G.3; Gao et al. 2022)."""
+    return math.log(n) - (n - 1) / n
+
+
+def selection_stats(candidates: list[list[dict]], best: list[int]) -> dict[str, float]:
+    """Rewards of the selected responses vs of all samples (stderr over prompts), and length/EOS/diversity."""
+    chosen = [per[b] for per, b in zip(candidates, best)]
+    out: dict[str, float] = {}
+    keys = [("reward", "proxy_reward")] + ([("gold", "gold_reward")] if "gold" in candidates[0][0] else [])
+    for key, name in keys:
+        out[name], out[f"{name}_stderr"] = M.mean_and_stderr([c[key] for c in chosen])
+        out[f"sample_{name}"], out[f"sample_{name}_stderr"] = M.grouped_mean_and_stderr(reward_matrix(candidates, key))
+    if "gold" in candidates[0][0]:
+        # The best any selector could do with these samples: how much of it the proxy recovers.
+        out["oracle_gold_reward"] = float(reward_matrix(candidates, "gold").max(dim=1).values.mean())
+    lengths = M.length_stats([c["length"] for c in chosen])
+    out.update(length=lengths["mean"], length_stderr=lengths["stderr"],
+               eos_fraction=M.eos_fraction([c["finished"] for c in chosen]),
+               distinct_2=M.distinct_n([c["text"] for c in chosen], 2),
+               sample_length=M.length_stats([c["length"] for per in candidates for c in per])["mean"])
+    return out
+
+
+def best_of(accelerator: Accelerator, cfg: BestOfNConfig, model, tokenizer, scorer: Scorer, records: list[dict],
+            split: int) -> tuple[list[list[dict]], list[int]]:
+    """(candidates per prompt with rewards, index of the best per prompt) for prompt records."""
+    prompts = [r["prompt"] for r in records]
+    candidates = sample_candidates(accelerator, model, tokenizer, prompts, cfg.n, cfg, cfg.seed, split)
+    scorer(prompts, candidates)
+    from alignkit.selection import best_of_n
+
+    best = best_of_n(reward_matrix(candidates, "reward")).tolist()
+    return candidates, best
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def write_outputs(out_dir: Path, n: int, splits: dict[str, tuple[list[dict], list[list[dict]], list[int]]]) -> None:
+    """best.jsonl (train prompts only: the SFT data) and samples.jsonl (every candidate, every split)."""
+    with open(out_dir / "best.jsonl", "w", encoding="utf-8") as best_file:
+        records, candidates, best = splits["train"]
+        for record, per, b in zip(records, candidates, best):
+            row = {"prompt": record["prompt"], "completion": per[b]["text"], "reward": per[b]["reward"], "n": n}
+            if "gold" in per[b]:
+                row["gold"] = per[b]["gold"]
+            best_file.write(json.dumps(row) + "\n")
+    with open(out_dir / "samples.jsonl", "w", encoding="utf-8") as samples_file:
+        for split, (records, candidates, best) in splits.items():
+            for record, per, b in zip(records, candidates, best):
+                row = {"split": split, "prompt": record["prompt"], "best": b,
+                       **{key: [c[key] for c in per] for key in per[0]}}
+                row["responses"] = row.pop("text")
+                samples_file.write(json.dumps(row) + "\n")
+
+
+def sft_rows(tokenizer, records: list[dict], candidates: list[list[dict]], best: list[int], max_length: int) -> tuple[list[dict], int]:
+    """Token rows (prompt + best response, loss on the response) and how many truncation dropped."""
+    rows = [tokenize_prompt_completion(tokenizer, r["prompt"], per[b]["text"], max_length)
+            for r, per, b in zip(records, candidates, best)]
+    kept = [row for row in rows if row is not None]
+    return kept, len(rows) - len(kept)
+
+
+def finetune(accelerator: Accelerator, cfg: BestOfNConfig, model, tokenizer, train: tuple, held_out: tuple) -> dict:
+    """Rejection-sampling fine-tuning: SFT on the best responses through the shared loop; writes final/."""
+    from alignkit.runtime.lm import train_lm
+    from alignkit.runtime.train_loop import save_final
+
+    train_rows, dropped = sft_rows(tokenizer, *train, cfg.max_length)
+    if not train_rows:
+        raise DataError(f"all {len(train[0])} best responses lost every token to truncation at max_length={cfg.max_length}")
+    eval_rows, _ = sft_rows(tokenizer, *held_out, cfg.max_length) if held_out[0] else ([], 0)
+    model, summary = train_lm(cfg, accelerator, model, tokenizer.pad_token_id, train_rows, eval_rows, packed=False,
+                              stage="best_of_n")
+    save_final(accelerator, model, tokenizer, cfg.output_dir)
+    return {**summary, "dropped_records": dropped}
+
+
+def run(cfg: BestOfNConfig) -> dict[str, Any]:
+    started = time.time()
+    check_sampling_config(cfg, cfg.n)
+    accelerator = start_run(cfg)
+    train_records, eval_records, invalid = load_train_eval(cfg, kind="prompts")
+    if not train_records:
+        raise DataError(f"no prompts in train_data {cfg.train_data!r}")
+    model, tokenizer = load_policy(accelerator, cfg, train_records)
+    model.to(accelerator.device)
+    scorer = Scorer(accelerator, cfg)
+    if accelerator.is_main_process:
+        print(f"best-of-n: {cfg.n} samples for each of {len(train_records)} prompts (+{len(eval_records)} eval), "
+              f"reward={cfg.reward}", file=sys.stderr, flush=True)
+    splits = {"train": (train_records, *best_of(accelerator, cfg, model, tokenizer, scorer, train_records, TRAIN_SPLIT))}
+    if eval_records:
+        splits["eval"] = (eval_records, *best_of(accelerator, cfg, model, tokenizer, scorer, eval_records, EVAL_SPLIT))
+    scorer.rm = None  # free the reward model before any fine-tuning
+    if accelerator.is_main_process:
+        write_outputs(Path(cfg.output_dir), cfg.n, splits)
+
+    summary: dict[str, Any] = {"n": cfg.n, "kl_bound": kl_bound(cfg.n), "reward": cfg.reward, "task": scorer.task}
+    summary.update(selection_stats(*splits["train"][1:]))
+    if "eval" in splits:
+        summary.update({f"eval_{k}": v for k, v in selection_stats(*splits["eval"][1:]).items()})
+    summary.update(n_prompts=len(train_records), n_eval_prompts=len(eval_records), invalid_records=len(invalid))
+    if cfg.finetune:
+        held_out = splits.get("eval", ([], [], []))
+        summary.update(finetune(accelerator, cfg, model, tokenizer, splits["train"], held_out))
+    return finish_run(accelerator, cfg, summary, started)
