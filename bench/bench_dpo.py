@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
     REPO, PaddingCounter, alignkit_step_timer, count_collated_padding, emit_result, gold_quality, paired_difference,
-    preference_records, ratio_lines, rates, run_worker, summarize, trl_step_timer, variant_table, write_json,
-    write_jsonl,
+    preference_records, preimport_alignkit, ratio_lines, rates, run_worker, summarize, trl_step_timer, variant_table,
+    write_json, write_jsonl,
 )
 
 HH_DATA = REPO.parent / "shared" / "data" / "hh-rlhf-harmless" / "dev.jsonl.gz"
@@ -66,6 +66,7 @@ def alignkit_worker(spec: dict) -> dict:
     import alignkit.stages.dpo as dpo
     from alignkit.cli import run_stage
 
+    preimport_alignkit()
     times, cpu = alignkit_step_timer()
     padding, pack = PaddingCounter(), dpo.pack_for_forward
 

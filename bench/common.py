@@ -242,6 +242,18 @@ def alignkit_step_timer() -> tuple[dict[int, float], dict[int, float]]:
     return times, cpu
 
 
+def preimport_alignkit() -> None:
+    """Import what an alignkit stage imports lazily (transformers models, peft) before the setup clock
+    starts, as the TRL worker does by importing trl (which imports transformers and peft): setup_s then
+    compares setup work, not import time (several seconds on a loaded 2-core box)."""
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
+    import alignkit.models.loading  # noqa: F401
+    import alignkit.models.lora  # noqa: F401
+    import alignkit.models.reward  # noqa: F401
+
+
 def trl_step_timer(times: dict[int, float], cpu: dict[int, float]):
     """A transformers TrainerCallback filling step -> perf_counter()/process_time() (0: train begin)."""
     from transformers import TrainerCallback

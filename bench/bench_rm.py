@@ -1,0 +1,234 @@
+"""Reward-model throughput and peak memory: `alignkit rm` vs TRL's RewardTrainer on the same model, pairs,
+batch, length, precision and machine.
+
+    python bench/bench_rm.py --quick                       # tiny model, few steps, about a minute
+    python bench/bench_rm.py --model smollm2 --steps 6
+
+Both train the same sequence-classification model (alignkit's `load_reward_model`: the causal LM's
+transformer plus a score head seeded with 0, and the same tokenizer with the same pad token), on the same
+normalized preference pairs (chosen/rejected as assistant messages after the prompt messages), with the
+Bradley-Terry loss (no margin, no centring), fp32, AdamW (beta2 0.95, no weight decay, clip 1.0), constant
+lr, no gradient checkpointing, the same global batch split into the same micro-batches. Pairs are kept only
+when neither framework would cut or drop them at max_length (TRL drops longer sequences; alignkit cuts the
+prompt), so both train on the same tokens. Each framework runs in its own subprocess, one after the other;
+throughput is pairs per second over the optimizer steps after `--warmup`.
+
+alignkit packs the 2B responses of a micro-batch padding-free into rows of `row_tokens` (0: max_length) and
+runs the score head on the B*2 last hidden states; TRL pads chosen and rejected to the longest of the batch
+and runs the head on every position.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (  # noqa: E402
+    REPO, PaddingCounter, alignkit_step_timer, count_collated_padding, emit_result, preimport_alignkit, ratio_lines,
+    rates, run_worker, summarize, trl_step_timer, variant_table, write_json, write_jsonl,
+)
+
+HH_DATA = REPO.parent / "shared" / "data" / "hh-rlhf-harmless" / "dev.jsonl.gz"
+TINY_MODEL = REPO / "runs" / "tiny" / "sft" / "final"
+
+# Per model: data source, pairs, max_length, global batch, micro-batch, lr, default steps, alignkit row_tokens.
+SETTINGS = {
+    "tiny": dict(data="task:sort/prefs?n=2000&seed=2", pairs=1024, max_length=128, batch=32, micro=16, lr=5e-4, steps=30,
+                 row_tokens=0),
+    # as configs/smollm2-hh/rm.yaml (batch 8, micro 4, max_length 256, lr 2e-5); a few steps on CPU
+    "smollm2": dict(data=str(HH_DATA), pairs=48, max_length=256, batch=8, micro=4, lr=2e-5, steps=6, row_tokens=0),
+}
+VARIANTS = ["alignkit", "trl"]
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+def rm_records(source: str, n: int, model: str, max_length: int) -> list[dict]:
+    """The first n valid pairs of `source` whose both sides fit max_length whole, for both frameworks:
+    alignkit's reward example (prompt + response, ending at the end-of-turn token) and TRL's rendering of
+    the full conversation (what its RewardTrainer filters on)."""
+    from alignkit.data.records import load_records
+    from alignkit.models.loading import load_tokenizer
+    from alignkit.models.reward import ensure_reward_pad, reward_example
+
+    records, _ = load_records(source, "preference", errors=[])
+    tokenizer = load_tokenizer(model)
+    ensure_reward_pad(tokenizer)
+
+    def fits(record: dict) -> bool:
+        for side in (record["chosen"], record["rejected"]):
+            example = reward_example(tokenizer, record["prompt"], side, max_length)
+            if example is None or example["truncated"]:
+                return False
+            messages = list(record["prompt"]) + [{"role": "assistant", "content": side}]
+            trl_ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+            if len(trl_ids) > max_length:
+                return False
+        return record["chosen"] != record["rejected"]
+
+    kept = [r for r in records if fits(r)][:n]
+    if len(kept) < n:
+        raise ValueError(f"{source}: only {len(kept)} usable pairs at max_length={max_length}, asked for {n}")
+    return kept
+
+
+# ------------------------------------------------------------------------------------- workers
+
+
+def alignkit_worker(spec: dict) -> dict:
+    """Train with `alignkit rm` in this process; time each optimizer step through the run logger."""
+    import torch
+
+    import alignkit.models.reward as reward
+    from alignkit.cli import run_stage
+
+    preimport_alignkit()
+    times, cpu = alignkit_step_timer()
+    padding, pack = PaddingCounter(), reward.pack_for_forward
+
+    def counted_pack(examples, row_tokens, pad_id, device):
+        batch = pack(examples, row_tokens, pad_id, device)
+        if torch.is_grad_enabled():  # training forwards only
+            padding.add(batch["input_ids"].numel(), (batch["segment"] >= 0).sum())
+        return batch
+
+    reward.pack_for_forward = counted_pack
+    t0 = time.perf_counter()
+    overrides = {
+        "model": spec["model"], "train_data": spec["data_file"], "data_kind": "preference", "eval_data": None,
+        "output_dir": spec["output_dir"], "max_length": spec["max_length"], "batch_size": spec["batch"],
+        "micro_batch_size": spec["micro"], "max_steps": spec["steps"], "lr": spec["lr"], "lr_schedule": "constant",
+        "warmup_steps": 0, "log_steps": 1, "save_steps": 0, "row_tokens": spec["row_tokens"], "margin": "none",
+        "center_rewards_coef": 0.0, "seed": 0, "adam_beta2": 0.95, "weight_decay": 0.0, "max_grad_norm": 1.0,
+    }
+    summary = run_stage("rm", [f"{k}={'null' if v is None else v}" for k, v in overrides.items()])
+    rows = [json.loads(line) for line in (Path(spec["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    return {**rates(times, cpu, spec["warmup"], spec["batch"]), "setup_s": times[0] - t0, "first_loss": losses[0],
+            "last_loss": losses[-1], "self_peak_rss_mb": summary["peak_rss_mb"], **padding.facts()}
+
+
+def trl_worker(spec: dict) -> dict:
+    """Train with TRL's RewardTrainer in this process; time each optimizer step with a callback."""
+    import resource
+
+    from datasets import Dataset
+    from trl import RewardConfig, RewardTrainer
+
+    from alignkit.models.reward import load_reward_model
+
+    times: dict[int, float] = {}
+    cpu: dict[int, float] = {}
+    t0 = time.perf_counter()
+    rows = [json.loads(line) for line in Path(spec["data_file"]).read_text().splitlines()]
+    dataset = Dataset.from_list([
+        {"prompt": r["prompt"], "chosen": [{"role": "assistant", "content": r["chosen"]}],
+         "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows
+    ])
+    # The very model and tokenizer alignkit starts from (same seeded score head, same pad token).
+    model, tokenizer = load_reward_model(spec["model"], seed=0)
+    args = RewardConfig(
+        output_dir=spec["output_dir"], per_device_train_batch_size=spec["micro"],
+        gradient_accumulation_steps=spec["batch"] // spec["micro"], max_steps=spec["steps"],
+        learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0, adam_beta2=0.95, weight_decay=0.0,
+        max_grad_norm=1.0, max_length=spec["max_length"], center_rewards_coefficient=None, bf16=False, fp16=False,
+        gradient_checkpointing=False, use_cpu=True, logging_steps=1, save_strategy="no", eval_strategy="no",
+        report_to=[], seed=0, dataloader_num_workers=0, disable_tqdm=True,
+    )
+    trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                            callbacks=[trl_step_timer(times, cpu)])
+    if len(trainer.train_dataset) != len(rows):
+        raise RuntimeError(f"TRL kept {len(trainer.train_dataset)} of {len(rows)} pairs: the data differ")
+    padding = PaddingCounter()
+    count_collated_padding(trainer, padding)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {**rates(times, cpu, spec["warmup"], spec["batch"]), "setup_s": times[0] - t0, "first_loss": losses[0],
+            "last_loss": losses[-1], "self_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+            **padding.facts()}
+
+
+# --------------------------------------------------------------------------------------- bench
+
+
+def model_settings(name: str, args: argparse.Namespace) -> tuple[dict, str, int]:
+    s = dict(SETTINGS[name])
+    if args.row_tokens is not None:
+        s["row_tokens"] = args.row_tokens
+    if args.quick:
+        s["pairs"] = min(s["pairs"], 256)
+    steps = args.steps or (6 if args.quick else s["steps"])
+    if name == "tiny":
+        if not (TINY_MODEL / "config.json").exists():
+            raise SystemExit(f"{TINY_MODEL} missing: run the tiny pretrain and sft configs first")
+        return s, str(TINY_MODEL), steps
+    from alignkit.models.loading import resolve_model_path
+
+    return s, resolve_model_path("smollm2-135m-instruct"), steps
+
+
+def bench_model(name: str, args: argparse.Namespace, work: Path) -> tuple[str, dict]:
+    s, model, steps = model_settings(name, args)
+    work.mkdir(parents=True, exist_ok=True)
+    data_file = write_jsonl(rm_records(s["data"], s["pairs"], model, s["max_length"]), work / "pairs.jsonl")
+    env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)} if args.threads else None
+    results: dict[str, list[dict]] = {}
+    for repeat in range(args.repeats):
+        for framework in VARIANTS:
+            tag = f"{framework}-{repeat}"
+            spec = dict(s, model=model, data_file=str(data_file), output_dir=str(work / tag), steps=steps,
+                        warmup=args.warmup)
+            result = run_worker(Path(__file__), ["_worker", framework, json.dumps(spec)], work / f"{tag}.log", env=env)
+            print(f"  {tag}: {result['examples_per_s']:.2f} pairs/s ({result['examples_per_cpu_s']:.2f} per CPU-s), "
+                  f"peak {result['peak_rss_mb']:.0f} MB, pad {100 * result['pad_fraction']:.0f}%, "
+                  f"first loss {result['first_loss']:.4f}, load {result['load_before']:.1f}", flush=True)
+            results.setdefault(framework, []).append(result)
+    medians = {label: summarize(runs) for label, runs in results.items()}
+    header = (f"model={name} ({model}), data={s['data']} (first {s['pairs']} pairs that fit), batch={s['batch']} "
+              f"(micro {s['micro']}), max_length={s['max_length']}, alignkit row_tokens={s['row_tokens'] or s['max_length']}, "
+              f"steps={steps} (first {args.warmup} not timed), fp32, AdamW, threads/worker={args.threads or 'torch default'}, "
+              f"{args.repeats} repeat(s) interleaved, median (min-max); examples = pairs")
+    text = "\n".join([header, "", variant_table(medians), "",
+                      *ratio_lines(medians, [("alignkit", "trl", "alignkit rm vs TRL RewardTrainer")])])
+    return text, {"settings": dict(s, model=model, steps=steps, warmup=args.warmup), "runs": results, "medians": medians}
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_worker":
+        spec = json.loads(sys.argv[3])
+        emit_result((alignkit_worker if sys.argv[2] == "alignkit" else trl_worker)(spec))
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["tiny", "smollm2", "both"], default="tiny")
+    parser.add_argument("--quick", action="store_true", help="fewer pairs and steps")
+    parser.add_argument("--steps", type=int, default=0, help="optimizer steps per run (default: tiny 30, smollm2 6; quick 6)")
+    parser.add_argument("--warmup", type=int, default=2, help="first steps not timed")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each variant, interleaved; the median is reported")
+    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for the workers (0: torch default)")
+    parser.add_argument("--row-tokens", type=int, default=None, help="alignkit's row_tokens (default 0: max_length)")
+    parser.add_argument("--work-dir", default=None)
+    parser.add_argument("--json", default=None, help="result file (default: WORK_DIR/bench_rm.json)")
+    args = parser.parse_args()
+    models = ["tiny", "smollm2"] if args.model == "both" else [args.model]
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_rm_"))
+    print(f"work dir: {work}  (worker logs there)", flush=True)
+    report = {"command": " ".join(sys.argv), "cpus": os.cpu_count(), "threads": args.threads, "models": {}}
+    for name in models:
+        text, report["models"][name] = bench_model(name, args, work / name)
+        print(f"\n## {name}\n{text}", flush=True)
+    json_path = Path(args.json or work / "bench_rm.json")
+    write_json(json_path, report)
+    print(f"\nJSON: {json_path}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

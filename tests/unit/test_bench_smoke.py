@@ -1,0 +1,67 @@
+"""bench/: the arithmetic behind the reported numbers, and that the scripts import with consistent settings (no training, no TRL)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bench import bench_dpo, bench_rm  # noqa: E402
+from bench.common import PaddingCounter, ratio_lines, steady_rate, summarize, variant_table  # noqa: E402
+
+
+def test_steady_rate_excludes_warmup_steps():
+    # step k finished at times[k]; steps 1-2 are warm-up; steps 3..5 take 2 s each with 32 examples per step
+    times = {0: 0.0, 1: 10.0, 2: 11.0, 3: 13.0, 4: 15.0, 5: 17.0}
+    rate, per_step = steady_rate(times, warmup=2, examples_per_step=32)
+    assert per_step == pytest.approx(2.0)
+    assert rate == pytest.approx(16.0)
+
+
+def test_steady_rate_needs_timed_steps():
+    with pytest.raises(ValueError):
+        steady_rate({0: 0.0, 1: 1.0, 2: 2.0}, warmup=2, examples_per_step=4)
+
+
+def test_padding_counter_fraction():
+    counter = PaddingCounter()
+    counter.add(forward=100, real=75)
+    counter.add(forward=100, real=85)
+    assert counter.facts() == {"forward_tokens": 200, "real_tokens": 160, "pad_fraction": pytest.approx(0.2),
+                               "training_forwards": 2}
+
+
+def _run(rate: float, cpu_rate: float, rss: float) -> dict:
+    return {"examples_per_s": rate, "examples_per_cpu_s": cpu_rate, "s_per_step": 32 / rate, "peak_rss_mb": rss,
+            "setup_s": 1.0, "load_before": 2.0, "load_after": 2.5, "pad_fraction": 0.1}
+
+
+def test_summarize_takes_medians_and_range():
+    m = summarize([_run(10, 20, 500), _run(30, 40, 700), _run(20, 30, 600)])
+    assert (m["examples_per_s"], m["rate_min"], m["rate_max"], m["peak_rss_mb"]) == (20, 10, 30, 600)
+    assert m["repeats"] == 3
+
+
+def test_ratio_lines_verdict_needs_speed_and_memory():
+    medians = {"ours": summarize([_run(26, 26, 500)]), "fast_fat": summarize([_run(26, 26, 900)]),
+               "theirs": summarize([_run(20, 20, 600)])}
+    met, = ratio_lines(medians, [("ours", "theirs", "a")], target=1.3)
+    assert "x1.30" in met and "x0.83" in met and "MET" in met and "NOT" not in met
+    slower, = ratio_lines(medians, [("theirs", "ours", "b")], target=1.3)
+    assert "NOT met" in slower
+    fat, = ratio_lines(medians, [("fast_fat", "theirs", "c")], target=1.3)
+    assert "NOT met" in fat  # fast enough but more peak memory
+    assert ratio_lines(medians, [("ours", "absent", "d")]) == []
+    assert variant_table(medians).count("\n") == 4  # header, rule, 3 rows
+
+
+def test_scripts_share_the_settings_the_brief_asks_for():
+    for module in (bench_dpo, bench_rm):
+        assert set(module.SETTINGS) == {"tiny", "smollm2"}
+        for s in module.SETTINGS.values():
+            assert s["batch"] % s["micro"] == 0  # the same micro-batches for both frameworks
+    assert bench_dpo.VARIANTS == [("alignkit", True), ("alignkit", False), ("trl", False), ("trl", True)]
+    assert bench_rm.VARIANTS == ["alignkit", "trl"]
