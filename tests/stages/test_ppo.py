@@ -107,21 +107,21 @@ def test_reward_model_proxy_and_critic_from_it(pretrained_tiny: Path, tmp_path: 
     assert summary["eval_length_before"] == pytest.approx(sum(len(s.response_ids) for s in samples) / 8)
 
 
-def test_resume_after_kill_equals_uninterrupted(pretrained_tiny: Path, tmp_path: Path):
+def test_resume_after_kill_equals_uninterrupted(pretrained_tiny: Path, tmp_path: Path, capfd):
     # Adaptive KL and running reward normalisation carry state across steps: the checkpoint must hold it.
     common = ppo_overrides(pretrained_tiny / "final", max_steps=5, save_steps=2, log_steps=1, adaptive_kl="true",
                            kl_target=0.5, kl_horizon=20, reward_norm="running", eval_steps=2)
-    full = run_cli(["ppo", *common, f"output_dir={tmp_path / 'full'}"])
-    assert full.returncode == 0, full.stderr[-3000:]
+    run_stage("ppo", [*common, f"output_dir={tmp_path / 'full'}"])
 
     killed_dir = tmp_path / "killed"
     killed = run_cli(["ppo", *common, f"output_dir={killed_dir}"], env={"ALIGNKIT_KILL_AT_STEP": "3"})
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert not (killed_dir / "final").exists() and (killed_dir / "checkpoints" / "step-2").exists()
 
-    resumed = run_cli(["ppo", *common, f"output_dir={killed_dir}", "resume=true"])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stderr and "step 2/5" in resumed.stderr
+    capfd.readouterr()
+    run_stage("ppo", [*common, f"output_dir={killed_dir}", "resume=true"])
+    err = capfd.readouterr().err
+    assert "resumed from" in err and "step-2 at step 2/5" in err
     assert max_weight_diff(tmp_path / "full" / "final", killed_dir / "final") < 1e-5
     assert max_weight_diff(tmp_path / "full" / "final_critic", killed_dir / "final_critic") < 1e-5
     full_metrics, resumed_metrics = read_jsonl(tmp_path / "full" / "metrics.jsonl"), read_jsonl(killed_dir / "metrics.jsonl")
@@ -166,6 +166,3 @@ def test_bad_inputs_get_clear_errors(pretrained_tiny: Path, tmp_path: Path):
     with pytest.raises(ModelError, match="no_such_rm"):
         run_stage("ppo", ppo_overrides(pretrained_tiny / "final", output_dir=tmp_path / "b", reward="rm",
                                        reward_model=tmp_path / "no_such_rm"))
-    res = run_cli(["ppo", *ppo_overrides(pretrained_tiny / "final", output_dir=tmp_path / "c", reward="rm",
-                                         reward_model=tmp_path / "no_such_rm")])
-    assert res.returncode == 1 and "no_such_rm" in res.stderr and "Traceback" not in res.stderr

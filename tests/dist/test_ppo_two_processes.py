@@ -1,0 +1,45 @@
+"""`accelerate launch --num_processes 2` on CPU (gloo) runs the same PPO as one process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.dist.test_two_processes import LAUNCH
+from tests.helpers import max_weight_diff, run_cli
+from tests.stages.test_ppo import ppo_overrides, read_jsonl
+
+pytestmark = pytest.mark.dist
+
+
+def test_ppo_two_processes_equal_one(pretrained_tiny: Path, tmp_path: Path):
+    # A rollout of 4 prompts x 2 samples in chunks of 3 prompts (chunk 0 on process 0, chunk 1 on process 1);
+    # mini-batches of 4 sequences = 2 processes x 1 micro-batch of 2, against 1 process x 2 micro-batches.
+    common = ppo_overrides(pretrained_tiny / "final", max_steps=3, mini_batch_size=4, micro_batch_size=2,
+                           lr=5e-4, critic_lr=5e-4, eval_steps=2)
+    one = run_cli(["ppo", *common, f"output_dir={tmp_path / 'one'}"])
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_cli(["ppo", *common, f"output_dir={tmp_path / 'two'}"], launcher=LAUNCH, env={"OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    s1 = json.loads((tmp_path / "one" / "summary.json").read_text())
+    s2 = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert s1["num_processes"] == 1 and s2["num_processes"] == 2
+    assert s1["samples"] == s2["samples"] == 3 * 8
+    for key in ("eval_reward_before", "eval_gold_reward_before", "eval_length_before"):
+        assert s2[key] == pytest.approx(s1[key], abs=1e-9), key  # the same samples, drawn in the same chunks
+    for key in ("eval_gold_reward", "eval_kl", "eval_length", "reward_last", "kl"):
+        assert s2[key] == pytest.approx(s1[key], rel=1e-4, abs=1e-5), key
+    train1 = [m for m in read_jsonl(tmp_path / "one" / "metrics.jsonl") if "policy_loss" in m]
+    train2 = [m for m in read_jsonl(tmp_path / "two" / "metrics.jsonl") if "policy_loss" in m]
+    assert len(train1) == len(train2) == 3
+    for a, b in zip(train1, train2):
+        for key in ("reward", "response_length", "kl", "advantages_std", "policy_loss", "value_loss", "clipfrac",
+                    "approx_kl", "entropy", "grad_norm", "critic_grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)
+    assert train1[-1]["kl"] > 0  # it trained
+    # Adam turns float-rounding differences of near-zero gradients into up to lr of weight change (see the DPO test).
+    assert max_weight_diff(tmp_path / "one" / "final", tmp_path / "two" / "final") < 1e-4
+    assert max_weight_diff(tmp_path / "one" / "final_critic", tmp_path / "two" / "final_critic") < 1e-4
