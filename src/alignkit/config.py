@@ -469,6 +469,7 @@ class RAFTConfig(TrainConfig):
         None, "built-in task for the gold reward (reward=gold, and gold metrics with reward=rm); null: the task of a task: spec in train_data"
     )
     eval_samples: int = opt(1, "samples per eval_data prompt for eval_gold_reward before/after (same seeds both times)")
+    eval_temperature: float = opt(1.0, "sampling temperature of the eval_data samples (independent of temperature)")
     sample_chunk: int = opt(
         32, "prompts per generation call (chunks are seeded by index, so any process count samples alike)"
     )

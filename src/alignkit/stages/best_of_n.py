@@ -37,10 +37,10 @@ from alignkit.runtime.stage import finish_run, load_policy, load_train_eval, sta
 TRAIN_SPLIT, EVAL_SPLIT = 0, 1  # sampling seeds of train_data and eval_data prompts
 
 
-def check_sampling_config(cfg: Any, n: int) -> None:
+def check_sampling_config(cfg: Any, n: int, n_key: str = "n") -> None:
     """Errors shared by best-of-n and RAFT that would otherwise surface after minutes of sampling."""
     if n < 1:
-        raise ConfigError(f"n (samples per prompt) must be >= 1, got {n}")
+        raise ConfigError(f"{n_key} (samples per prompt) must be >= 1, got {n}")
     if cfg.temperature < 0:
         raise ConfigError(f"temperature must be >= 0, got {cfg.temperature}")
     if cfg.max_new_tokens < 1 or cfg.sample_chunk < 1 or cfg.reward_batch_size < 1:
@@ -65,17 +65,21 @@ def gold_task(cfg: Any) -> str | None:
 
 
 def sample_candidates(
-    accelerator: Accelerator, model, tokenizer, prompts: list, n: int, cfg: Any, seed: int, split: int
+    accelerator: Accelerator, model, tokenizer, prompts: list, n: int, cfg: Any, seed: int, split: int,
+    temperature: float | None = None,
 ) -> list[list[dict]]:
     """n responses per prompt: result[i][j] = {"text", "length" (response tokens, end-of-turn included),
-    "finished" (ended with the end-of-turn token)}. Texts equal rollout.sample_texts(same arguments)."""
+    "finished" (ended with the end-of-turn token)}. Texts equal rollout.sample_texts(same arguments).
+
+    cfg gives max_new_tokens, sample_chunk and (unless `temperature` is given) the temperature."""
     from alignkit.generation import generate
 
     model = accelerator.unwrap_model(model)
+    temperature = cfg.temperature if temperature is None else temperature
 
     def sample(c: int, part: list) -> list[list[dict]]:
         gens = generate(
-            model, tokenizer, part, n=n, do_sample=cfg.temperature > 0, temperature=max(cfg.temperature, 1e-6),
+            model, tokenizer, part, n=n, do_sample=temperature > 0, temperature=max(temperature, 1e-6),
             max_new_tokens=cfg.max_new_tokens, batch_size=len(part) * n, seed=chunk_seed(seed, split, c),
         )
         return [[{"text": g.text, "length": len(g.response_ids), "finished": g.finished} for g in per] for per in gens]
@@ -114,7 +118,7 @@ def reward_matrix(candidates: list[list[dict]], key: str) -> torch.Tensor:
 
 
 def kl_bound(n: int) -> float:
-    """KL(best-of-n || sampler) = log n - (n-1)/n nats (Stiennon et al. 2020, App. G.3; Gao et al. 2022)."""
+    """KL(best-of-n || sampler) = log n - (n-1)/n nats (Gao et al. 2022), exact when the n rewards have no ties."""
     return math.log(n) - (n - 1) / n
 
 

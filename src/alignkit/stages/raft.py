@@ -1,0 +1,321 @@
+"""`alignkit raft`: Reward rAnked FineTuning (Dong et al. 2023).
+
+config -> prompts -> for each of `iterations` rounds: a fresh slice of prompts -> K samples each from the
+CURRENT policy -> a reward for each (rm | gold) -> keep the best (per prompt, or a global top fraction:
+selection.raft_filter) -> `steps_per_iteration` optimizer steps of the SFT loss on the kept responses ->
+`final/` + `summary.json`. One AdamW and one LR schedule run across all iterations (the optimizer state
+carries over, as in continued fine-tuning).
+
+Per iteration, metrics.jsonl gets {"step", "iteration", sample_* and kept_* proxy/gold reward, lengths,
+train_loss} and every NEW reward-hacking alarm (eval/alarms.py over the iterations so far:
+proxy_up_gold_down on the sample means, length_correlation on the samples; only with reward=rm, where
+the proxy is not the gold reward) as {"step", "alarm": {...}}; all alarms are collected in summary["alarms"].
+
+Resume: after iteration k trains, its data are in `output_dir/iter-<k>/` (samples.jsonl, kept.jsonl: an
+SFT-ready file) and the policy, optimizer, scheduler and iteration counter are checkpointed atomically
+(checkpoints/step-N, runtime/checkpoint.py). resume=true continues with the first iteration not yet
+checkpointed (re-running a partial one). Every random draw is a function of (seed, iteration): prompt
+slice, sampling seeds (chunked as in rollout.py, so any process count samples alike) and batch order,
+so a resumed run ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from alignkit.config import ConfigError, RAFTConfig
+from alignkit.data.chat import tokenize_prompt_completion
+from alignkit.data.packing import collate
+from alignkit.data.records import DataError
+from alignkit.eval import alarms as A
+from alignkit.eval import metrics as M
+from alignkit.runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from alignkit.runtime.lm import forward_loss_sum, supervised_tokens
+from alignkit.runtime.logging import RunLogger
+from alignkit.runtime.setup import BatchPlan, build_optimizer, build_scheduler
+from alignkit.runtime.stage import finish_run, load_policy, load_train_eval, start_run
+from alignkit.runtime.train_loop import KILL_ENV, save_final
+from alignkit.selection import raft_filter
+from alignkit.stages.best_of_n import EVAL_SPLIT, Scorer, check_sampling_config, reward_matrix, sample_candidates
+
+KEEP_MODES = ("per_prompt", "global")
+FIRST_ITERATION_SPLIT = 2  # sampling seeds: split 1 is the eval prompts, 2 + k is iteration k
+
+
+def check_config(cfg: RAFTConfig) -> None:
+    """Config errors that would otherwise surface after minutes of sampling."""
+    check_sampling_config(cfg, cfg.samples_per_prompt, "samples_per_prompt")
+    if cfg.iterations < 1 or cfg.prompts_per_iteration < 1 or cfg.eval_samples < 1:
+        raise ConfigError("iterations, prompts_per_iteration and eval_samples must be >= 1")
+    if cfg.keep not in KEEP_MODES:
+        raise ConfigError(f"keep must be one of {', '.join(KEEP_MODES)}, got {cfg.keep!r}")
+    if cfg.keep == "per_prompt" and not 1 <= cfg.keep_top_k <= cfg.samples_per_prompt:
+        raise ConfigError(f"keep_top_k must be in [1, samples_per_prompt={cfg.samples_per_prompt}], got {cfg.keep_top_k}")
+    if cfg.keep == "global" and not 0.0 < cfg.keep_fraction <= 1.0:
+        raise ConfigError(f"keep_fraction must be in (0, 1], got {cfg.keep_fraction}")
+    if cfg.steps_per_iteration < 0:
+        raise ConfigError(f"steps_per_iteration must be >= 0, got {cfg.steps_per_iteration}")
+    if nominal_kept(cfg) < cfg.batch_size:
+        raise ConfigError(
+            f"each iteration keeps {nominal_kept(cfg)} responses, fewer than batch_size={cfg.batch_size}: raise "
+            "prompts_per_iteration or the kept share, or lower batch_size"
+        )
+
+
+def nominal_kept(cfg: RAFTConfig) -> int:
+    """Responses kept per iteration before truncation drops (raft_filter's count)."""
+    if cfg.keep == "per_prompt":
+        return cfg.prompts_per_iteration * cfg.keep_top_k
+    total = cfg.prompts_per_iteration * cfg.samples_per_prompt
+    return max(1, math.ceil(round(cfg.keep_fraction * total, 6)))
+
+
+def iteration_steps(cfg: RAFTConfig) -> int:
+    """Optimizer steps per iteration: steps_per_iteration, else one pass over the kept responses."""
+    return cfg.steps_per_iteration or max(1, nominal_kept(cfg) // cfg.batch_size)
+
+
+# ----------------------------------------------------------------------------- data of one iteration
+
+
+def iteration_prompts(records: list[dict], iteration: int, per_iteration: int, seed: int) -> list[dict]:
+    """Positions [k*P, (k+1)*P) of endless passes over records, pass p shuffled by (seed, p): iterations see
+    fresh prompts until train_data is used up, then a new shuffle. A function of (seed, iteration) only."""
+    out, perms = [], {}
+    for position in range(iteration * per_iteration, (iteration + 1) * per_iteration):
+        epoch, index = divmod(position, len(records))
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
+        out.append(records[perms[epoch][index]])
+    return out
+
+
+def keep_mask(rewards: torch.Tensor, cfg: RAFTConfig) -> torch.Tensor:
+    """rewards [B,K] -> bool [B,K]: the responses RAFT fine-tunes on."""
+    if cfg.keep == "per_prompt":
+        return raft_filter(rewards, top_k=cfg.keep_top_k)
+    return raft_filter(rewards, top_fraction=cfg.keep_fraction, per_prompt=False)
+
+
+def sample_stats(candidates: list[list[dict]], mask: torch.Tensor) -> dict[str, float]:
+    """Proxy/gold reward and length of all samples (stderr over prompts) and of the kept ones."""
+    flat_mask = mask.flatten().tolist()
+    flat = [c for per in candidates for c in per]
+    kept = [c for c, m in zip(flat, flat_mask) if m]
+    out: dict[str, float] = {}
+    for key, name in [("reward", "proxy_reward"), ("gold", "gold_reward")]:
+        if key in flat[0]:
+            out[f"sample_{name}"], out[f"sample_{name}_stderr"] = M.grouped_mean_and_stderr(reward_matrix(candidates, key))
+            out[f"kept_{name}"] = sum(c[key] for c in kept) / len(kept)
+    out.update(sample_length=M.length_stats([c["length"] for c in flat])["mean"],
+               kept_length=M.length_stats([c["length"] for c in kept])["mean"],
+               sample_eos_fraction=M.eos_fraction([c["finished"] for c in flat]), n_kept=len(kept))
+    return out
+
+
+def write_iteration(out_dir: Path, prompts: list, candidates: list[list[dict]], mask: torch.Tensor) -> None:
+    """iter-<k>/samples.jsonl (every candidate, its rewards, kept flags) and kept.jsonl (SFT-ready), atomically."""
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with open(tmp / "samples.jsonl", "w") as samples, open(tmp / "kept.jsonl", "w") as kept:
+        for prompt, per, flags in zip(prompts, candidates, mask.tolist()):
+            row = {"prompt": prompt, **{key: [c[key] for c in per] for key in per[0]}, "kept": flags}
+            row["responses"] = row.pop("text")
+            samples.write(json.dumps(row) + "\n")
+            for cand, flag in zip(per, flags):
+                if flag:
+                    extra = {"gold": cand["gold"]} if "gold" in cand else {}
+                    kept.write(json.dumps({"prompt": prompt, "completion": cand["text"], "reward": cand["reward"], **extra}) + "\n")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+
+
+def kept_rows(tokenizer, prompts: list, candidates: list[list[dict]], mask: torch.Tensor, max_length: int) -> tuple[list[dict], int]:
+    """Token rows {input_ids, labels} of the kept responses (loss on the response) and the truncation drops."""
+    rows, dropped = [], 0
+    for prompt, per, flags in zip(prompts, candidates, mask.tolist()):
+        for cand, flag in zip(per, flags):
+            row = tokenize_prompt_completion(tokenizer, prompt, cand["text"], max_length) if flag else None
+            if row is not None:
+                rows.append(row)
+            dropped += flag and row is None
+    return rows, dropped
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def optimizer_step(accelerator: Accelerator, model, optimizer, scheduler, plan: BatchPlan, step: int, rows: list[dict],
+                   pad_id: int, max_grad_norm: float) -> tuple[float, float, float]:
+    """One optimizer step on global batch `step` of the plan: (loss per supervised token, grad norm, lr).
+
+    As in runtime/train_loop: each process sums the loss over its rows, divides by the GLOBAL batch's
+    supervised tokens and scales by the world size (DDP averages), so N processes train like one.
+    """
+    global_weight = max(sum(supervised_tokens(rows[i]) for i in plan.global_rows(step)), 1)
+    micro_batches = plan.local_micro_batches(step)
+    step_loss = torch.zeros((), device=accelerator.device)
+    for i, indices in enumerate(micro_batches):
+        sync = nullcontext() if i == len(micro_batches) - 1 else accelerator.no_sync(model)
+        with sync:
+            batch = collate([rows[j] for j in indices], pad_id, packed=False)
+            loss = forward_loss_sum(model, {k: v.to(accelerator.device) for k, v in batch.items()}) / global_weight
+            accelerator.backward(loss * accelerator.num_processes)
+        step_loss += loss.detach()
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return accelerator.reduce(step_loss, "sum").item(), float(grad_norm), lr
+
+
+def evaluate_policy(accelerator: Accelerator, cfg: RAFTConfig, model, tokenizer, scorer: Scorer, records: list[dict]) -> dict:
+    """Sampled (T=eval_temperature) proxy/gold reward on held-out prompts, eval_samples each; the same seeds every call."""
+    if not records:
+        return {}
+    prompts = [r["prompt"] for r in records]
+    candidates = sample_candidates(accelerator, model, tokenizer, prompts, cfg.eval_samples, cfg, cfg.seed, EVAL_SPLIT,
+                                   cfg.eval_temperature)
+    scorer(prompts, candidates)
+    out = {}
+    for key, name in [("reward", "proxy_reward"), ("gold", "gold_reward")]:
+        if key in candidates[0][0]:
+            out[name], out[f"{name}_stderr"] = M.grouped_mean_and_stderr(reward_matrix(candidates, key))
+    out["length"] = M.length_stats([c["length"] for per in candidates for c in per])["mean"]
+    return out
+
+
+def new_alarms(cfg: RAFTConfig, history: list[dict], candidates: list[list[dict]], start_step: int, fired: list[dict]) -> list[dict]:
+    """Alarms over the iterations so far that have not fired before (proxy-based: only with reward=rm)."""
+    if cfg.reward != "rm":
+        return []
+    samples = {"step": start_step, "length": [c["length"] for per in candidates for c in per],
+               "proxy_reward": [c["reward"] for per in candidates for c in per]}
+    if "gold" in candidates[0][0]:
+        samples["gold_reward"] = [c["gold"] for per in candidates for c in per]
+    series = [{"step": h["sampled_at"], "proxy_reward": h["sample_proxy_reward"],
+               "gold_reward": h.get("sample_gold_reward"), "gold_reward_stderr": h.get("sample_gold_reward_stderr")}
+              for h in history]
+    found = A.proxy_up_gold_down(series) + A.length_correlation([samples])
+    names = {a["name"] for a in fired}
+    return [a.to_dict() for a in found if a.name not in names]
+
+
+def run_iteration(accelerator: Accelerator, cfg: RAFTConfig, k: int, model, tokenizer, scorer: Scorer, records: list[dict],
+                  train: dict) -> tuple[dict, list[list[dict]]]:
+    """Sample, score, keep, write iter-<k>/, fine-tune; returns (iteration metrics, candidates)."""
+    steps, start_step = train["steps"], k * train["steps"]
+    prompts = [r["prompt"] for r in iteration_prompts(records, k, cfg.prompts_per_iteration, cfg.seed)]
+    candidates = sample_candidates(accelerator, model, tokenizer, prompts, cfg.samples_per_prompt, cfg, cfg.seed,
+                                   FIRST_ITERATION_SPLIT + k)
+    scorer(prompts, candidates)
+    mask = keep_mask(reward_matrix(candidates, "reward"), cfg)
+    if accelerator.is_main_process:
+        write_iteration(Path(cfg.output_dir) / f"iter-{k}", prompts, candidates, mask)
+    rows, dropped = kept_rows(tokenizer, prompts, candidates, mask, cfg.max_length)
+    if len(rows) < cfg.batch_size:
+        raise DataError(f"iteration {k}: only {len(rows)} kept responses survive truncation at max_length="
+                        f"{cfg.max_length} ({dropped} dropped), fewer than batch_size={cfg.batch_size}")
+    plan = BatchPlan(len(rows), cfg.batch_size, cfg.micro_batch_size, accelerator.num_processes,
+                     accelerator.process_index, seed=cfg.seed * 1009 + k)
+    losses, t0 = [], time.perf_counter()
+    for j in range(steps):
+        loss, grad_norm, lr = optimizer_step(accelerator, model, train["optimizer"], train["scheduler"], plan, j, rows,
+                                             tokenizer.pad_token_id, cfg.max_grad_norm)
+        losses.append(loss)
+        done = start_step + j + 1
+        if done % cfg.log_steps == 0 or j == steps - 1:
+            train["logger"].log(done, {"loss": loss, "lr": lr, "grad_norm": grad_norm, "iteration": k}, show=j == steps - 1)
+        if train["kill_at"] == done and j < steps - 1:  # the last step's kill waits for its checkpoint
+            os.kill(os.getpid(), signal.SIGKILL)
+    metrics = {"iteration": k, **sample_stats(candidates, mask), "dropped_responses": dropped,
+               "train_loss": sum(losses) / len(losses), "train_s": time.perf_counter() - t0, "sampled_at": start_step}
+    return metrics, candidates
+
+
+def run(cfg: RAFTConfig) -> dict[str, Any]:
+    started = time.time()
+    check_config(cfg)
+    accelerator = start_run(cfg)
+    train_records, eval_records, invalid = load_train_eval(cfg, kind="prompts")
+    if not train_records:
+        raise DataError(f"no prompts in train_data {cfg.train_data!r}")
+    eval_records = eval_records[: cfg.max_eval_rows] if cfg.max_eval_rows > 0 else eval_records
+    model, tokenizer = load_policy(accelerator, cfg, train_records)
+    steps = iteration_steps(cfg)
+    total = cfg.iterations * steps
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2))
+    scheduler = build_scheduler(optimizer, cfg.lr_schedule, cfg.warmup_steps, total, cfg.min_lr_ratio)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)  # stepped by us once per optimizer step
+    scorer = Scorer(accelerator, cfg)
+
+    state: dict[str, Any] = {"iteration": 0, "history": [], "alarms": [], "eval_before": {}}
+    checkpoint = latest_checkpoint(cfg.output_dir) if cfg.resume else None
+    start_step = 0
+    if checkpoint is not None:
+        state = load_checkpoint(accelerator, checkpoint)
+        start_step = state.pop("step")
+    logger = RunLogger(cfg.output_dir, "raft", total, accelerator.is_main_process, start_step)
+    if checkpoint is not None:
+        logger.message(f"resumed from {checkpoint} at step {start_step}/{total} (iteration {state['iteration']})")
+    else:
+        state["eval_before"] = evaluate_policy(accelerator, cfg, model, tokenizer, scorer, eval_records)
+        logger.log(0, {f"eval_{k}": v for k, v in state["eval_before"].items()}, show=False)
+    train = {"steps": steps, "optimizer": optimizer, "scheduler": scheduler, "logger": logger,
+             "kill_at": int(os.environ.get(KILL_ENV, "0"))}
+
+    model.train()
+    for k in range(state["iteration"], cfg.iterations):
+        metrics, candidates = run_iteration(accelerator, cfg, k, model, tokenizer, scorer, train_records, train)
+        state["history"].append(metrics)
+        done = (k + 1) * steps
+        logger.log(done, metrics)
+        for alarm in new_alarms(cfg, state["history"], candidates, metrics["sampled_at"], state["alarms"]):
+            state["alarms"].append(alarm)
+            logger.log(done, {"alarm": alarm}, show=False)
+            logger.message(f"ALARM {alarm['name']}: {alarm['message']}")
+        state["iteration"] = k + 1
+        save_checkpoint(accelerator, cfg.output_dir, done, state, keep=cfg.save_total_limit)
+        if train["kill_at"] == done:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    after = evaluate_policy(accelerator, cfg, model, tokenizer, scorer, eval_records)
+    logger.log(total, {f"eval_{k}": v for k, v in after.items()}, show=False)
+    logger.close()
+    scorer.rm = None
+    save_final(accelerator, model, tokenizer, cfg.output_dir)
+    return finish_run(accelerator, cfg, summarize(cfg, state, after, total, len(train_records), len(eval_records),
+                                                  len(invalid), accelerator.num_processes), started)
+
+
+def summarize(cfg: RAFTConfig, state: dict, after: dict, total: int, n_train: int, n_eval: int, invalid: int,
+              world: int) -> dict[str, Any]:
+    """summary.json: first/last iteration's sample rewards, held-out reward before/after, alarms, counts."""
+    history = state["history"]
+    summary: dict[str, Any] = {"steps": total, "iterations": cfg.iterations, "steps_per_iteration": total // cfg.iterations,
+                               "reward": cfg.reward, "keep": cfg.keep}
+    for name in ("proxy_reward", "gold_reward"):
+        if f"sample_{name}" in history[0]:
+            summary[f"{name}_first_iteration"] = history[0][f"sample_{name}"]
+            summary[f"{name}_last_iteration"] = history[-1][f"sample_{name}"]
+            summary[f"kept_{name}_last_iteration"] = history[-1][f"kept_{name}"]
+    summary.update({f"eval_{k}_before": v for k, v in state["eval_before"].items()})
+    summary.update({f"eval_{k}": v for k, v in after.items()})
+    summary.update(alarms=state["alarms"], n_train_prompts=n_train, n_eval_prompts=n_eval, invalid_records=invalid,
+                   kept_per_iteration=history[-1]["n_kept"], dropped_responses=sum(h["dropped_responses"] for h in history),
+                   train_s=sum(h["train_s"] for h in history), num_processes=world)
+    return summary
