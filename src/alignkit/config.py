@@ -338,7 +338,7 @@ class PipelineConfig:
     output_dir: str = opt("runs/pipeline", "the pipeline directory: one sub-directory per stage, report.json/.md, plots/")
     config_dir: str = opt("configs/tiny", "folder holding one <stage>.yaml per stage (their output_dir/model are overridden)")
     stages: list[str] = opt(
-        ["pretrain", "sft", "rm", "dpo", "rrhf", "ppo", "raft", "best_of_n"],
+        ["pretrain", "sft", "label", "rm", "dpo", "rrhf", "ppo", "raft", "best_of_n"],
         "stages to run, in order; a stage whose config file or implementation is missing is skipped with a note",
     )
     overrides: list[str] = opt([], "per-stage overrides as '<stage>.<key>=<value>' (e.g. 'sft.max_steps=50')")
@@ -421,6 +421,29 @@ class RRHFConfig(TrainConfig):
 
 # --------------------------------------------------------------------------------------------
 # Learning from the policy's own samples: best-of-n, RAFT, PPO
+
+
+@dataclass
+class LabelConfig(TrainConfig):
+    """`alignkit label`: sample responses of a model to prompts and have an annotator rank them (comparison data)."""
+
+    train_data: Union[str, list[str]] = opt("task:sort/prompts?n=1000&seed=11", TRAIN_DATA_HELP)
+    eval_data: Union[str, float, None] = opt(None, "prompts to label into separate *_eval files; null: none")
+    output_dir: str = opt("runs/label", "the run directory: ranked.jsonl, pairs.jsonl, summary.json")
+    n: int = opt(4, "responses sampled per prompt (duplicates and empty responses are dropped before ranking)")
+    temperature: float = opt(1.0, "sampling temperature")
+    max_new_tokens: int = opt(32, "length cap of sampled responses")
+    annotator: str = opt(
+        "task",
+        "who ranks: task (the built-in task's simulated annotator: gold + length_bias * items + noise * Gumbel), "
+        "gold (the gold reward itself), rm (a reward model as AI judge: reward_model)",
+    )
+    noise: float = opt(0.1, "annotator=task: Gumbel noise scale (annotators disagree; 0: always by gold)")
+    length_bias: float = opt(0.05, "annotator=task: utility added per item of the response (a bias gold does not share)")
+    reward_model: Union[str, None] = opt(None, "annotator=rm: the judging reward model")
+    task: Union[str, None] = opt(None, "built-in task (gold reward, simulated annotator); null: the task of a task: spec in train_data")
+    sample_chunk: int = opt(64, "prompts per generation call (chunks are seeded by index: any process count samples alike)")
+    reward_batch_size: int = opt(64, "responses per reward-model forward when annotator=rm")
 
 
 @dataclass
