@@ -4,7 +4,10 @@ written, and a rerun skips what is complete."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+
+import pytest
 
 from alignkit.cli import run_stage
 
@@ -12,29 +15,44 @@ QUICK = [
     "pretrain.max_steps=30", "pretrain.train_data=task:sort/pretrain?n=1500", "pretrain.batch_size=16",
     "pretrain.max_length=64", "pretrain.save_steps=0",
     "sft.max_steps=30", "sft.train_data=task:sort/sft?n=600", "sft.batch_size=16", "sft.max_length=64", "sft.save_steps=0",
-    "rm.max_steps=10", "rm.train_data=task:sort/prefs?n=300", "rm.batch_size=16", "rm.save_steps=0",
-    "dpo.max_steps=6", "dpo.train_data=task:sort/prefs?n=200", "dpo.batch_size=8", "dpo.save_steps=0",
+    "label.train_data=task:sort/prompts?n=48", "label.max_new_tokens=16",
+    "rm.max_steps=6", "rm.batch_size=8", "rm.save_steps=0",
+    "dpo.max_steps=4", "dpo.batch_size=8", "dpo.save_steps=0",
     "rrhf.max_steps=4", "rrhf.train_data=task:sort/ranked?n=100", "rrhf.batch_size=8", "rrhf.save_steps=0",
+    "ppo.max_steps=2", "ppo.rollout_batch_size=8", "ppo.samples_per_prompt=1", "ppo.mini_batch_size=8",
+    "ppo.micro_batch_size=8", "ppo.eval_data=task:sort/prompts_eval?n=8", "ppo.eval_steps=1", "ppo.save_steps=0",
+    "ppo.max_new_tokens=16",
+    "raft.iterations=2", "raft.prompts_per_iteration=8", "raft.samples_per_prompt=2", "raft.keep_top_k=1",
+    "raft.batch_size=8", "raft.micro_batch_size=8", "raft.max_new_tokens=16",
+    "best_of_n.train_data=task:sort/prompts_eval?n=16", "best_of_n.n=2", "best_of_n.max_new_tokens=16",
     "eval.n_samples=2", "eval.prompts=task:sort/prompts_eval?n=40", "eval.heldout_text=task:sort/pretrain?n=20&seed=99",
-    "eval.pairs=task:sort/prefs?n=40&seed=99",
+    "eval.pairs=task:sort/prefs?n=40&seed=99", "eval.max_new_tokens=16",
 ]
 
 
 def test_pipeline_runs_every_available_stage_and_reports(tmp_path: Path):
     out = tmp_path / "pipe"
-    stages = ["pretrain", "sft", "rm", "dpo", "rrhf"]
+    stages = ["pretrain", "sft", "label", "rm", "dpo", "rrhf", "ppo", "raft", "best_of_n"]
     report = run_stage("pipeline", [f"output_dir={out}", f"stages=[{', '.join(stages)}]",
                                     f"overrides={json.dumps(QUICK)}"])
     ran = [s for s in stages if (out / s / "summary.json").exists()]
-    assert ran[:3] == ["pretrain", "sft", "rm"]
-    # wiring: SFT started from the pretrained model, the RM from SFT
+    assert ran == stages
+    # wiring: SFT started from the pretrained model; the RM from SFT, on the labelled SFT samples; DPO on the
+    # labelled pairs; the RL methods from SFT with the pipeline's reward model
     sft_cfg = (out / "sft" / "config.yaml").read_text()
     assert f"model: {out / 'pretrain' / 'final'}" in sft_cfg
-    assert f"model: {out / 'sft' / 'final'}" in (out / "rm" / "config.yaml").read_text()
+    rm_cfg = (out / "rm" / "config.yaml").read_text()
+    assert f"model: {out / 'sft' / 'final'}" in rm_cfg and f"train_data: {out / 'label' / 'ranked.jsonl'}" in rm_cfg
+    assert f"train_data: {out / 'label' / 'pairs.jsonl'}" in (out / "dpo" / "config.yaml").read_text()
+    for stage in ("ppo", "raft", "best_of_n"):
+        assert f"reward_model: {out / 'rm' / 'final'}" in (out / stage / "config.yaml").read_text()
 
     saved = json.loads((out / "report.json").read_text())
     assert set(saved) >= {"stages", "methods", "alarms"}
-    assert {"base", "sft"} <= set(saved["methods"])
+    assert set(saved["methods"]) == {"base", "sft", "dpo", "rrhf", "ppo", "raft", "best_of_n"}
+    # best-of-n is a procedure, not a model: its row comes from its own summary, with the analytic KL bound
+    assert saved["methods"]["best_of_n"]["kl"] == pytest.approx(math.log(2) - 1 / 2)
+    assert saved["methods"]["best_of_n"]["gold_reward"] == saved["stages"]["best_of_n"]["gold_reward"]
     for method in saved["methods"].values():
         assert 0.0 <= method["gold_reward"] <= 1.0 and method["wall_s"] > 0
     # SFT learned the task's answer format; the base model never saw a chat
@@ -42,6 +60,7 @@ def test_pipeline_runs_every_available_stage_and_reports(tmp_path: Path):
     assert saved["methods"]["sft"]["proxy_reward"] is not None  # the RM scored it
     assert (out / "report.md").read_text().startswith("# alignkit pipeline report")
     assert (out / "plots" / "training_curves.png").exists()
+    assert (out / "plots" / "proxy_gold_over_training.png").exists()  # PPO rollouts / RAFT iterations
 
     # A rerun skips every complete stage (and the finished eval) and rewrites the same report.
     again = run_stage("pipeline", [f"output_dir={out}", f"stages=[{', '.join(stages)}]",

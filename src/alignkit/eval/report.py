@@ -36,7 +36,8 @@ def evaluate_and_report(cfg: Any, done: dict[str, Path], stage_summaries: dict, 
     from alignkit.stages.pipeline import POLICY_METHODS, run_stage_process
 
     out = Path(cfg.output_dir)
-    policies = {POLICY_METHODS[s]: d / "final" for s, d in done.items() if s in POLICY_METHODS}
+    # Stages without final/ (best-of-n: a sampling procedure, not a new model) report from their summary.
+    policies = {POLICY_METHODS[s]: d / "final" for s, d in done.items() if s in POLICY_METHODS and (d / "final").exists()}
     names, paths = list(policies), [str(p) for p in policies.values()]
     # JSON lists are YAML flow lists with every item quoted: safe for any path.
     args = [f"output_dir={out / 'eval'}", f"seed={cfg.seed}", f"models={json.dumps(paths)}",
@@ -57,6 +58,22 @@ def evaluate_and_report(cfg: Any, done: dict[str, Path], stage_summaries: dict, 
     return report
 
 
+# best-of-n has no model to evaluate: its row comes from its own summary (selected responses to the held-out
+# prompts); its KL is the analytic bound log n - (n-1)/n against the sampling (SFT) policy.
+BEST_OF_N_KEYS = {"gold_reward": "gold_reward", "gold_reward_stderr": "gold_reward_stderr", "proxy_reward": "proxy_reward",
+                  "proxy_reward_stderr": "proxy_reward_stderr", "kl": "kl_bound", "length": "length", "distinct_2": "distinct_2"}
+
+
+def stage_alarms(stage_summaries: dict) -> list[dict]:
+    """Alarms RL-style stages raised while training (summary["alarms"]), tagged with their stage."""
+    out = []
+    for stage, summary in stage_summaries.items():
+        for alarm in summary.get("alarms") or []:
+            if isinstance(alarm, dict):
+                out.append({**alarm, "model": alarm.get("model", stage), "stage": stage, "during": "training"})
+    return out
+
+
 def build_report(stage_summaries: dict, eval_summary: dict, notes: list[str]) -> dict:
     """Combine stage summaries and eval metrics into the report dictionary."""
     from alignkit.stages.pipeline import POLICY_METHODS
@@ -69,10 +86,16 @@ def build_report(stage_summaries: dict, eval_summary: dict, notes: list[str]) ->
         row["wall_s"] = stage.get("wall_s")
         row["peak_rss_mb"] = stage.get("peak_rss_mb")
         methods[name] = row
+    bon = stage_summaries.get("best_of_n")
+    if bon and "best_of_n" not in methods and bon.get("gold_reward") is not None:
+        row = {key: bon.get(src) for key, src in BEST_OF_N_KEYS.items()}
+        row.update(wall_s=bon.get("wall_s"), peak_rss_mb=bon.get("peak_rss_mb"), n=bon.get("n"),
+                   kl_is="bound log n - (n-1)/n", sample_gold_reward=bon.get("sample_gold_reward"))
+        methods["best_of_n"] = row
     return {
         "stages": stage_summaries,
         "methods": methods,
-        "alarms": eval_summary.get("alarms", []),
+        "alarms": eval_summary.get("alarms", []) + stage_alarms(stage_summaries),
         "reward_models": eval_summary.get("reward_models", {}),
         "eval": {k: eval_summary.get(k) for k in ("n_prompts", "n_samples", "task", "baseline", "wall_s")},
         "notes": notes,
@@ -105,7 +128,8 @@ def render_markdown(report: dict, plots: list[Path], out: Path) -> str:
     lines += ["", "## Alarms", ""]
     if report["alarms"]:
         for a in report["alarms"]:
-            lines.append(f"- **{a.get('name')}** ({a.get('model')}, step {a.get('step')}): {a.get('message')} "
+            when = "while training" if a.get("during") == "training" else "in eval"
+            lines.append(f"- **{a.get('name')}** ({a.get('model')} {when}, step {a.get('step')}): {a.get('message')} "
                          f"Remedy: {a.get('remedy')}")
     else:
         lines.append("None fired.")
@@ -150,7 +174,43 @@ def write_plots(out: Path, done: dict[str, Path], report: dict) -> list[Path]:
         path = plot_frontier(report["methods"], plot_dir / f"{name}.png", x=x, y=y)
         if path is not None:
             written.append(Path(path))
+    series = {s: _proxy_gold_series(d / "metrics.jsonl") for s, d in done.items()}
+    series = {s: v for s, v in series.items() if len(v) >= 2}
+    if series:
+        fig, axes = plt.subplots(1, len(series), figsize=(4.2 * len(series), 3.2), squeeze=False)
+        for ax, (stage, points) in zip(axes[0], series.items()):
+            steps = [p[0] for p in points]
+            ax.plot(steps, [p[1] for p in points], marker=".", label="proxy (RM)", color="tab:orange")
+            ax.set_xlabel("step")
+            ax.set_ylabel("proxy reward", color="tab:orange")
+            gold_ax = ax.twinx()
+            gold_ax.plot(steps, [p[2] for p in points], marker=".", label="gold", color="tab:blue")
+            gold_ax.set_ylabel("gold reward", color="tab:blue")
+            ax.set_title(f"{stage}: proxy vs gold over training")
+        fig.tight_layout()
+        path = plot_dir / "proxy_gold_over_training.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
     return written
+
+
+# (proxy key, gold key) pairs RL-style stages log on their own samples, most specific first.
+PROXY_GOLD_KEYS = (("reward", "gold_reward"), ("sample_proxy_reward", "sample_gold_reward"))
+
+
+def _proxy_gold_series(metrics_path: Path) -> list[tuple[int, float, float]]:
+    """(step, proxy, gold) from a stage's metrics.jsonl lines that log both (PPO rollouts, RAFT iterations)."""
+    if not metrics_path.exists():
+        return []
+    points = []
+    for line in metrics_path.read_text().splitlines():
+        record = json.loads(line)
+        for proxy, gold in PROXY_GOLD_KEYS:
+            if isinstance(record.get(proxy), (int, float)) and isinstance(record.get(gold), (int, float)):
+                points.append((record["step"], record[proxy], record[gold]))
+                break
+    return points
 
 
 def _train_curve(metrics_path: Path) -> list[tuple[int, float]]:

@@ -1,9 +1,11 @@
-"""`alignkit pipeline`: pretrain -> SFT -> reward model -> DPO / RRHF / PPO / RAFT / best-of-n -> eval -> report.
+"""`alignkit pipeline`: pretrain -> SFT -> label -> reward model -> DPO / RRHF / PPO / RAFT / best-of-n -> eval -> report.
 
 Each stage runs as its own process (`python -m alignkit <stage>`, or under `launcher`) with its config
 file from `config_dir`, its output in `output_dir/<stage>/`, and its inputs wired from earlier stages
-(the SFT model starts from the pretrained one, DPO from SFT, PPO uses the reward model...). A stage whose
-`summary.json` and `final/` exist is skipped, and every stage runs with resume=true, so rerunning the
+(the SFT model starts from the pretrained one; `label` ranks the SFT model's own samples, as InstructGPT's
+labelers did, and the reward model learns from those rankings; DPO trains on the labelled pairs; PPO, RAFT
+and best-of-n use the reward model...). A stage whose `summary.json` exists (written last, when the stage
+completed) is skipped, and every stage runs with resume=true, so rerunning the
 pipeline after a crash continues where it stopped. Separate processes also give each stage its own
 peak-memory figure.
 """
@@ -23,9 +25,10 @@ from alignkit.config import ConfigError, PipelineConfig
 # Inputs each stage takes from earlier stages: config key -> path under the pipeline directory.
 WIRING: dict[str, dict[str, str]] = {
     "sft": {"model": "pretrain/final"},
-    "rm": {"model": "sft/final"},
-    "dpo": {"model": "sft/final"},
-    "rrhf": {"model": "sft/final", "reward_model": "rm/final"},
+    "label": {"model": "sft/final"},
+    "rm": {"model": "sft/final", "train_data": "label/ranked.jsonl"},
+    "dpo": {"model": "sft/final", "train_data": "label/pairs.jsonl"},
+    "rrhf": {"model": "sft/final", "train_data": "label/ranked.jsonl", "reward_model": "rm/final"},
     "ppo": {"model": "sft/final", "reward_model": "rm/final"},
     "raft": {"model": "sft/final", "reward_model": "rm/final"},
     "best_of_n": {"model": "sft/final", "reward_model": "rm/final"},
@@ -47,7 +50,8 @@ def stage_available(stage: str) -> bool:
 
 
 def stage_done(stage_dir: Path) -> bool:
-    return (stage_dir / "summary.json").exists() and (stage_dir / "final").exists()
+    """summary.json is the last file a stage writes, so it marks a complete stage (with or without final/)."""
+    return (stage_dir / "summary.json").exists()
 
 
 def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
