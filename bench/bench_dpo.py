@@ -190,6 +190,8 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> tuple[str, d
     results: dict[str, list[dict]] = {}
     for repeat in range(args.repeats):
         for framework, precompute in VARIANTS:
+            if args.variants and f"{framework}-{'pre' if precompute else 'fly'}" not in args.variants.split(","):
+                continue
             label = f"{framework}, ref {'precomputed' if precompute else 'on the fly'}"
             tag = f"{framework}-{'pre' if precompute else 'fly'}-{repeat}"
             spec = dict(s, model=model, data_file=str(data_file), output_dir=str(work / tag), steps=steps,
@@ -245,6 +247,8 @@ def main() -> None:
                     help="OMP_NUM_THREADS for the workers (0: torch default). 1: on a shared 2-core box, 2 OpenMP "
                          "threads spin-wait on each other whenever another job takes a core")
     sp.add_argument("--row-tokens", type=int, default=None, help="alignkit's row_tokens (default: per model, see SETTINGS)")
+    sp.add_argument("--variants", default="",
+                    help="comma-separated subset of alignkit-pre,alignkit-fly,trl-fly,trl-pre (default: all four)")
     sp.add_argument("--work-dir", default=None)
     sp.add_argument("--json", default=None, help="result file (default: WORK_DIR/bench_dpo.json)")
     gp = sub.add_parser("gold", help="gold reward of models on held-out task prompts")
