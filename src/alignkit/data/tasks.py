@@ -121,23 +121,6 @@ def _fresh_items(rng: random.Random, instance: list[str], count: int) -> list[st
     return rng.sample([p for p in pool if p not in instance], count)
 
 
-def _near_fresh_item(rng: random.Random, instance: list[str], item: str) -> str:
-    """An item not in `instance`, close to `item` in its pool when possible (12 -> 11 or 14; 'g' -> 'h')."""
-    pool = LETTERS if instance[0].isalpha() else NUMBERS
-    at = pool.index(item) if item in pool else rng.randrange(len(pool))
-    near = [p for p in pool[max(0, at - 3) : at + 4] if p not in instance]
-    return rng.choice(near or [p for p in pool if p not in instance])
-
-
-def _substitute(rng: random.Random, task, instance: list[str], count: int) -> list[str]:
-    """The right answer to a neighbouring question: `count` items of the instance replaced by nearby items
-    that are not in it. Well-formed and plausible, but wrong: the typical slip of a sampled small model."""
-    changed = list(instance)
-    for i in rng.sample(range(len(changed)), count):
-        changed[i] = _near_fresh_item(rng, changed, changed[i])
-    return task.target_items(changed)
-
-
 def _swap(items: list[str], i: int, j: int) -> list[str]:
     out = list(items)
     out[i], out[j] = out[j], out[i]
@@ -167,8 +150,6 @@ PERTURBATIONS: dict[str, Callable[..., list[str] | str]] = {
     "pad_end": lambda rng, task, inst, tgt: tgt + _fresh_items(rng, inst, rng.randint(1, 3)),
     "swap_and_pad": lambda rng, task, inst, tgt: (
         _swap_adjacent(rng, tgt) + _fresh_items(rng, inst, 1)),
-    "substitute": lambda rng, task, inst, tgt: _substitute(rng, task, inst, 1),
-    "substitute_two": lambda rng, task, inst, tgt: _substitute(rng, task, inst, 2),
     "copy_input": lambda rng, task, inst, tgt: inst,
     "shuffle": lambda rng, task, inst, tgt: rng.sample(tgt, len(tgt)),
     "reverse_answer": lambda rng, task, inst, tgt: tgt[::-1],
@@ -181,7 +162,7 @@ PERTURBATIONS: dict[str, Callable[..., list[str] | str]] = {
 # and include longer-than-right answers (duplicate, pad_*) that a length-biased annotator likes.
 CANDIDATE_WEIGHTS: dict[str, int] = {
     "exact": 3, "swap_adjacent": 2, "swap_any": 1, "drop": 2, "duplicate": 1, "pad_inside": 2,
-    "pad_end": 1, "swap_and_pad": 1, "substitute": 3, "substitute_two": 2, "copy_input": 1, "shuffle": 1, "reverse_answer": 1,
+    "pad_end": 1, "swap_and_pad": 1, "copy_input": 1, "shuffle": 1, "reverse_answer": 1,
     "truncate": 1, "wrong_format": 1,
 }
 SFT_MISTAKES: tuple[str, ...] = ("swap_adjacent", "drop", "duplicate")  # small, plausible slips
