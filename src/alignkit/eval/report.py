@@ -170,8 +170,10 @@ def write_plots(out: Path, done: dict[str, Path], report: dict) -> list[Path]:
         fig.savefig(path, dpi=90)
         plt.close(fig)
         written.append(path)
+    # The base model is far off both plots' scale (tens of nats from SFT, gold near 0) and not an alignment method.
+    aligned = {name: row for name, row in report["methods"].items() if name != "base"}
     for name, (x, y) in {"frontier_gold_vs_kl": ("kl", "gold_reward"), "proxy_vs_gold": ("gold_reward", "proxy_reward")}.items():
-        path = plot_frontier(report["methods"], plot_dir / f"{name}.png", x=x, y=y)
+        path = plot_frontier(aligned, plot_dir / f"{name}.png", x=x, y=y)
         if path is not None:
             written.append(Path(path))
     series = {s: _proxy_gold_series(d / "metrics.jsonl") for s, d in done.items()}
