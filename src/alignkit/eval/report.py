@@ -61,7 +61,8 @@ def evaluate_and_report(cfg: Any, done: dict[str, Path], stage_summaries: dict, 
 # best-of-n has no model to evaluate: its row comes from its own summary (selected responses to the held-out
 # prompts); its KL is the analytic bound log n - (n-1)/n against the sampling (SFT) policy.
 BEST_OF_N_KEYS = {"gold_reward": "gold_reward", "gold_reward_stderr": "gold_reward_stderr", "proxy_reward": "proxy_reward",
-                  "proxy_reward_stderr": "proxy_reward_stderr", "kl": "kl_bound", "length": "length", "distinct_2": "distinct_2"}
+                  "proxy_reward_stderr": "proxy_reward_stderr", "kl": "kl_bound", "length": "length"}
+# (its distinct-2 is over one pick per prompt, eval's over 4 samples per prompt: not comparable, so not shown)
 
 
 def stage_alarms(stage_summaries: dict) -> list[dict]:
