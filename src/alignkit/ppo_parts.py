@@ -15,7 +15,7 @@ import torch
 from accelerate import Accelerator
 
 from alignkit.ops import entropy_from_logits, logprobs_from_logits
-from alignkit.rollout import chunk_seed, forward_batch, map_chunks
+from alignkit.rollout import forward_batch, map_chunks, sample_generations
 
 # (prompts, responses[i] = texts answering prompts[i]) -> rewards[i][j]
 RewardFn = Callable[[list, list[list[str]]], list[list[float]]]
@@ -37,17 +37,9 @@ class Sample:
 def sample_responses(accelerator: Accelerator, model, tokenizer, prompts: list, n: int, temperature: float,
                      max_new_tokens: int, chunk: int, seed: int, split: int) -> list[Sample]:
     """n samples per prompt (prompt-major: sample j of prompt i is at i*n + j), with the KV cache."""
-    from alignkit.generation import generate
-
-    model = accelerator.unwrap_model(model)
-
-    def sample(c: int, part: list) -> list[list]:
-        gens = generate(model, tokenizer, part, n=n, do_sample=True, temperature=temperature,
-                        max_new_tokens=max_new_tokens, batch_size=len(part) * n, seed=chunk_seed(seed, split, c))
-        return [[(g.prompt_ids, g.response_ids, g.text, g.finished) for g in per_prompt] for per_prompt in gens]
-
-    per_prompt = map_chunks(accelerator, prompts, chunk, sample)
-    return [Sample(*gen, prompt=prompts[i], prompt_index=i) for i, gens in enumerate(per_prompt) for gen in gens]
+    per_prompt = sample_generations(accelerator, model, tokenizer, prompts, n, temperature, max_new_tokens, chunk, seed, split)
+    return [Sample(g.prompt_ids, g.response_ids, g.text, g.finished, prompt=prompts[i], prompt_index=i)
+            for i, gens in enumerate(per_prompt) for g in gens]
 
 
 def batch_on(samples: list[Sample], pad_id: int, device) -> dict[str, torch.Tensor]:

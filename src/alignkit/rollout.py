@@ -40,6 +40,38 @@ def chunk_seed(seed: int, split: int, chunk: int) -> int:
     return seed * 1_000_003 + split * 100_003 + chunk
 
 
+def sample_generations(
+    accelerator: Accelerator,
+    model,
+    tokenizer,
+    prompts: list,
+    n: int,
+    temperature: float = 1.0,
+    max_new_tokens: int = 32,
+    chunk: int = 32,
+    seed: int = 0,
+    split: int = 0,
+) -> list[list]:
+    """n sampled responses per prompt as generation.Generation (token ids, text, finished); temperature 0 is
+    greedy. result[i][j]: response j to prompt i.
+
+    `split` separates the seeds of different sample sets drawn with the same `seed` (train / eval / iteration).
+    """
+    from alignkit.generation import generate
+
+    model = accelerator.unwrap_model(model)
+
+    def sample(c: int, part: list) -> list[list]:
+        return generate(
+            model, tokenizer, part, n=n, do_sample=temperature > 0, temperature=max(temperature, 1e-6),
+            max_new_tokens=max_new_tokens, batch_size=len(part) * n, seed=chunk_seed(seed, split, c),
+        )
+
+    if n <= 0 or not prompts:
+        return [[] for _ in prompts]
+    return map_chunks(accelerator, prompts, chunk, sample)
+
+
 def sample_texts(
     accelerator: Accelerator,
     model,
@@ -52,22 +84,9 @@ def sample_texts(
     seed: int = 0,
     split: int = 0,
 ) -> list[list[str]]:
-    """n sampled responses (decoded text) per prompt; temperature 0 is greedy. result[i][j]: response j to prompt i.
-
-    `split` separates the seeds of different sample sets drawn with the same `seed` (train / eval / iteration).
-    """
-    from alignkit.generation import generate
-
-    def sample(c: int, part: list) -> list[list[str]]:
-        gens = generate(
-            model, tokenizer, part, n=n, do_sample=temperature > 0, temperature=max(temperature, 1e-6),
-            max_new_tokens=max_new_tokens, batch_size=len(part) * n, seed=chunk_seed(seed, split, c),
-        )
-        return [[g.text for g in per_prompt] for per_prompt in gens]
-
-    if n <= 0 or not prompts:
-        return [[] for _ in prompts]
-    return map_chunks(accelerator, prompts, chunk, sample)
+    """The decoded texts of sample_generations (same arguments, same samples)."""
+    per_prompt = sample_generations(accelerator, model, tokenizer, prompts, n, temperature, max_new_tokens, chunk, seed, split)
+    return [[g.text for g in gens] for gens in per_prompt]
 
 
 def task_name_for(task: str | None, train_data: Any) -> str:

@@ -11,8 +11,8 @@ log(n) - (n-1)/n nats (exact for a continuous reward without ties), reported as 
 
 Sampling is done in fixed chunks of prompts seeded from (seed, split, chunk) and spread over processes
 (rollout.map_chunks), reward-model scores likewise, so 1 and N processes select the same responses. The
-texts are exactly rollout.sample_texts' (same generate call, same seeds); this module also keeps each
-response's token length and whether it ended with the end-of-turn token.
+texts are exactly rollout.sample_texts' (both come from rollout.sample_generations); this module also
+keeps each response's token length and whether it ended with the end-of-turn token.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from alignkit.config import BestOfNConfig, ConfigError
 from alignkit.data.chat import tokenize_prompt_completion
 from alignkit.data.records import DataError
 from alignkit.eval import metrics as M
-from alignkit.rollout import REWARD_SOURCES, chunk_seed, load_scorer, map_chunks, rewards_for, score_with, task_name_for
+from alignkit.rollout import REWARD_SOURCES, load_scorer, rewards_for, sample_generations, score_with, task_name_for
 from alignkit.runtime.stage import finish_run, load_policy, load_train_eval, start_run
 
 TRAIN_SPLIT, EVAL_SPLIT = 0, 1  # sampling seeds of train_data and eval_data prompts
@@ -69,24 +69,14 @@ def sample_candidates(
     temperature: float | None = None,
 ) -> list[list[dict]]:
     """n responses per prompt: result[i][j] = {"text", "length" (response tokens, end-of-turn included),
-    "finished" (ended with the end-of-turn token)}. Texts equal rollout.sample_texts(same arguments).
+    "finished" (ended with the end-of-turn token)}, from rollout.sample_generations (the samples of
+    rollout.sample_texts with the same arguments).
 
     cfg gives max_new_tokens, sample_chunk and (unless `temperature` is given) the temperature."""
-    from alignkit.generation import generate
-
-    model = accelerator.unwrap_model(model)
     temperature = cfg.temperature if temperature is None else temperature
-
-    def sample(c: int, part: list) -> list[list[dict]]:
-        gens = generate(
-            model, tokenizer, part, n=n, do_sample=temperature > 0, temperature=max(temperature, 1e-6),
-            max_new_tokens=cfg.max_new_tokens, batch_size=len(part) * n, seed=chunk_seed(seed, split, c),
-        )
-        return [[{"text": g.text, "length": len(g.response_ids), "finished": g.finished} for g in per] for per in gens]
-
-    if not prompts:
-        return []
-    return map_chunks(accelerator, prompts, cfg.sample_chunk, sample)
+    per_prompt = sample_generations(accelerator, model, tokenizer, prompts, n, temperature, cfg.max_new_tokens,
+                                    cfg.sample_chunk, seed, split)
+    return [[{"text": g.text, "length": len(g.response_ids), "finished": g.finished} for g in gens] for gens in per_prompt]
 
 
 class Scorer:
