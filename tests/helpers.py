@@ -35,6 +35,28 @@ def run_cli(args: list[str], env: dict | None = None, launcher: list[str] | None
     return subprocess.run(cmd, capture_output=True, text=True, env=full_env, cwd=str(REPO), timeout=600)
 
 
+# On a machine without GPUs, `--multi_gpu` is accelerate's torchrun path; alignkit's Accelerator(cpu=True)
+# then joins the processes into one gloo group. (`--cpu` alone starts a single process.)
+LAUNCH = [
+    sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+]
+
+
+def one_and_two_processes(stage: str, common: list[str], out: Path, one_extra: list[str] = (),
+                          one_env: dict | None = None) -> tuple[dict, dict]:
+    """Run `stage` with `common` overrides in one process (out/one, plus `one_extra`) and under LAUNCH in two
+    (out/two, one OpenMP thread each); assert both succeeded and return their summaries (one, two)."""
+    import json
+
+    one = run_cli([stage, *common, *one_extra, f"output_dir={out / 'one'}"], env=one_env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_cli([stage, *common, f"output_dir={out / 'two'}"], launcher=LAUNCH, env={"OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    return (json.loads((out / "one" / "summary.json").read_text()),
+            json.loads((out / "two" / "summary.json").read_text()))
+
+
 def load_weights(model_dir: str | Path) -> dict:
     from safetensors.torch import load_file
 

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dist.test_two_processes import LAUNCH
-from tests.helpers import max_weight_diff, run_cli
+from tests.helpers import max_weight_diff, one_and_two_processes
 from tests.stages.test_dpo import dpo_overrides
 
 pytestmark = pytest.mark.dist
@@ -19,13 +18,8 @@ def test_dpo_two_processes_equal_one(pretrained_tiny: Path, tmp_path: Path, prec
     # batch 8 = 2 processes x 2 micro-batches x 2 pairs, against 1 process x 2 micro-batches x 4 pairs.
     common = dpo_overrides(pretrained_tiny / "final", max_steps=4, batch_size=8, micro_batch_size=2,
                            precompute_ref=precompute, lr=5e-4)
-    one = run_cli(["dpo", *common, "micro_batch_size=4", f"output_dir={tmp_path / 'one'}"])
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = run_cli(["dpo", *common, f"output_dir={tmp_path / 'two'}"], launcher=LAUNCH, env={"OMP_NUM_THREADS": "1"})
-    assert two.returncode == 0, two.stderr[-3000:]
+    s1, s2 = one_and_two_processes("dpo", common, tmp_path, one_extra=["micro_batch_size=4"])
 
-    s1 = json.loads((tmp_path / "one" / "summary.json").read_text())
-    s2 = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert s2["num_processes"] == 2 and s1["num_processes"] == 1
     assert s2["train_pairs"] == s1["train_pairs"] == 32
     # Every process sees the whole reference table / every held-out pair exactly once.

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-from tests.dist.test_two_processes import LAUNCH
-from tests.helpers import max_weight_diff, run_cli
+from tests.helpers import max_weight_diff, one_and_two_processes
 from tests.stages.test_ppo import ppo_overrides, read_jsonl
 
 pytestmark = pytest.mark.dist
@@ -19,13 +17,8 @@ def test_ppo_two_processes_equal_one(pretrained_tiny: Path, tmp_path: Path):
     # mini-batches of 4 sequences = 2 processes x 1 micro-batch of 2, against 1 process x 2 micro-batches.
     common = ppo_overrides(pretrained_tiny / "final", max_steps=3, mini_batch_size=4, micro_batch_size=2,
                            lr=5e-4, critic_lr=5e-4, eval_steps=2)
-    one = run_cli(["ppo", *common, f"output_dir={tmp_path / 'one'}"])
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = run_cli(["ppo", *common, f"output_dir={tmp_path / 'two'}"], launcher=LAUNCH, env={"OMP_NUM_THREADS": "1"})
-    assert two.returncode == 0, two.stderr[-3000:]
+    s1, s2 = one_and_two_processes("ppo", common, tmp_path)
 
-    s1 = json.loads((tmp_path / "one" / "summary.json").read_text())
-    s2 = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert s1["num_processes"] == 1 and s2["num_processes"] == 2
     assert s1["samples"] == s2["samples"] == 3 * 8
     for key in ("eval_reward_before", "eval_gold_reward_before", "eval_length_before"):

@@ -7,14 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.dist.test_two_processes import LAUNCH
-from tests.helpers import max_weight_diff, run_cli
+from tests.helpers import max_weight_diff, one_and_two_processes
 
 pytestmark = pytest.mark.dist
-
-
-def read_summary(run: Path) -> dict:
-    return json.loads((run / "summary.json").read_text())
 
 
 def test_raft_two_processes_equal_one(pretrained_tiny: Path, tmp_path: Path):
@@ -27,12 +22,8 @@ def test_raft_two_processes_equal_one(pretrained_tiny: Path, tmp_path: Path):
         "samples_per_prompt=3", "steps_per_iteration=2", "batch_size=4", "micro_batch_size=1", "lr=1e-3",
         "warmup_steps=1", "max_new_tokens=10", "max_length=64", "sample_chunk=3", "log_steps=1",
     ]
-    one = run_cli(["raft", *common, "micro_batch_size=2", f"output_dir={tmp_path / 'one'}"])
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = run_cli(["raft", *common, f"output_dir={tmp_path / 'two'}"], launcher=LAUNCH, env={"OMP_NUM_THREADS": "1"})
-    assert two.returncode == 0, two.stderr[-3000:]
+    s1, s2 = one_and_two_processes("raft", common, tmp_path, one_extra=["micro_batch_size=2"])
 
-    s1, s2 = read_summary(tmp_path / "one"), read_summary(tmp_path / "two")
     assert s1["num_processes"] == 1 and s2["num_processes"] == 2
     for k in range(2):
         a, b = (tmp_path / run / f"iter-{k}" / "samples.jsonl" for run in ("one", "two"))
@@ -50,12 +41,8 @@ def test_best_of_n_two_processes_equal_one(pretrained_tiny: Path, tmp_path: Path
         f"model={pretrained_tiny / 'final'}", "train_data=task:sort/prompts?n=10&seed=3", "eval_data=null",
         "reward=gold", "n=3", "max_new_tokens=10", "max_length=64", "sample_chunk=3",
     ]
-    one = run_cli(["best-of-n", *common, f"output_dir={tmp_path / 'one'}"])
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = run_cli(["best-of-n", *common, f"output_dir={tmp_path / 'two'}"], launcher=LAUNCH, env={"OMP_NUM_THREADS": "1"})
-    assert two.returncode == 0, two.stderr[-3000:]
+    s1, s2 = one_and_two_processes("best-of-n", common, tmp_path)
     for name in ("samples.jsonl", "best.jsonl"):
         assert (tmp_path / "one" / name).read_text() == (tmp_path / "two" / name).read_text(), name
-    s1, s2 = read_summary(tmp_path / "one"), read_summary(tmp_path / "two")
     for key in ("gold_reward", "sample_gold_reward", "proxy_reward", "length", "distinct_2", "kl_bound"):
         assert s2[key] == s1[key], key

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dist.test_two_processes import LAUNCH
-from tests.helpers import max_weight_diff, run_cli
+from tests.helpers import max_weight_diff, one_and_two_processes
 
 pytestmark = pytest.mark.dist
 
@@ -21,13 +20,8 @@ def test_rm_two_processes_equal_one(pretrained_tiny: Path, tmp_path: Path):
         "log_steps=1",
     ]
     env = {"OMP_NUM_THREADS": "1"}
-    one = run_cli(["rm", *common, "micro_batch_size=4", f"output_dir={tmp_path / 'one'}"], env=env)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = run_cli(["rm", *common, f"output_dir={tmp_path / 'two'}"], launcher=LAUNCH, env=env)
-    assert two.returncode == 0, two.stderr[-3000:]
+    s1, s2 = one_and_two_processes("rm", common, tmp_path, one_extra=["micro_batch_size=4"], one_env=env)
 
-    s1 = json.loads((tmp_path / "one" / "summary.json").read_text())
-    s2 = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert (s1["num_processes"], s2["num_processes"]) == (1, 2)
     assert s2["train_pairs"] == s1["train_pairs"] == 40
     # Held-out pairs are split over the processes and gathered: the same 20 pairs, the same metrics.

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dist.test_two_processes import LAUNCH
-from tests.helpers import max_weight_diff, run_cli
+from tests.helpers import max_weight_diff, one_and_two_processes
 
 pytestmark = pytest.mark.dist
 
@@ -22,13 +21,8 @@ def test_rrhf_two_processes_equal_one(pretrained_tiny: Path, tmp_path: Path):
         "reward=gold", "policy_samples=2", "max_new_tokens=12", "sample_chunk=5", "max_length=64",
         "batch_size=8", "micro_batch_size=2", "lr=1e-3", "max_steps=5", "warmup_steps=1", "log_steps=1",
     ]
-    one = run_cli(["rrhf", *common, "micro_batch_size=4", f"output_dir={tmp_path / 'one'}"])
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = run_cli(["rrhf", *common, f"output_dir={tmp_path / 'two'}"], launcher=LAUNCH, env={"OMP_NUM_THREADS": "1"})
-    assert two.returncode == 0, two.stderr[-3000:]
+    s1, s2 = one_and_two_processes("rrhf", common, tmp_path, one_extra=["micro_batch_size=4"])
 
-    s1 = json.loads((tmp_path / "one" / "summary.json").read_text())
-    s2 = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert s1["num_processes"] == 1 and s2["num_processes"] == 2
     assert (tmp_path / "one" / "lists.jsonl").read_text() == (tmp_path / "two" / "lists.jsonl").read_text()
     assert s1["samples_added"] == s2["samples_added"] > 0
