@@ -35,9 +35,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
-    REPO, PaddingCounter, alignkit_step_timer, count_collated_padding, emit_result, gold_quality, paired_difference,
+    REPO, PaddingCounter, alignkit_step_timer, count_collated_padding, count_packed_padding, emit_result, gold_quality, paired_difference,
     preference_records, preimport_alignkit, ratio_lines, rates, run_worker, summarize, trl_step_timer, variant_table,
-    write_json, write_jsonl,
+    run_alignkit, trl_chat_pairs, write_json, write_jsonl,
 )
 
 HH_DATA = REPO.parent / "shared" / "data" / "hh-rlhf-harmless" / "dev.jsonl.gz"
@@ -61,22 +61,12 @@ TARGET = 1.3  # the issue's goal: alignkit DPO at least 1.3x TRL's throughput at
 
 def alignkit_worker(spec: dict) -> dict:
     """Train with `alignkit dpo` in this process; time each optimizer step through the run logger."""
-    import torch
-
     import alignkit.stages.dpo as dpo
-    from alignkit.cli import run_stage
 
     preimport_alignkit()
     times, cpu = alignkit_step_timer()
-    padding, pack = PaddingCounter(), dpo.pack_for_forward
-
-    def counted_pack(examples, row_tokens, pad_id, device):
-        batch = pack(examples, row_tokens, pad_id, device)
-        if torch.is_grad_enabled():  # the policy's training forwards (reference passes run under no_grad)
-            padding.add(batch["input_ids"].numel(), (batch["segment"] >= 0).sum())
-        return batch
-
-    dpo.pack_for_forward = counted_pack
+    padding = PaddingCounter()
+    count_packed_padding(dpo, padding)  # training forwards only (reference passes run under no_grad)
     t0 = time.perf_counter()
     overrides = {
         "model": spec["model"], "train_data": spec["data_file"], "data_kind": "preference", "eval_data": None,
@@ -85,9 +75,7 @@ def alignkit_worker(spec: dict) -> dict:
         "warmup_steps": 0, "log_steps": 1, "save_steps": 0, "precompute_ref": spec["precompute"],
         "row_tokens": spec["row_tokens"], "beta": 0.1, "loss_type": "sigmoid", "seed": 0, "adam_beta2": 0.95,
     }
-    summary = run_stage("dpo", [f"{k}={'null' if v is None else v}" for k, v in overrides.items()])
-    rows = [json.loads(line) for line in (Path(spec["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in rows if "loss" in r]
+    summary, losses = run_alignkit("dpo", overrides)
     return {**rates(times, cpu, spec["warmup"], spec["batch"]), "setup_s": times[0] - t0,
             "ref_precompute_s": summary.get("ref_precompute_s", 0.0), "first_loss": losses[0], "last_loss": losses[-1],
             "tokens": summary["input_tokens"], "self_peak_rss_mb": summary["peak_rss_mb"], **padding.facts()}
@@ -97,7 +85,6 @@ def trl_worker(spec: dict) -> dict:
     """Train with TRL's DPOTrainer in this process; time each optimizer step with a callback."""
     import resource
 
-    from datasets import Dataset
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
@@ -117,11 +104,7 @@ def trl_worker(spec: dict) -> dict:
     DPOTrainer._precompute_ref_logps = timed_precompute
 
     t0 = time.perf_counter()
-    rows = [json.loads(line) for line in Path(spec["data_file"]).read_text().splitlines()]
-    dataset = Dataset.from_list([
-        {"prompt": r["prompt"], "chosen": [{"role": "assistant", "content": r["chosen"]}],
-         "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows
-    ])
+    rows, dataset = trl_chat_pairs(spec["data_file"])
     tokenizer = load_tokenizer(spec["model"])  # the same tokenizer (chat template, pad) alignkit uses
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype="float32", attn_implementation="sdpa")
     args = DPOConfig(

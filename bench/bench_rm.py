@@ -31,8 +31,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
-    REPO, PaddingCounter, alignkit_step_timer, count_collated_padding, emit_result, preimport_alignkit, ratio_lines,
-    rates, run_worker, summarize, trl_step_timer, variant_table, write_json, write_jsonl,
+    REPO, PaddingCounter, alignkit_step_timer, count_collated_padding, count_packed_padding, emit_result,
+    preimport_alignkit, ratio_lines, rates, run_alignkit, run_worker, summarize, trl_chat_pairs, trl_step_timer,
+    variant_table, write_json, write_jsonl,
 )
 
 HH_DATA = REPO.parent / "shared" / "data" / "hh-rlhf-harmless" / "dev.jsonl.gz"
@@ -85,22 +86,12 @@ def rm_records(source: str, n: int, model: str, max_length: int) -> list[dict]:
 
 def alignkit_worker(spec: dict) -> dict:
     """Train with `alignkit rm` in this process; time each optimizer step through the run logger."""
-    import torch
-
     import alignkit.models.reward as reward
-    from alignkit.cli import run_stage
 
     preimport_alignkit()
     times, cpu = alignkit_step_timer()
-    padding, pack = PaddingCounter(), reward.pack_for_forward
-
-    def counted_pack(examples, row_tokens, pad_id, device):
-        batch = pack(examples, row_tokens, pad_id, device)
-        if torch.is_grad_enabled():  # training forwards only
-            padding.add(batch["input_ids"].numel(), (batch["segment"] >= 0).sum())
-        return batch
-
-    reward.pack_for_forward = counted_pack
+    padding = PaddingCounter()
+    count_packed_padding(reward, padding)  # training forwards only
     t0 = time.perf_counter()
     overrides = {
         "model": spec["model"], "train_data": spec["data_file"], "data_kind": "preference", "eval_data": None,
@@ -109,9 +100,7 @@ def alignkit_worker(spec: dict) -> dict:
         "warmup_steps": 0, "log_steps": 1, "save_steps": 0, "row_tokens": spec["row_tokens"], "margin": "none",
         "center_rewards_coef": 0.0, "seed": 0, "adam_beta2": 0.95, "weight_decay": 0.0, "max_grad_norm": 1.0,
     }
-    summary = run_stage("rm", [f"{k}={'null' if v is None else v}" for k, v in overrides.items()])
-    rows = [json.loads(line) for line in (Path(spec["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in rows if "loss" in r]
+    summary, losses = run_alignkit("rm", overrides)
     return {**rates(times, cpu, spec["warmup"], spec["batch"]), "setup_s": times[0] - t0, "first_loss": losses[0],
             "last_loss": losses[-1], "self_peak_rss_mb": summary["peak_rss_mb"], **padding.facts()}
 
@@ -120,7 +109,6 @@ def trl_worker(spec: dict) -> dict:
     """Train with TRL's RewardTrainer in this process; time each optimizer step with a callback."""
     import resource
 
-    from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
     from alignkit.models.reward import load_reward_model
@@ -128,11 +116,7 @@ def trl_worker(spec: dict) -> dict:
     times: dict[int, float] = {}
     cpu: dict[int, float] = {}
     t0 = time.perf_counter()
-    rows = [json.loads(line) for line in Path(spec["data_file"]).read_text().splitlines()]
-    dataset = Dataset.from_list([
-        {"prompt": r["prompt"], "chosen": [{"role": "assistant", "content": r["chosen"]}],
-         "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows
-    ])
+    rows, dataset = trl_chat_pairs(spec["data_file"])
     # The very model and tokenizer alignkit starts from (same seeded score head, same pad token).
     model, tokenizer = load_reward_model(spec["model"], seed=0)
     args = RewardConfig(

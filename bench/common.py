@@ -280,6 +280,42 @@ def count_collated_padding(trainer, padding: PaddingCounter) -> None:
     trainer.data_collator = counted
 
 
+def count_packed_padding(module, padding: PaddingCounter) -> None:
+    """Wrap `module.pack_for_forward` (the name an alignkit stage module calls) to count padded vs real tokens
+    of the training forwards; passes under no_grad (a precomputed reference, evaluation) are not counted."""
+    import torch
+
+    pack = module.pack_for_forward
+
+    def counted_pack(examples, row_tokens, pad_id, device):
+        batch = pack(examples, row_tokens, pad_id, device)
+        if torch.is_grad_enabled():
+            padding.add(batch["input_ids"].numel(), (batch["segment"] >= 0).sum())
+        return batch
+
+    module.pack_for_forward = counted_pack
+
+
+def run_alignkit(stage: str, overrides: dict[str, Any]) -> tuple[dict[str, Any], list[float]]:
+    """(summary, training losses per logged step) of `alignkit <stage>` run in this process."""
+    from alignkit.cli import run_stage
+
+    summary = run_stage(stage, [f"{k}={'null' if v is None else v}" for k, v in overrides.items()])
+    rows = [json.loads(line) for line in (Path(overrides["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    return summary, [r["loss"] for r in rows if "loss" in r]
+
+
+def trl_chat_pairs(data_file: str):
+    """(records, datasets.Dataset) of the pairs file as TRL's conversational preference format."""
+    from datasets import Dataset
+
+    rows = [json.loads(line) for line in Path(data_file).read_text().splitlines()]
+    return rows, Dataset.from_list([
+        {"prompt": r["prompt"], "chosen": [{"role": "assistant", "content": r["chosen"]}],
+         "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows
+    ])
+
+
 def rates(times: dict[int, float], cpu: dict[int, float], warmup: int, batch: int) -> dict[str, float]:
     """examples/s, examples/CPU-s and s/step over the steps after `warmup`."""
     rate, per_step = steady_rate(times, warmup, batch)
