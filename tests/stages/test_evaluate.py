@@ -167,6 +167,9 @@ def test_proxy_rewards_ensemble_and_length_alarm_with_stub_rms(pretrained_tiny: 
     assert samples[0]["length"] == [row["length"] for row in rows]
     assert samples[0]["proxy_reward"] == pytest.approx((2.0 * words).tolist())
     assert series[0]["rm_disagreement"] == sft["rm_disagreement"]
+    # ... and the standard errors the proxy_up_gold_down noise test needs, per checkpoint.
+    assert series[0]["proxy_reward_stderr"] == sft["proxy_reward_stderr"] > 0
+    assert series[0]["gold_reward_stderr"] == sft["gold_reward_stderr"] > 0
 
 
 def test_real_reward_model_scores_samples(pretrained_tiny: Path, tmp_path: Path):

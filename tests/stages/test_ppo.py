@@ -172,7 +172,9 @@ def test_bad_inputs_get_clear_errors(pretrained_tiny: Path, tmp_path: Path):
 def test_tiny_rm_proxy_rises_and_the_length_hack_raises_alarms(tmp_path: Path):
     """On the tiny SFT policy and the length-biased tiny RM (runs/tiny, built by the tiny pipeline), PPO raises the
     proxy reward within 20 steps, partly by writing longer, and the alarms see it. Measured: proxy 0.71 -> 0.90
-    (first vs last 5 steps), length 6.5 -> 7.6, rollout gold 0.54 -> 0.45; proxy_up_gold_down at step 7."""
+    (first vs last 5 steps), length 6.5 -> 7.6, rollout gold 0.54 -> 0.45 (then, before the alarms were made
+    honest, proxy_up_gold_down also fired on the rollouts at step 7; it now judges held-out evaluations only,
+    and this run has none; length_correlation now also compares with gold's own correlation with length)."""
     from tests.helpers import REPO
 
     sft, rm = REPO / "runs/tiny/sft/final", REPO / "runs/tiny/rm/final"

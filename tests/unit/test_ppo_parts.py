@@ -1,5 +1,5 @@
-"""PPO building blocks: the typed Rollout, its padded forward layout, score shaping, the critic's value head,
-and the alarm watch, against hand-worked numbers or slow obvious references."""
+"""PPO building blocks: the typed Rollout, its padded forward layout, score shaping and the critic's value head,
+against hand-worked numbers or slow obvious references (the alarm watch: tests/unit/test_alarms.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from alignkit.ppo_parts import AlarmWatch, response_logprobs, response_values
+from alignkit.ppo_parts import response_logprobs, response_values
 from alignkit.rollout import RunningMoments, build_rollout, forward_batch, pad_right, shape_scores
 
 
@@ -152,21 +152,3 @@ def test_shape_scores_penalty_normalisation_and_clip():
     assert running.std == pytest.approx(seen.std().item())
     expected = (torch.tensor([10.0, -2.0]) - seen.mean()) / seen.std()
     assert second.tolist() == pytest.approx(expected.tolist(), abs=1e-5)
-
-
-def test_alarm_watch_reports_each_alarm_once_and_round_trips():
-    watch = AlarmWatch(kl_budget=1.0)
-    assert watch.check("rollout", {"step": 1, "reward": 0.1, "gold_reward": 0.8, "kl": 0.1}) == []
-    new = watch.check("rollout", {"step": 2, "reward": 0.5, "gold_reward": 0.5, "kl": 2.0})
-    assert sorted(a["name"] for a in new) == ["kl_budget", "proxy_up_gold_down"]
-    assert all(a["source"] == "rollout" and a["step"] == 2 for a in new)
-    assert watch.check("rollout", {"step": 3, "reward": 0.9, "gold_reward": 0.3, "kl": 3.0}) == []  # already reported
-    # The same condition in another series is another alarm.
-    assert [a["name"] for a in watch.check("eval", {"step": 3, "reward": 0.0, "kl": 5.0})] == ["kl_budget"]
-    lengths = list(range(1, 41))
-    samples = {"step": 4, "length": lengths, "reward": [0.1 * x for x in lengths]}
-    assert [a["name"] for a in watch.check("rollout", {"step": 4, "reward": 1.0}, samples)] == ["length_correlation"]
-    restored = AlarmWatch(kl_budget=1.0)
-    restored.load_state_dict(watch.state_dict())
-    assert restored.alarms == watch.alarms and len(restored.alarms) == 4
-    assert restored.check("rollout", {"step": 5, "reward": 1.0, "gold_reward": 0.1, "kl": 9.0}, samples) == []

@@ -7,9 +7,12 @@ selection.raft_filter) -> `steps_per_iteration` optimizer steps of the SFT loss 
 carries over, as in continued fine-tuning).
 
 Per iteration, metrics.jsonl gets {"step", "iteration", sample_* and kept_* proxy/gold reward, lengths,
-train_loss} and every NEW reward-hacking alarm (eval/alarms.py over the iterations so far:
-proxy_up_gold_down on the sample means, length_correlation on the samples; only with reward=rm, where
-the proxy is not the gold reward) as {"step", "alarm": {...}}; all alarms are collected in summary["alarms"].
+train_loss} and every NEW reward-hacking alarm (eval/alarms.py: length_correlation on the iteration's
+samples, against gold's own correlation with length when gold is known; only with reward=rm, where the
+proxy is not the gold reward) as {"step", "alarm": {...}}; all alarms are collected in summary["alarms"].
+proxy_up_gold_down is not run here: each iteration samples FRESH prompts, so its means are not comparable
+across iterations, and the held-out prompts are evaluated only before and after training (two points show
+no persistent drop); `alignkit eval` over the run's checkpoints (one fixed prompt set) runs it.
 
 Resume: after iteration k trains, its data are in `output_dir/iter-<k>/` (samples.jsonl, kept.jsonl: an
 SFT-ready file) and the policy, optimizer, scheduler and iteration counter are checkpointed atomically
@@ -198,20 +201,20 @@ def evaluate_policy(accelerator: Accelerator, cfg: RAFTConfig, model, tokenizer,
     return out
 
 
-def new_alarms(cfg: RAFTConfig, history: list[dict], candidates: list[list[dict]], start_step: int, fired: list[dict]) -> list[dict]:
-    """Alarms over the iterations so far that have not fired before (proxy-based: only with reward=rm)."""
+def new_alarms(cfg: RAFTConfig, candidates: list[list[dict]], start_step: int, fired: list[dict]) -> list[dict]:
+    """This iteration's alarms that have not fired before (proxy-based: only with reward=rm).
+
+    Only length_correlation, within the iteration's own samples (with their gold rewards when known, so a
+    length preference that gold shares is not flagged). proxy_up_gold_down needs a fixed held-out series:
+    the per-iteration sample means are over fresh prompts (see the module docstring)."""
     if cfg.reward != "rm":
         return []
     samples = {"step": start_step, "length": [c["length"] for per in candidates for c in per],
                "proxy_reward": [c["reward"] for per in candidates for c in per]}
     if "gold" in candidates[0][0]:
         samples["gold_reward"] = [c["gold"] for per in candidates for c in per]
-    series = [{"step": h["sampled_at"], "proxy_reward": h["sample_proxy_reward"],
-               "gold_reward": h.get("sample_gold_reward"), "gold_reward_stderr": h.get("sample_gold_reward_stderr")}
-              for h in history]
-    found = A.proxy_up_gold_down(series) + A.length_correlation([samples])
     names = {a["name"] for a in fired}
-    return [a.to_dict() for a in found if a.name not in names]
+    return [a.to_dict() for a in A.length_correlation([samples]) if a.name not in names]
 
 
 def run_iteration(accelerator: Accelerator, cfg: RAFTConfig, k: int, model, tokenizer, scorer: Scorer, records: list[dict],
@@ -284,7 +287,7 @@ def run(cfg: RAFTConfig) -> dict[str, Any]:
         state["history"].append(metrics)
         done = (k + 1) * steps
         logger.log(done, metrics)
-        for alarm in new_alarms(cfg, state["history"], candidates, metrics["sampled_at"], state["alarms"]):
+        for alarm in new_alarms(cfg, candidates, metrics["sampled_at"], state["alarms"]):
             state["alarms"].append(alarm)
             logger.log(done, {"alarm": alarm}, show=False)
             logger.message(f"ALARM {alarm['name']}: {alarm['message']}")
