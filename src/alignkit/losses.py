@@ -203,16 +203,24 @@ def ppo_policy_loss(
     """Clipped surrogate. All [B,T] -> scalar.
 
     = masked_mean(max(-A*ratio, -A*clip(ratio, 1-eps, 1+eps))), ratio = exp(logprobs - old).
-    old_logprobs and advantages are rollout constants and are detached.
+    old_logprobs and advantages are rollout constants and are detached. The general form (asymmetric clip,
+    sequence ratio, other reductions) is importance_ratio -> clipped_policy_terms -> aggregate_loss.
     """
     _check_same_shape(
         "logprobs", logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask
     )
     ratio = torch.exp(logprobs - old_logprobs.detach())
-    advantages = advantages.detach()
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
-    return masked_mean(torch.maximum(unclipped, clipped), mask)
+    return masked_mean(clipped_policy_terms(ratio, advantages, clip_eps), mask)
+
+
+def clip_fraction(ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_low: float = 0.2,
+                  clip_high: float | None = None) -> torch.Tensor:
+    """Share of counted tokens where the clipped term is the active one (its gradient is 0): A > 0 with
+    ratio > 1 + clip_high, or A < 0 with ratio < 1 - clip_low. All [B,T] -> scalar in [0, 1], detached."""
+    high = clip_low if clip_high is None else clip_high
+    with torch.no_grad():
+        clipped = ((advantages > 0) & (ratio > 1 + high)) | ((advantages < 0) & (ratio < 1 - clip_low))
+        return masked_mean(clipped.to(ratio.dtype), mask)
 
 
 def ppo_clip_fraction(
@@ -222,13 +230,8 @@ def ppo_clip_fraction(
     mask: torch.Tensor,
     clip_eps: float = 0.2,
 ) -> torch.Tensor:
-    """Share of counted tokens where the clipped term is the active one (its gradient is 0).
-    All [B,T] -> scalar in [0, 1], detached; a PPO health metric."""
-    with torch.no_grad():
-        ratio = torch.exp(logprobs - old_logprobs)
-        unclipped = -advantages * ratio
-        clipped = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
-        return masked_mean((clipped > unclipped).to(logprobs.dtype), mask)
+    """clip_fraction of the token ratio exp(logprobs - old) with a symmetric clip. All [B,T] -> scalar."""
+    return clip_fraction(torch.exp(logprobs - old_logprobs), advantages, mask, clip_eps)
 
 
 def ppo_value_loss(
@@ -248,3 +251,84 @@ def ppo_value_loss(
     clipped_values = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
     squared_error = torch.maximum((values - returns) ** 2, (clipped_values - returns) ** 2)
     return 0.5 * masked_mean(squared_error, mask)
+
+
+# --------------------------------------------------------------------------- policy-gradient family
+
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+RATIO_LEVELS = ("token", "sequence")
+
+
+def importance_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor,
+                     level: str = "token") -> torch.Tensor:
+    """pi / pi_old per token. All [B,T] -> [B,T] (the gradient flows to logprobs).
+
+    token (PPO, GRPO): exp(logprobs - old) at each token.
+    sequence (GSPO, Zheng et al. 2025, eq. 7): s_i = exp(mean over the response's tokens of (logprobs - old)),
+    the length-normalised sequence ratio, on every token of response i (0 where mask is 0).
+    """
+    _check_same_shape("logprobs", logprobs, old_logprobs=old_logprobs, mask=mask)
+    log_ratio = (logprobs - old_logprobs.detach()) * mask
+    if level == "token":
+        return torch.exp(log_ratio)
+    if level != "sequence":
+        raise ValueError(f"ratio level must be one of {list(RATIO_LEVELS)}, got {level!r}")
+    per_sequence = log_ratio.sum(-1) / mask.sum(-1).clamp(min=1)
+    return torch.exp(per_sequence).unsqueeze(1).expand_as(logprobs) * mask + (1 - mask)
+
+
+def clipped_policy_terms(ratio: torch.Tensor, advantages: torch.Tensor, clip_low: float = 0.2,
+                         clip_high: float | None = None) -> torch.Tensor:
+    """Per-token clipped surrogate loss max(-A*ratio, -A*clip(ratio, 1-clip_low, 1+clip_high)). [B,T] -> [B,T].
+
+    clip_high=None: symmetric (PPO). clip_high > clip_low is DAPO's clip-higher (Yu et al. 2025, eq. 10): a
+    low-probability token with positive advantage may grow further before the clip stops it, which keeps
+    entropy from collapsing. Advantages are rollout constants (detached). Reduce with `aggregate_loss`.
+    """
+    _check_same_shape("ratio", ratio, advantages=advantages)
+    high = clip_low if clip_high is None else clip_high
+    advantages = advantages.detach()
+    return torch.maximum(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip_low, 1 + high))
+
+
+def loss_numerator(per_token: torch.Tensor, mask: torch.Tensor, loss_agg: str = "token_mean",
+                   max_tokens: int | None = None) -> torch.Tensor:
+    """The sum part of `aggregate_loss` (per_token [B,T], mask [B,T] -> scalar), so a loop over micro-batches
+    and processes can add numerators and divide once by the GLOBAL `loss_denominator`.
+
+    token_mean: sum of counted tokens; seq_mean_token_mean: sum over sequences of their token mean;
+    seq_mean_token_sum_norm: sum of counted tokens / max_tokens (a constant: the generation budget).
+    """
+    _check_same_shape("per_token", per_token, mask=mask)
+    total = (per_token * mask).sum(-1)
+    if loss_agg == "token_mean":
+        return total.sum()
+    if loss_agg == "seq_mean_token_mean":
+        return (total / mask.sum(-1).clamp(min=1)).sum()
+    if loss_agg == "seq_mean_token_sum_norm":
+        if not max_tokens or max_tokens < 1:
+            raise ValueError("seq_mean_token_sum_norm needs max_tokens >= 1 (the response length cap)")
+        return total.sum() / max_tokens
+    raise ValueError(f"loss_agg must be one of {list(LOSS_AGGREGATIONS)}, got {loss_agg!r}")
+
+
+def loss_denominator(mask: torch.Tensor, loss_agg: str = "token_mean") -> torch.Tensor:
+    """What `loss_numerator` is divided by: counted tokens (token_mean) or sequences (the other two). mask [B,T]."""
+    if loss_agg == "token_mean":
+        return mask.sum()
+    if loss_agg in LOSS_AGGREGATIONS:
+        return torch.tensor(float(mask.shape[0]), device=mask.device)
+    raise ValueError(f"loss_agg must be one of {list(LOSS_AGGREGATIONS)}, got {loss_agg!r}")
+
+
+def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, loss_agg: str = "token_mean",
+                   max_tokens: int | None = None) -> torch.Tensor:
+    """Reduce a per-token loss [B,T] to a scalar.
+
+    token_mean (PPO, DAPO eq. 12): mean over every counted token of the batch (long responses weigh more);
+    seq_mean_token_mean (GRPO, DeepSeekMath eq. 3): mean over sequences of each sequence's token mean;
+    seq_mean_token_sum_norm (Dr. GRPO): mean over sequences of the token SUM divided by the constant
+    max_tokens (no length normalisation, so no bias towards long wrong answers).
+    """
+    denominator = loss_denominator(mask, loss_agg)
+    return loss_numerator(per_token, mask, loss_agg, max_tokens) / denominator.clamp(min=1)

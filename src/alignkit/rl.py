@@ -150,3 +150,80 @@ class FixedKLController:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.value = float(state["value"])
+
+
+# ----------------------------------------------------------------------------- critic-free estimators
+
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
+ADVANTAGE_ESTIMATORS = ("gae", *GROUP_ESTIMATORS, "reinforce_pp")
+
+
+def group_advantages(rewards: torch.Tensor, estimator: str = "grpo", eps: float = 1e-6) -> torch.Tensor:
+    """One scalar advantage per response from the rewards of its group. rewards [P,G] -> [P,G].
+
+    G responses were sampled for each of P prompts; the group is its own baseline, so no critic is needed.
+    grpo (Shao et al. 2024, DeepSeekMath eq. 3): (r - mean_g) / (std_g + eps), std with Bessel's correction;
+    dr_grpo (Liu et al. 2025, "Understanding R1-Zero-like training"): r - mean_g, no std division (which
+    up-weights prompts the policy almost always solves or always fails);
+    rloo (Ahmadian et al. 2024; Kool et al. 2019): r_i - mean of the OTHER G-1 rewards
+    = G / (G-1) * (r_i - mean_g), an unbiased baseline; needs G >= 2.
+    A group whose rewards are all equal gets advantage 0 under every estimator.
+    """
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be [P,G], got shape {tuple(rewards.shape)}")
+    if estimator not in GROUP_ESTIMATORS:
+        raise ValueError(f"unknown group estimator {estimator!r}; valid: {list(GROUP_ESTIMATORS)}")
+    group = rewards.shape[1]
+    rewards = rewards.float()
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    if estimator == "dr_grpo":
+        return centred
+    if group < 2:
+        raise ValueError(f"{estimator} needs at least 2 responses per prompt, got G={group}")
+    if estimator == "grpo":
+        return centred / (rewards.std(dim=1, keepdim=True) + eps)
+    return centred * (group / (group - 1))
+
+
+def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """REINFORCE++ (Hu 2025): discounted return-to-go of the per-token (KL-shaped) rewards, whitened over
+    the WHOLE batch (global normalisation, no critic, no group). rewards, mask [B,T] -> advantages [B,T].
+
+    returns_t = sum_{k >= t, counted} gamma^(k-t) r_k; advantages = (returns - mean) / std over every counted
+    token of the batch; 0 on padding.
+    """
+    from alignkit.ops import whiten
+
+    returns, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma=gamma, lam=1.0)
+    return whiten(returns, mask)
+
+
+def broadcast_to_tokens(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A sequence-level advantage on every counted token of its response. advantages [B], mask [B,T] -> [B,T]."""
+    if advantages.dim() != 1 or advantages.shape[0] != mask.shape[0]:
+        raise ValueError(f"advantages must be [B] with B={mask.shape[0]}, got {tuple(advantages.shape)}")
+    return advantages.float().unsqueeze(1) * mask
+
+
+def varied_groups(rewards: torch.Tensor, tol: float = 1e-8) -> torch.Tensor:
+    """DAPO's dynamic-sampling filter: True for groups whose rewards are not all equal. rewards [P,G] -> bool [P].
+
+    A group whose G rewards are equal has zero group advantage: it carries no policy gradient, only noise in
+    the batch size, so DAPO (Yu et al. 2025, eq. 11) drops it and samples more prompts.
+    """
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be [P,G], got shape {tuple(rewards.shape)}")
+    return (rewards.max(dim=1).values - rewards.min(dim=1).values) > tol
+
+
+def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int, factor: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), added to the score. lengths [B] -> [B] (<= 0).
+
+    0 for |y| <= max_length - buffer; a linear ramp ((max_length - buffer) - |y|) / buffer * factor inside the
+    last `buffer` tokens; -factor at or beyond max_length (a response cut by the cap).
+    """
+    if buffer <= 0 or buffer > max_length:
+        raise ValueError(f"buffer must be in [1, max_length={max_length}], got {buffer}")
+    lengths = lengths.float()
+    ramp = ((max_length - buffer) - lengths) / buffer
+    return factor * ramp.clamp(min=-1.0, max=0.0)
