@@ -44,5 +44,6 @@ def test_best_of_n_two_processes_equal_one(pretrained_tiny: Path, tmp_path: Path
     s1, s2 = one_and_two_processes("best-of-n", common, tmp_path)
     for name in ("samples.jsonl", "best.jsonl"):
         assert (tmp_path / "one" / name).read_text() == (tmp_path / "two" / name).read_text(), name
-    for key in ("gold_reward", "sample_gold_reward", "proxy_reward", "length", "distinct_2", "kl_bound"):
+    for key in ("gold_reward", "sample_gold_reward", "proxy_reward", "length", "distinct_2", "kl_upper_bound",
+                "kl_estimate"):
         assert s2[key] == s1[key], key

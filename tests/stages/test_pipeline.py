@@ -50,8 +50,11 @@ def test_pipeline_runs_every_available_stage_and_reports(tmp_path: Path):
     saved = json.loads((out / "report.json").read_text())
     assert set(saved) >= {"stages", "methods", "alarms"}
     assert set(saved["methods"]) == {"base", "sft", "dpo", "rrhf", "ppo", "raft", "best_of_n"}
-    # best-of-n is a procedure, not a model: its row comes from its own summary, with the analytic KL bound
-    assert saved["methods"]["best_of_n"]["kl"] == pytest.approx(math.log(2) - 1 / 2)
+    # best-of-n is a procedure, not a model: its row comes from its own summary, with its KL estimated from
+    # the samples and the analytic upper bound beside it
+    bon = saved["methods"]["best_of_n"]
+    assert bon["kl_upper_bound"] == pytest.approx(math.log(2) - 1 / 2)
+    assert bon["kl"] == saved["stages"]["best_of_n"]["kl_estimate"] and 0.0 <= bon["kl"] <= bon["kl_upper_bound"]
     assert saved["methods"]["best_of_n"]["gold_reward"] == saved["stages"]["best_of_n"]["gold_reward"]
     for method in saved["methods"].values():
         assert 0.0 <= method["gold_reward"] <= 1.0 and method["wall_s"] > 0

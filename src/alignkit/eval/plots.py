@@ -4,7 +4,8 @@ terminal table.
 - `plot_metrics_over_steps`: each metric against training step, one line per run, error bars from
   "<metric>_stderr" when present.
 - `plot_frontier`: one point per method in the plane of two metrics (gold reward against KL), the
-  picture of what each method bought and what it cost.
+  picture of what each method bought and what it cost; a metric known only as an upper bound (best-of-n's
+  KL) is drawn as one.
 - `print_table`: one row per model, "mean ± stderr" cells (rich).
 """
 
@@ -83,29 +84,51 @@ def plot_metrics_over_steps(series: dict[str, list[dict]], out_dir: str | Path,
 
 
 def plot_frontier(methods: dict[str, dict], path: str | Path, x: str = "kl", y: str = "gold_reward") -> Path | None:
-    """Scatter of methods in the (x, y) plane with stderr bars ("<x>_stderr", "<y>_stderr"), labelled.
-
-    methods: name -> metrics dict. Methods missing x or y are left out; None when none has both.
-    """
-    points = {n: m for n, m in methods.items() if _finite(m.get(x)) and _finite(m.get(y))}
-    if not points:
-        return None
+    """Scatter of methods in the (x, y) plane (draw_frontier) written to `path`; None when no method has a point."""
     fig, ax = plt.subplots(figsize=(5.5, 4.0))
-    for name, m in points.items():
-        xerr = m.get(f"{x}_stderr") if _finite(m.get(f"{x}_stderr")) else 0.0
-        yerr = m.get(f"{y}_stderr") if _finite(m.get(f"{y}_stderr")) else 0.0
-        ax.errorbar([m[x]], [m[y]], xerr=[xerr], yerr=[yerr], marker="o", capsize=3)
-        ax.annotate(name, (m[x], m[y]), textcoords="offset points", xytext=(5, 5), fontsize="small")
-    ax.set_xlabel(x)
-    ax.set_ylabel(y)
-    ax.set_title(f"{y} against {x}")
-    ax.grid(alpha=0.3)
+    if not draw_frontier(ax, methods, x, y):
+        plt.close(fig)
+        return None
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def draw_frontier(ax, methods: dict[str, dict], x: str = "kl", y: str = "gold_reward") -> int:
+    """Draw methods in the (x, y) plane on `ax`, with stderr bars ("<x>_stderr", "<y>_stderr"), labelled.
+
+    A method may know only an upper bound on x ("<x>_upper_bound", e.g. best-of-n's log n - (n-1)/n): it gets
+    a left-pointing marker there, labelled "upper bound" (its true x is at or left of it), joined by a
+    dotted line to its estimate when it has one. Methods missing y, or both x and its bound, are left out.
+    Returns the number of methods drawn.
+    """
+    drawn = 0
+    for name, m in methods.items():
+        value, bound = m.get(x), m.get(f"{x}_upper_bound")
+        if not _finite(m.get(y)) or not (_finite(value) or _finite(bound)):
+            continue
+        yerr = m.get(f"{y}_stderr") if _finite(m.get(f"{y}_stderr")) else 0.0
+        color = None
+        if _finite(value):
+            xerr = m.get(f"{x}_stderr") if _finite(m.get(f"{x}_stderr")) else 0.0
+            color = ax.errorbar([value], [m[y]], xerr=[xerr], yerr=[yerr], marker="o", capsize=3).lines[0].get_color()
+        if _finite(bound):
+            (mark,) = ax.plot([bound], [m[y]], marker="<", markersize=9, linestyle="none", color=color)
+            if _finite(value):
+                ax.plot([value, bound], [m[y], m[y]], linestyle=":", color=mark.get_color())
+            ax.annotate("upper bound", (bound, m[y]), textcoords="offset points", xytext=(-6, -13), fontsize="x-small")
+        ax.annotate(name, (value if _finite(value) else bound, m[y]), textcoords="offset points", xytext=(5, 5),
+                    fontsize="small")
+        drawn += 1
+    if drawn:
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.set_title(f"{y} against {x}")
+        ax.grid(alpha=0.3)
+    return drawn
 
 
 def _cell(value: Any, stderr: Any) -> str:

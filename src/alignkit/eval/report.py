@@ -2,7 +2,8 @@
 
 report.json = {"stages": {stage: summary}, "methods": {method: {gold_reward, proxy_reward, kl,
 win_rate_vs_sft, length, distinct_2, wall_s, peak_rss_mb, ...}}, "alarms": [...], "notes": [...]}.
-`methods` has `base` (after pretraining), `sft`, and each policy method that ran.
+`methods` has `base` (after pretraining), `sft`, and each policy method that ran; best-of-n's row (from its
+own summary) has its KL estimate as `kl` and `kl_upper_bound`, the bound log n - (n-1)/n.
 """
 
 from __future__ import annotations
@@ -59,9 +60,11 @@ def evaluate_and_report(cfg: Any, done: dict[str, Path], stage_summaries: dict, 
 
 
 # best-of-n has no model to evaluate: its row comes from its own summary (selected responses to the held-out
-# prompts); its KL is the analytic bound log n - (n-1)/n against the sampling (SFT) policy.
+# prompts). Its KL to the sampling (SFT) policy is the estimate from its samples (eval.metrics.best_of_n_kl_estimate;
+# absent from run dirs older than it) and kl_upper_bound = log n - (n-1)/n, which older run dirs call kl_bound.
 BEST_OF_N_KEYS = {"gold_reward": "gold_reward", "gold_reward_stderr": "gold_reward_stderr", "proxy_reward": "proxy_reward",
-                  "proxy_reward_stderr": "proxy_reward_stderr", "kl": "kl_bound", "length": "length"}
+                  "proxy_reward_stderr": "proxy_reward_stderr", "kl": "kl_estimate", "kl_stderr": "kl_estimate_stderr",
+                  "length": "length"}
 # (its distinct-2 is over one pick per prompt, eval's over 4 samples per prompt: not comparable, so not shown)
 
 
@@ -91,7 +94,9 @@ def build_report(stage_summaries: dict, eval_summary: dict, notes: list[str]) ->
     if bon and "best_of_n" not in methods and bon.get("gold_reward") is not None:
         row = {key: bon.get(src) for key, src in BEST_OF_N_KEYS.items()}
         row.update(wall_s=bon.get("wall_s"), peak_rss_mb=bon.get("peak_rss_mb"), n=bon.get("n"),
-                   kl_is="bound log n - (n-1)/n", sample_gold_reward=bon.get("sample_gold_reward"))
+                   kl_upper_bound=bon.get("kl_upper_bound", bon.get("kl_bound")),
+                   kl_is="estimate from the samples; log n - (n-1)/n is an upper bound",
+                   sample_gold_reward=bon.get("sample_gold_reward"))
         methods["best_of_n"] = row
     return {
         "stages": stage_summaries,
@@ -112,14 +117,26 @@ def _fmt(value: Any, stderr: Any = None) -> str:
     return text
 
 
+def _cell(row: dict, key: str) -> str:
+    """A table cell: "mean ± stderr", and "≤ bound (upper bound)" beside it (or alone) where the row has
+    "<key>_upper_bound" (best-of-n's KL)."""
+    text = _fmt(row.get(key), row.get(f"{key}_stderr"))
+    bound = row.get(f"{key}_upper_bound")
+    if not isinstance(bound, (int, float)) or not math.isfinite(bound):
+        return text
+    stated = f"≤ {bound:.3f} (upper bound)"
+    return stated if text == "-" else f"{text}; {stated}"
+
+
 def render_markdown(report: dict, plots: list[Path], out: Path) -> str:
     ev = report.get("eval", {})
     lines = ["# alignkit pipeline report", ""]
     lines.append(f"Held-out prompts: {ev.get('n_prompts')}, {ev.get('n_samples')} samples each (± is one "
-                 f"standard error); task: {ev.get('task')}; KL and win rate against SFT.")
+                 f"standard error); task: {ev.get('task')}; KL and win rate against SFT. Best-of-n's KL is "
+                 f"estimated from its samples, beside its upper bound log n - (n-1)/n.")
     lines += ["", "| method | " + " | ".join(TABLE) + " |", "|---" * (len(TABLE) + 1) + "|"]
     for name, row in report["methods"].items():
-        cells = [_fmt(row.get(k), row.get(f"{k}_stderr")) for k in TABLE]
+        cells = [_cell(row, k) for k in TABLE]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if report.get("reward_models"):
         lines += ["", "## Reward models on held-out pairs", ""]

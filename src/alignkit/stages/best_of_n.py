@@ -6,8 +6,11 @@ prompt (selection.best_of_n) -> `best.jsonl` (SFT-ready {prompt, completion, rew
 model is then fine-tuned on the best responses with the SFT loss (rejection-sampling fine-tuning) and
 `final/` is written; without it the stage is inference only (no training, no final/).
 
-The policy "sample n, keep the best" is itself a policy; its KL to the sampling policy is at most
-log(n) - (n-1)/n nats (exact for a continuous reward without ties), reported as `kl_bound`.
+The policy "sample n, keep the best" is itself a policy. Its KL to the sampling policy is at most
+log(n) - (n-1)/n nats, reached only when the reward never ties (Beirami et al. 2024), reported as
+`kl_upper_bound`; beside it `kl_estimate` (and its stderr over prompts) estimates the KL itself from each
+prompt's n samples, counting repeated rewards (duplicate responses) as atoms
+(eval.metrics.best_of_n_kl_estimate, which states its bias).
 
 Sampling is done in fixed chunks of prompts seeded from (seed, split, chunk) and spread over processes
 (rollout.map_chunks), reward-model scores likewise, so 1 and N processes select the same responses. The
@@ -107,15 +110,20 @@ def reward_matrix(candidates: list[list[dict]], key: str) -> torch.Tensor:
     return torch.tensor([[c[key] for c in per] for per in candidates], dtype=torch.float64)
 
 
-def kl_bound(n: int) -> float:
-    """KL(best-of-n || sampler) = log n - (n-1)/n nats (Gao et al. 2022), exact when the n rewards have no ties."""
+def kl_upper_bound(n: int) -> float:
+    """log n - (n-1)/n nats: an UPPER bound on KL(best-of-n || sampler) (Beirami et al. 2024), equal to it only
+    for a reward without ties (the value Gao et al. 2022 give as the KL)."""
     return math.log(n) - (n - 1) / n
 
 
 def selection_stats(candidates: list[list[dict]], best: list[int]) -> dict[str, float]:
-    """Rewards of the selected responses vs of all samples (stderr over prompts), and length/EOS/diversity."""
+    """Rewards of the selected responses vs of all samples (stderr over prompts), the selection's estimated KL,
+    and length/EOS/diversity."""
     chosen = [per[b] for per, b in zip(candidates, best)]
     out: dict[str, float] = {}
+    # The KL of selecting by the proxy ("reward"), the reward that chose; equal texts are one outcome.
+    out["kl_estimate"], out["kl_estimate_stderr"] = M.best_of_n_kl_estimate(
+        reward_matrix(candidates, "reward"), [[c["text"] for c in per] for per in candidates])
     keys = [("reward", "proxy_reward")] + ([("gold", "gold_reward")] if "gold" in candidates[0][0] else [])
     for key, name in keys:
         out[name], out[f"{name}_stderr"] = M.mean_and_stderr([c[key] for c in chosen])
@@ -207,7 +215,8 @@ def run(cfg: BestOfNConfig) -> dict[str, Any]:
     if accelerator.is_main_process:
         write_outputs(Path(cfg.output_dir), cfg.n, splits)
 
-    summary: dict[str, Any] = {"n": cfg.n, "kl_bound": kl_bound(cfg.n), "reward": cfg.reward, "task": scorer.task}
+    summary: dict[str, Any] = {"n": cfg.n, "kl_upper_bound": kl_upper_bound(cfg.n), "reward": cfg.reward,
+                               "task": scorer.task}
     summary.update(selection_stats(*splits["train"][1:]))
     if "eval" in splits:
         summary.update({f"eval_{k}": v for k, v in selection_stats(*splits["eval"][1:]).items()})
