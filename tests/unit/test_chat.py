@@ -149,11 +149,21 @@ def test_prompt_completion_trains_only_the_completion(tok):
     everything = tokenize_conversation(tok, prompt + [assistant("1 3")], 100)
     assert everything["input_ids"] == example["input_ids"]
     assert _supervised_texts(tok, everything) == ["1 2<|im_end|>", "1 3<|im_end|>"]
-    # Truncating inside the completion's header leaves nothing to train, though an earlier
-    # assistant turn survives.
-    n_prompt = len(_ids(tok, render_prompt(tok, prompt)))
-    assert tokenize_prompt_completion(tok, prompt, "1 3", n_prompt) is None
-    assert tokenize_conversation(tok, prompt + [assistant("1 3")], n_prompt) is not None
+
+
+def test_prompt_completion_too_long_loses_the_start_of_its_prompt(tok):
+    prompt = [user("sort 2 1"), assistant("1 2"), user("and 3 1")]
+    full = tokenize_prompt_completion(tok, prompt, "1 3", 100)
+    first_label = next(i for i, label in enumerate(full["labels"]) if label != M)
+    n_completion = len(full["input_ids"]) - first_label  # "1 3", <|im_end|> and the template's newline
+    for max_length in (len(full["input_ids"]) - 1, n_completion + 3, n_completion):
+        cut = tokenize_prompt_completion(tok, prompt, "1 3", max_length)
+        assert cut == {"input_ids": full["input_ids"][-max_length:], "labels": full["labels"][-max_length:]}
+        assert _supervised_texts(tok, cut) == ["1 3<|im_end|>"]
+    # The completion itself does not fit: nothing to train on, unless the caller keeps the cut completion.
+    assert tokenize_prompt_completion(tok, prompt, "1 3", n_completion - 1) is None
+    kept = tokenize_prompt_completion(tok, prompt, "1 3", n_completion - 1, keep_cut_completion=True)
+    assert kept["input_ids"] == full["input_ids"][-(n_completion - 1):]
 
 
 def test_other_template_style(tok):

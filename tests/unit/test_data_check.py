@@ -72,16 +72,18 @@ def test_preference_numbers(tmp_path, word_tok):
         # sides: 6 + 2 + 1 = 9 and 6 + 2 + 4 = 12 -> length 12; truncated at 10, rejected keeps
         # 3 trained tokens (its header is 7 tokens).
         {"prompt": words(2), "chosen": words(1), "rejected": "z y x w"},
-        # sides 6 + 6 + 1 = 13; header 2+6+1+2 = 11 > 10: both sides lose everything.
+        # sides 6 + 6 + 1 = 13 > 10: the prompt loses its start, both completions (2 tokens) survive.
         {"prompt": words(6), "chosen": "z", "rejected": "y"},
         # 6 + 1 + 1 = 8 both sides: fits.
         {"prompt": "a", "chosen": "b", "rejected": "c"},
+        # rejected 6 + 1 + 10 = 17: its completion alone (10 words + <|im_end|>) exceeds 10, the pair is lost.
+        {"prompt": "a", "chosen": "b", "rejected": words(10)},
     ]
     report = run_data_check(write(tmp_path / "p.jsonl", rows), None, word_tok, max_length=10)
     assert report["kind"] == "preference"
-    # Record lengths [12, 13, 8]: nearest-rank p50 of [8, 12, 13] is 12.
-    assert report["tokens"] == {"total": 33, "p50": 12, "p90": 13, "p99": 13, "max": 13}
-    assert (report["n_truncated"], report["n_no_supervised"]) == (2, 1)
+    # Record lengths [12, 13, 8, 17]: nearest-rank p50 of [8, 12, 13, 17] is 12, p90 17.
+    assert report["tokens"] == {"total": 50, "p50": 12, "p90": 17, "p99": 17, "max": 17}
+    assert (report["n_truncated"], report["n_no_supervised"]) == (3, 1)
 
 
 def test_prompts_numbers(tmp_path, word_tok):
@@ -106,16 +108,18 @@ def test_text_token_counts_only(tmp_path, word_tok):
 
 def test_ranked_numbers(tmp_path, word_tok):
     # prompt 1 word: sides 6 + 1 + m for m in (1, 4) -> 8 and 11; at max_length 9 the longer is
-    # truncated but keeps 3 trained tokens after its 6-token header.
-    # A 4-word prompt has a 9-token header: nothing trained is left at max_length 9.
+    # truncated from the left and keeps its 5 trained tokens.
+    # A 4-word prompt: sides of 11, cut from the left, the 2-token completions survive.
+    # A 9-word response (10 trained tokens with <|im_end|>) cannot fit in 9: that list is lost.
     rows = [
         {"prompt": "a", "responses": ["b", "c d e f"], "scores": [1, 0]},
         {"prompt": words(4), "responses": ["b", "c"], "ranks": [1, 2]},
+        {"prompt": "a", "responses": ["b", words(9)], "scores": [1, 0]},
     ]
     report = run_data_check(write(tmp_path / "r.jsonl", rows), None, word_tok, max_length=9)
     assert report["kind"] == "ranked"
-    assert report["tokens"] == {"total": 11 + 11, "p50": 11, "p90": 11, "p99": 11, "max": 11}
-    assert (report["n_truncated"], report["n_no_supervised"]) == (2, 1)
+    assert report["tokens"] == {"total": 11 + 11 + 16, "p50": 11, "p90": 16, "p99": 16, "max": 16}
+    assert (report["n_truncated"], report["n_no_supervised"]) == (3, 1)
 
 
 def test_marked_example_exact_with_bpe():

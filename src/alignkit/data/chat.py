@@ -160,17 +160,41 @@ def tokenize_conversation(
     return {"input_ids": input_ids, "labels": labels}
 
 
+NO_LIMIT = 1 << 30  # a max_length no sequence reaches
+
+
 def tokenize_prompt_completion(
-    tokenizer: Any, messages: list[dict], completion: str, max_length: int
+    tokenizer: Any, messages: list[dict], completion: str, max_length: int, keep_cut_completion: bool = False
 ) -> dict | None:
-    """Tokenize prompt `messages` followed by an assistant `completion` (a preference side).
+    """Tokenize prompt `messages` followed by an assistant `completion` (a preference side, a sample).
 
     input = render_prompt(messages) + completion + the template's end-of-turn text; labels only on
     the completion and its end-of-turn (earlier assistant turns of the prompt are context, not
-    trained). None when truncation leaves no completion token.
+    trained). Returns {"input_ids", "labels"} of at most max_length tokens: a longer sequence loses
+    the START of its prompt (`cut_from_left`), so the completion, its end-of-turn and the latest turns
+    it answers survive. When the completion alone does not fit: None, or (keep_cut_completion) the
+    last max_length tokens.
     """
     conversation = list(messages) + [{"role": "assistant", "content": completion}]
-    return tokenize_conversation(tokenizer, conversation, max_length, last_turn_only=True)
+    full = tokenize_conversation(tokenizer, conversation, NO_LIMIT, last_turn_only=True)
+    return None if full is None else cut_from_left(full, max_length, keep_cut_completion)
+
+
+def cut_from_left(example: dict, max_length: int, keep_cut_completion: bool = False) -> dict | None:
+    """The last max_length tokens of a prompt + completion example ({"input_ids", "labels"}, the labelled
+    completion at its end): the prompt loses its start, never the completion.
+
+    An example that fits is returned as it is. When the completion (from its first label to the end)
+    alone is longer than max_length: None (a caller that trains on it drops it), or
+    (keep_cut_completion, for scoring) the last max_length tokens anyway.
+    """
+    ids, labels = example["input_ids"], example["labels"]
+    if len(ids) <= max_length:
+        return example
+    first_label = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    if len(ids) - first_label > max_length and not keep_cut_completion:
+        return None
+    return {"input_ids": ids[-max_length:], "labels": labels[-max_length:]}
 
 
 def document_separator_id(tokenizer: Any) -> int:

@@ -27,10 +27,9 @@ from typing import Any
 
 import torch
 
-from alignkit.data.chat import IGNORE_INDEX, tokenize_prompt_completion
+from alignkit.data.chat import IGNORE_INDEX, NO_LIMIT, cut_from_left, tokenize_prompt_completion
 from alignkit.runtime.sequences import pack_for_forward
 
-_NO_LIMIT = 1 << 30
 # Tried in order when the tokenizer pads with its end-of-turn token.
 _RM_PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad_id|>", "<|endoftext|>", "<unk>")
 
@@ -48,7 +47,7 @@ def _token_id(tokenizer: Any, token: str) -> int | None:
 
 def end_of_turn_id(tokenizer: Any) -> int:
     """The token a rendered assistant turn ends with (e.g. <|im_end|>): the reward is read there."""
-    example = tokenize_prompt_completion(tokenizer, [{"role": "user", "content": "x"}], "y", _NO_LIMIT)
+    example = tokenize_prompt_completion(tokenizer, [{"role": "user", "content": "x"}], "y", NO_LIMIT)
     return [t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX][-1]
 
 
@@ -201,21 +200,18 @@ def reward_example(
     """Token ids of prompt + response + end-of-turn, ending AT the end-of-turn token.
 
     Returns {"input_ids", "labels" (response + end-of-turn), "truncated": bool} with at most
-    max_length tokens: a longer sequence loses the start of its prompt. When even the response and
-    its end-of-turn exceed max_length: None, or (keep_cut_response) the last max_length tokens.
+    max_length tokens: a longer sequence loses the start of its prompt (data.chat.cut_from_left, as
+    every stage's prompt + completion). When even the response and its end-of-turn exceed max_length:
+    None, or (keep_cut_response) the last max_length tokens.
     """
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    full = tokenize_prompt_completion(tokenizer, messages, response, _NO_LIMIT)
+    full = tokenize_prompt_completion(tokenizer, messages, response, NO_LIMIT)
     if full is None:  # cannot happen without truncation; kept for a template that renders nothing
         return None
-    trained = [i for i, label in enumerate(full["labels"]) if label != IGNORE_INDEX]
-    end = trained[-1] + 1
-    ids, labels = full["input_ids"][:end], full["labels"][:end]
-    if end <= max_length:
-        return {"input_ids": ids, "labels": labels, "truncated": False}
-    if end - trained[0] > max_length and not keep_cut_response:
-        return None
-    return {"input_ids": ids[-max_length:], "labels": labels[-max_length:], "truncated": True}
+    end = max(i for i, label in enumerate(full["labels"]) if label != IGNORE_INDEX) + 1  # after the end-of-turn
+    whole = {"input_ids": full["input_ids"][:end], "labels": full["labels"][:end]}
+    kept = cut_from_left(whole, max_length, keep_cut_response)
+    return None if kept is None else {**kept, "truncated": kept is not whole}
 
 
 def score_texts(

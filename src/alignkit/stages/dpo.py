@@ -1,9 +1,9 @@
 """`alignkit dpo`: direct preference optimisation (DPO, IPO, conservative DPO) against a frozen reference.
 
 config -> preference records (explicit prompt, chat lists, or hh-rlhf implicit prompts) -> each side
-tokenized as prompt + completion with labels on the completion only (pairs whose completion is truncated
-away are dropped and counted) -> reference log-probs -> the shared loop, one row = one pair (weight 1)
--> `final/` + `summary.json`.
+tokenized as prompt + completion with labels on the completion only (a side longer than max_length loses
+the start of its prompt; pairs with a completion that alone does not fit are dropped and counted) ->
+reference log-probs -> the shared loop, one row = one pair (weight 1) -> `final/` + `summary.json`.
 
 Reference (DPO's pi_ref): `ref_model`, or the starting policy. With `precompute_ref=true` (default) the
 reference log-probs of every train and held-out pair are computed once before training, cached in
@@ -92,8 +92,9 @@ def _gold(record: dict) -> tuple[float, float] | None:
 
 
 def tokenize_pairs(tokenizer, records: list[dict], max_length: int) -> tuple[list[Pair], dict[str, int]]:
-    """(pairs, drop counts). A pair is dropped when truncation removed a whole completion ("truncated")
-    or left both sides identical ("identical": nothing to prefer)."""
+    """(pairs, drop counts). A side longer than max_length keeps its last tokens (the prompt loses its
+    oldest turns, data.chat.tokenize_prompt_completion). A pair is dropped when a completion alone does not
+    fit ("truncated") or both sides are identical ("identical": nothing to prefer)."""
     pairs: list[Pair] = []
     dropped = {"truncated": 0, "identical": 0}
     for record in records:

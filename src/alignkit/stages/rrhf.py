@@ -13,8 +13,9 @@ Rules:
 - One row = one list (weight 1). All responses of all lists of a micro-batch go through ONE padding-free
   forward (runtime.sequences). Ragged K (lists of different lengths, e.g. after de-duplication) is handled by
   grouping: lists with the same K go through losses.rrhf_loss together as [B_k, K]; nothing is padded.
-- A response whose tokens are all truncated away is dropped; a list left with < 2 responses or with all
-  rewards tied ranks nothing and is dropped. Both are counted in summary.json; no list left is an error.
+- A sequence longer than max_length loses the start of its prompt, never its response; a response that
+  alone does not fit is dropped; a list left with < 2 responses or with all rewards tied ranks nothing and
+  is dropped. Both are counted in summary.json; no list left is an error.
 - Policy samples are drawn in fixed chunks of prompts, chunk c seeded from (seed, c), chunks spread over
   processes and gathered: 1 and N processes sample the same responses. Reward-model scores likewise.
 """
@@ -113,7 +114,8 @@ def assign_rewards(accelerator: Accelerator, cfg: RRHFConfig, lists: list[dict])
 def tokenize_lists(tokenizer, lists: list[dict], max_length: int) -> tuple[list[dict], dict[str, int]]:
     """Rows {examples: [{input_ids, labels}] * K, rewards: [K], best: index of the highest reward}.
 
-    Also returns drop counts: responses truncated to nothing, lists left ranking nothing.
+    Also returns drop counts: responses that alone exceed max_length (a long prompt only loses its start),
+    lists left ranking nothing.
     """
     rows, dropped = [], {"dropped_responses": 0, "dropped_lists": 0}
     for item in lists:
