@@ -274,18 +274,26 @@ def reward_metrics(ctx: Context, flat_prompts: list, texts: list[str], k: int) -
 
 
 def kl_metrics(ctx: Context, model, tokenizer, generations: list) -> dict:
-    """KL(policy || reference) from the policy's own samples: k1 of sequence sums and per-token k3."""
+    """KL(policy || reference) from the policy's own samples: k1 of sequence sums and per-token k3.
+
+    generations: the policy's samples, prompt-major, n_samples per prompt. Both sides score them with
+    logits / temperature: the responses were drawn from the policy's tempered distribution, and the KL is
+    between the two models as they would sample at that temperature, so a model against itself is 0 at
+    any temperature (top_p truncation is not modelled). Standard errors are over prompts (a prompt's
+    samples are averaged first), as for the rewards.
+    """
     ref_model, ref_tok = ctx.reference
     if tokenizer.get_vocab() != ref_tok.get_vocab():
         print("eval: the reference has another tokenizer; KL skipped for this model", flush=True)
         return {}
     examples = response_examples(generations, ctx.cfg.max_length)
-    pad, rows, budget = tokenizer.pad_token_id, SCORE_ROW_TOKENS, ctx.cfg.score_tokens
+    pad, rows, budget, k = tokenizer.pad_token_id, SCORE_ROW_TOKENS, ctx.cfg.score_tokens, ctx.cfg.n_samples
     pol = token_logps(model, examples, pad, rows, budget, ctx.cfg.temperature)
-    ref = token_logps(ref_model, examples, pad, rows, budget)
+    ref = token_logps(ref_model, examples, pad, rows, budget, ctx.cfg.temperature)
     out: dict[str, float] = {}
-    _with_stderr(out, "kl", M.kl_from_samples([p.sum().item() for p in pol], [r.sum().item() for r in ref]))
-    _with_stderr(out, "kl_k3", M.kl_k3_per_token(pol, ref))
+    _with_stderr(out, "kl", M.kl_from_samples(_grouped([p.sum().item() for p in pol], k),
+                                              _grouped([r.sum().item() for r in ref], k)))
+    _with_stderr(out, "kl_k3", M.kl_k3_per_token(pol, ref, group_size=k))
     return out
 
 
@@ -467,7 +475,12 @@ def _series(targets: list[Target], models: dict[str, dict]) -> dict[str, list[di
 
 
 def _alarms(cfg: EvalConfig, targets: list[Target], models: dict, samples: dict) -> list[dict]:
-    """check_all per run (label): its checkpoints form the series."""
+    """check_all per run (label): its checkpoints form the series.
+
+    The checkpoints of one run are a FIXED held-out series (the same prompts and sampling seed for every
+    model), so proxy_up_gold_down may compare them; each point carries gold_reward_stderr and
+    proxy_reward_stderr (stderr over prompts, reward_metrics), which its noise test and Bonferroni z use,
+    and the length alarm gets each sample's gold reward (task known) to discount gold's own length trend."""
     config = AlarmConfig(gold_tolerance=cfg.alarm_gold_tolerance, length_corr_threshold=cfg.alarm_length_corr,
                          disagreement_factor=cfg.alarm_disagreement_factor, kl_budget=cfg.kl_budget)
     found = []

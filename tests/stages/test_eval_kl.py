@@ -1,0 +1,67 @@
+"""`alignkit eval`'s KL: both models at the sampling temperature, standard errors over prompts."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from alignkit.cli import run_stage
+
+T = 0.7
+
+
+def test_baseline_against_itself_is_zero_at_temperature_07(pretrained_tiny: Path, tmp_path: Path):
+    out = tmp_path / "eval"
+    run_stage("eval", [f"models=[{pretrained_tiny / 'final'}]", "names=[base]", "prompts=task:sort/prompts_eval?n=8",
+                       "n_samples=2", "max_new_tokens=12", f"temperature={T}", "greedy=false", "heldout_text=null",
+                       "checkpoints=false", f"output_dir={out}"])
+    base = json.loads((out / "summary.json").read_text())["models"]["base"]
+    # The reference is the baseline: its samples score the same under both sides, whatever the temperature.
+    assert base["kl"] == 0.0 and base["kl_k3"] == 0.0 and base["kl_stderr"] == 0.0
+
+
+def _tempered_logp(model, prompt_ids: list[int], response_ids: list[int], temperature: float) -> float:
+    """log p_T(response | prompt) with p_T = softmax(logits / T), from one plain forward (no packing)."""
+    ids = torch.tensor([prompt_ids + response_ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float() / temperature
+    return float(torch.log_softmax(logits, -1).gather(1, torch.tensor(response_ids)[:, None]).sum())
+
+
+def test_kl_uses_the_temperature_on_both_sides_and_groups_by_prompt(pretrained_tiny: Path):
+    from alignkit.config import EvalConfig
+    from alignkit.data.tasks import load_task_records
+    from alignkit.generation import generate
+    from alignkit.models.loading import load_causal_lm
+    from alignkit.stages.evaluate import Context, kl_metrics
+
+    reference, tok = load_causal_lm(str(pretrained_tiny / "final"))
+    policy, _ = load_causal_lm(str(pretrained_tiny / "final"))
+    with torch.no_grad():  # a policy that moved away from the reference
+        for p in policy.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    reference.eval()
+    policy.eval()
+    prompts = [r["prompt"] for r in load_task_records("task:sort/prompts_eval?n=6")[0]]
+    k = 3
+    cfg = EvalConfig(models=["x"], n_samples=k, temperature=T, max_length=256)
+    flat = [g for per in generate(policy, tok, prompts, n=k, temperature=T, max_new_tokens=10, seed=0) for g in per]
+    ctx = Context(cfg, prompts, None, [], (reference, tok), [])
+    got = kl_metrics(ctx, policy, tok, flat)
+
+    # By hand: k1 = log p_T(y) - log q_T(y) per sample, both at T; prompts are the units of the stderr.
+    k1 = np.array([_tempered_logp(policy, g.prompt_ids, g.response_ids, T)
+                   - _tempered_logp(reference, g.prompt_ids, g.response_ids, T) for g in flat]).reshape(-1, k)
+    per_prompt = k1.mean(axis=1)
+    assert got["kl"] == pytest.approx(k1.mean(), abs=1e-4)
+    assert got["kl_stderr"] == pytest.approx(per_prompt.std(ddof=1) / math.sqrt(len(prompts)), abs=1e-4)
+    # The reference at T = 1 (the old asymmetry) gives another number: the test tells the two apart.
+    untempered = np.mean([_tempered_logp(policy, g.prompt_ids, g.response_ids, T)
+                          - _tempered_logp(reference, g.prompt_ids, g.response_ids, 1.0) for g in flat])
+    assert abs(untempered - got["kl"]) > 0.1
+    assert got["kl_k3"] > 0.0 and math.isfinite(got["kl_k3_stderr"])
