@@ -21,6 +21,7 @@ STAGES: dict[str, tuple[str, type, str]] = {
     "rrhf": ("alignkit.stages.rrhf", C.RRHFConfig, "rank K responses by reward; align length-normalised log-probs"),
     "label": ("alignkit.stages.label", C.LabelConfig, "comparison data: sample a model's responses, rank them by an annotator (simulated, gold or a reward model)"),
     "ppo": ("alignkit.stages.ppo", C.PPOConfig, "RLHF with PPO: actor, critic, reference, reward model; KL-shaped rewards, GAE"),
+    "grpo": ("alignkit.stages.ppo", C.GRPOConfig, "GRPO: the ppo stage without a critic, group-normalised advantages, KL as a loss term"),
     "raft": ("alignkit.stages.raft", C.RAFTConfig, "reward-ranked fine-tuning: sample, keep the best by reward, fine-tune, repeat"),
     "best-of-n": ("alignkit.stages.best_of_n", C.BestOfNConfig, "best-of-n / rejection sampling: n samples per prompt, keep the highest reward"),
     "eval": ("alignkit.stages.evaluate", C.EvalConfig, "evaluate models or checkpoints: gold/proxy reward, KL, win rate, diversity, alarms"),

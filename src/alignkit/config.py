@@ -529,15 +529,42 @@ class PPOConfig(TrainConfig):
     mini_batch_size: int = opt(0, "GLOBAL sequences per optimizer update (0: the whole rollout)")
     ppo_epochs: int = opt(4, "passes over the rollout per PPO step (mini-batches reshuffled from (seed, step))")
     temperature: float = opt(1.0, "sampling temperature (log-probs and KL are those of the sampling distribution)")
-    max_new_tokens: int = opt(32, "length cap of a response; a prompt must leave this many tokens below max_length")
+    max_new_tokens: int = opt(32, "length cap of a response; a longer prompt keeps its last max_length - max_new_tokens tokens")
     sample_chunk: int = opt(32, "prompts per generation call (chunks are seeded by index: any process count samples alike)")
     forward_batch_size: int = opt(32, "sequences per no-grad forward (old/reference log-probs, values) in a rollout")
     reward_batch_size: int = opt(32, "responses per reward-model forward")
-    clip_eps: float = opt(0.2, "PPO ratio clipping")
+    advantage: str = opt(
+        "gae", "advantage estimator: gae (critic + GAE, PPO), grpo (group-normalised rewards), dr_grpo (group "
+        "mean baseline, no std), rloo (leave-one-out baseline), reinforce_pp (global-batch-normalised returns); "
+        "all but gae load no critic; the group estimators need samples_per_prompt >= 2"
+    )
+    loss_agg: str = opt(
+        "token_mean", "policy-loss reduction: token_mean (every token of the mini-batch), seq_mean_token_mean "
+        "(GRPO: per-sequence token mean, then mean), seq_mean_token_sum_norm (Dr. GRPO: token sum / max_new_tokens)"
+    )
+    ratio_level: str = opt("token", "importance ratio: token (PPO/GRPO) or sequence (GSPO: length-normalised sequence ratio)")
+    kl_in: str = opt(
+        "reward", "where the KL to the reference enters: reward (per-token penalty in the reward, PPO style) or "
+        "loss (kl_coef * kl_estimator term in the policy loss, GRPO style; use kl_estimator=k3)"
+    )
+    clip_eps: float = opt(0.2, "PPO ratio clipping (both sides unless clip_eps_low / clip_eps_high are set)")
+    clip_eps_low: Union[float, None] = opt(None, "lower ratio clip 1 - clip_eps_low (null: clip_eps)")
+    clip_eps_high: Union[float, None] = opt(None, "upper ratio clip 1 + clip_eps_high (DAPO clip-higher, e.g. 0.28; null: clip_eps)")
+    dynamic_sampling: bool = opt(
+        False, "DAPO dynamic sampling: drop prompt groups whose rewards are all equal (zero advantage) and sample "
+        "more prompts to refill the rollout (group estimators)"
+    )
+    max_refills: int = opt(3, "dynamic sampling: extra sampling rounds per step at most; still short, the rollout keeps "
+                           "some equal-reward groups (they carry no policy gradient)")
+    overlong_buffer: int = opt(0, "DAPO soft overlong penalty: responses in the last N tokens before max_new_tokens lose "
+                               "up to overlong_penalty linearly, cut ones lose all of it (0: off)")
+    overlong_penalty: float = opt(1.0, "the largest overlong penalty (with overlong_buffer > 0)")
     value_clip_eps: float = opt(0.2, "clipping of the critic's change from its rollout values")
-    entropy_coef: float = opt(0.0, "entropy bonus weight in the actor loss (0: off)")
+    entropy_coef: float = opt(
+        0.0, "entropy weight in the actor loss: > 0 a bonus (exploration), < 0 entropy minimisation (sharpens the "
+        "policy towards its modes; Agarwal et al. 2025), 0 off")
     kl_coef: float = opt(0.05, "KL penalty coefficient per token (initial value when adaptive_kl)")
-    kl_estimator: str = opt("k1", "per-token KL estimator in the reward: k1 (log-ratio) or k3 (non-negative)")
+    kl_estimator: str = opt("k1", "per-token KL estimator: k1 (log-ratio), k2, k3 (non-negative; the usual one with kl_in=loss) or abs")
     adaptive_kl: bool = opt(False, "adapt kl_coef towards kl_target (Ziegler et al. 2019)")
     kl_target: float = opt(6.0, "target KL per sequence (nats) for adaptive_kl")
     kl_horizon: float = opt(10000.0, "adaptive KL horizon, in sampled sequences")
@@ -552,6 +579,22 @@ class PPOConfig(TrainConfig):
     reward_clip: float = opt(0.0, "clip scores to [-reward_clip, reward_clip] after normalisation (0: off)")
     eval_samples_per_prompt: int = opt(1, "sampled responses per held-out prompt at each evaluation")
     kl_budget: Union[float, None] = opt(None, "alarm when KL(policy || reference) per sequence exceeds this (null: off)")
+
+
+@dataclass
+class GRPOConfig(PPOConfig):
+    """`alignkit grpo`: the ppo stage with GRPO's defaults (DeepSeekMath): no critic, group-normalised
+    advantages over samples_per_prompt responses, the k3 KL as a loss term, per-sequence loss mean."""
+
+    output_dir: str = opt("runs/grpo", "the run directory")
+    advantage: str = opt("grpo", PPOConfig.__dataclass_fields__["advantage"].metadata["help"])
+    samples_per_prompt: int = opt(8, "responses sampled per prompt: the group each advantage is relative to")
+    rollout_batch_size: int = opt(16, "GLOBAL prompts per step, chosen from (seed, step)")
+    kl_in: str = opt("loss", PPOConfig.__dataclass_fields__["kl_in"].metadata["help"])
+    kl_estimator: str = opt("k3", PPOConfig.__dataclass_fields__["kl_estimator"].metadata["help"])
+    kl_coef: float = opt(0.04, "weight of the KL loss term (GRPO's beta)")
+    loss_agg: str = opt("seq_mean_token_mean", PPOConfig.__dataclass_fields__["loss_agg"].metadata["help"])
+    ppo_epochs: int = opt(1, "passes over each rollout (GRPO's mu; 1: on-policy, the ratio is 1 at the first pass)")
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,9 +35,12 @@ class Sample:
 
 
 def sample_responses(accelerator: Accelerator, model, tokenizer, prompts: list, n: int, temperature: float,
-                     max_new_tokens: int, chunk: int, seed: int, split: int) -> list[Sample]:
-    """n samples per prompt (prompt-major: sample j of prompt i is at i*n + j), with the KV cache."""
-    per_prompt = sample_generations(accelerator, model, tokenizer, prompts, n, temperature, max_new_tokens, chunk, seed, split)
+                     max_new_tokens: int, chunk: int, seed: int, split: int,
+                     max_prompt_tokens: int | None = None) -> list[Sample]:
+    """n samples per prompt (prompt-major: sample j of prompt i is at i*n + j), with the KV cache; a prompt
+    longer than max_prompt_tokens keeps its last max_prompt_tokens tokens (the end of the conversation)."""
+    per_prompt = sample_generations(accelerator, model, tokenizer, prompts, n, temperature, max_new_tokens, chunk, seed,
+                                    split, max_prompt_tokens)
     return [Sample(g.prompt_ids, g.response_ids, g.text, g.finished, prompt=prompts[i], prompt_index=i)
             for i, gens in enumerate(per_prompt) for g in gens]
 
@@ -76,13 +79,16 @@ def rollout_forwards(accelerator: Accelerator, actor, ref, critic, samples: list
     """Per sample (old log-probs [len], reference log-probs [len], values [len] or empty, entropy sum).
 
     No gradient; the models run unwrapped (no DDP collectives) in eval mode, in fixed chunks over processes.
+    critic None (critic-free estimators): values are 0.
     """
     actor, critic = accelerator.unwrap_model(actor), (accelerator.unwrap_model(critic) if critic is not None else None)
     modes = [(m, m.training) for m in (actor, ref, critic) if m is not None]
 
     def forward(_: int, part: list[Sample]) -> list[tuple]:
         batch = batch_on(part, pad_id, accelerator.device)
-        with torch.no_grad():
+        # The same autocast as the training forward (a prepared model runs under it; the reference is not
+        # prepared), so at step 0 the ratio is 1 and the KL 0 in bf16 too.
+        with torch.no_grad(), accelerator.autocast():
             logps, entropy = response_logprobs(actor, batch, temperature, with_entropy=True)
             ref_logps, _ = response_logprobs(ref, batch, temperature)
             values = response_values(critic, batch) if critic is not None else torch.zeros_like(logps)
@@ -117,7 +123,7 @@ def evaluate_policy(accelerator: Accelerator, actor, ref, tokenizer, prompts: li
         return {}
     n = cfg.eval_samples_per_prompt
     samples = sample_responses(accelerator, actor, tokenizer, prompts, n, cfg.temperature, cfg.max_new_tokens,
-                               cfg.sample_chunk, cfg.seed, split=1)
+                               cfg.sample_chunk, cfg.seed, split=1, max_prompt_tokens=cfg.max_length - cfg.max_new_tokens)
     texts = grouped([s.text for s in samples], n)
     forwards = rollout_forwards(accelerator, actor, ref, None, samples, tokenizer.pad_token_id, cfg.temperature,
                                 cfg.forward_batch_size)
@@ -134,33 +140,70 @@ def evaluate_policy(accelerator: Accelerator, actor, ref, tokenizer, prompts: li
     return out
 
 
-class AlarmWatch:
-    """Reward-hacking alarms over the series logged so far (rollout statistics every step, held-out
-    evaluations), each alarm reported once per (source, name). Its state goes into checkpoints."""
+# ----------------------------------------------------------------------------- the four models
 
-    def __init__(self, kl_budget: float | None):
-        from alignkit.eval.alarms import AlarmConfig
 
-        self.config = AlarmConfig(kl_budget=kl_budget, proxy_key="reward", gold_key="gold_reward", kl_key="kl")
-        self.series: dict[str, list[dict]] = {"rollout": [], "eval": []}
-        self.alarms: list[dict] = []
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Dropout off everywhere (modules and attention), so the rollout's no-grad forwards (eval mode) and the
+    training forward (train mode) compute the same log-probs: otherwise the first ratio is not 1."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    return model
 
-    def check(self, source: str, point: dict[str, Any], samples: dict[str, Any] | None = None) -> list[dict]:
-        """Add `point` (step + reward, gold_reward(_stderr), kl) to `source`'s series; return NEW alarms.
-        samples: this step's {"step", "length": [N], "reward": [N], "gold_reward": [N]} for the length alarm."""
-        from alignkit.eval.alarms import kl_budget, length_correlation, proxy_up_gold_down
 
-        keys = ("step", "reward", "gold_reward", "gold_reward_stderr", "kl")
-        self.series[source].append({k: point[k] for k in keys if k in point})
-        found = proxy_up_gold_down(self.series[source], self.config) + kl_budget(self.series[source], self.config)
-        found += length_correlation([samples] if samples else [], self.config)
-        seen = {(a["source"], a["name"]) for a in self.alarms}
-        new = [{"source": source, **a.to_dict()} for a in found if (source, a.name) not in seen]
-        self.alarms.extend(new)
-        return new
+def load_reference(cfg: Any, actor) -> torch.nn.Module:
+    """The frozen reference: cfg.ref_model, else a copy of the starting policy."""
+    import copy
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"series": self.series, "alarms": self.alarms}
+    from alignkit.models.loading import load_causal_lm
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.series, self.alarms = state["series"], state["alarms"]
+    ref = copy.deepcopy(actor) if cfg.ref_model is None else load_causal_lm(cfg.ref_model)[0]
+    ref.requires_grad_(False)
+    return disable_dropout(ref).eval()
+
+
+def load_critic(cfg: Any, tokenizer, log) -> tuple[torch.nn.Module, Any, str]:
+    """(critic, its tokenizer, where it came from): critic_model, else the RM (InstructGPT) when it reads
+    the policy's token ids, else the policy with a fresh seeded head."""
+    import copy
+
+    from alignkit.config import ConfigError
+    from alignkit.models.loading import is_scratch
+    from alignkit.models.value import load_value_model, same_vocabulary
+
+    source = cfg.critic_model or (cfg.reward_model if cfg.reward == "rm" else cfg.model)
+    if is_scratch(source):
+        from alignkit.models.reward import load_reward_model
+        from alignkit.models.value import ValueModel
+
+        model, tok = load_reward_model(source, tokenizer=copy.deepcopy(tokenizer), seed=cfg.seed)
+        return disable_dropout(ValueModel(model)), tok, source
+    critic, tok = load_value_model(source, seed=cfg.seed)
+    if same_vocabulary(tok, tokenizer):
+        return disable_dropout(critic), tok, source
+    if cfg.critic_model:
+        raise ConfigError(f"critic_model {source!r} has another vocabulary than the policy; the critic reads the "
+                          "policy's token ids: use a critic built on the policy's tokenizer")
+    log(f"the reward model {source!r} has another vocabulary than the policy: the critic starts from the policy")
+    critic, tok = load_value_model(cfg.model, seed=cfg.seed)
+    return disable_dropout(critic), tok, cfg.model
+
+
+def save_critic(accelerator: Accelerator, critic, tokenizer, output_dir: str) -> None:
+    """`output_dir/final_critic/` (AutoModelForSequenceClassification format), written atomically."""
+    import shutil
+    from pathlib import Path
+
+    from alignkit.models.loading import save_model
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final, tmp = Path(output_dir) / "final_critic", Path(output_dir) / ".tmp-final_critic"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_model(accelerator.unwrap_model(critic).model, tokenizer, tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    accelerator.wait_for_everyone()

@@ -51,11 +51,13 @@ def sample_generations(
     chunk: int = 32,
     seed: int = 0,
     split: int = 0,
+    max_prompt_tokens: int | None = None,
 ) -> list[list]:
     """n sampled responses per prompt as generation.Generation (token ids, text, finished); temperature 0 is
     greedy. result[i][j]: response j to prompt i.
 
     `split` separates the seeds of different sample sets drawn with the same `seed` (train / eval / iteration).
+    `max_prompt_tokens` keeps the last that many tokens of a longer prompt (None: whole prompts).
     """
     from alignkit.generation import generate
 
@@ -65,6 +67,7 @@ def sample_generations(
         return generate(
             model, tokenizer, part, n=n, do_sample=temperature > 0, temperature=max(temperature, 1e-6),
             max_new_tokens=max_new_tokens, batch_size=len(part) * n, seed=chunk_seed(seed, split, c),
+            max_prompt_tokens=max_prompt_tokens,
         )
 
     if n <= 0 or not prompts:
@@ -83,9 +86,11 @@ def sample_texts(
     chunk: int = 32,
     seed: int = 0,
     split: int = 0,
+    max_prompt_tokens: int | None = None,
 ) -> list[list[str]]:
     """The decoded texts of sample_generations (same arguments, same samples)."""
-    per_prompt = sample_generations(accelerator, model, tokenizer, prompts, n, temperature, max_new_tokens, chunk, seed, split)
+    per_prompt = sample_generations(accelerator, model, tokenizer, prompts, n, temperature, max_new_tokens, chunk, seed,
+                                    split, max_prompt_tokens)
     return [[g.text for g in gens] for gens in per_prompt]
 
 
@@ -202,12 +207,12 @@ class Rollout:
     finished [N] bool: the response ended with the end-of-turn token (not cut by max_new_tokens).
     logprobs [N,T]: log-prob of each token under the sampling (old) policy, logits / temperature.
     ref_logprobs [N,T]: the same under the frozen reference policy.
-    values [N,T]: the critic's value of the state each token is chosen in.
+    values [N,T]: the critic's value of the state each token is chosen in (0 without a critic).
     scores [N]: sequence score entering the reward (the proxy after eos penalty, normalisation, clipping).
     kl [N,T]: per-token KL estimate (kl_estimator) of policy vs reference.
-    rewards [N,T]: -kl_coef * kl, plus scores[i] at sequence i's last token.
-    advantages [N,T]: GAE advantages, whitened over the whole rollout when asked.
-    returns [N,T]: GAE returns (un-whitened advantages + values): the critic's targets.
+    rewards [N,T]: -kl_coef * kl (when the KL is in the reward), plus scores[i] at sequence i's last token.
+    advantages [N,T]: per-token advantages of the chosen estimator (build_rollout).
+    returns [N,T]: GAE returns (un-whitened advantages + values): the critic's targets (0 without a critic).
     """
 
     prompt_ids: list[list[int]]
@@ -308,7 +313,7 @@ def build_rollout(
     finished: list[bool],
     logprobs: list[torch.Tensor],
     ref_logprobs: list[torch.Tensor],
-    values: list[torch.Tensor],
+    values: list[torch.Tensor] | None,
     scores: torch.Tensor,
     pad_id: int,
     kl_coef: float,
@@ -316,16 +321,32 @@ def build_rollout(
     gamma: float = 1.0,
     lam: float = 0.95,
     whiten_advantages: bool = True,
+    advantage: str = "gae",
+    group_size: int = 1,
+    kl_in: str = "reward",
 ) -> Rollout:
-    """Assemble a Rollout from per-sequence 1-D tensors (len_i each) and scores [N].
+    """Assemble a Rollout from per-sequence 1-D tensors (len_i each) and scores [N]; sequences are prompt-major
+    (group g = rows g*group_size .. (g+1)*group_size - 1 answer the same prompt).
 
-    rewards, kl = rl.kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, kl_estimator);
-    advantages, returns = rl.gae(rewards, values, mask, gamma, lam); advantages whitened (ops.whiten) over
-    every token of the rollout when asked.
+    kl = rl.kl_penalty(logprobs, ref_logprobs, kl_estimator) on counted tokens. With kl_in="reward" the KL is a
+    per-token penalty in the reward (rl.kl_shaped_rewards, coefficient kl_coef); with kl_in="loss" the reward
+    is the score alone (the policy loss adds the KL term). Then, by `advantage`:
+      gae: advantages, returns = rl.gae(rewards, values, mask, gamma, lam), whitened over every token when asked;
+      grpo / dr_grpo / rloo: each sequence's total reward (score - kl_coef * its KL sum when kl_in="reward")
+        -> rl.group_advantages over its group, the same value on each of its tokens; returns = 0 (no critic);
+      reinforce_pp: rl.reinforce_pp_advantages(rewards, mask, gamma) (already whitened); returns = 0.
+    `values` may be None without a critic (then 0).
     """
     from alignkit.ops import whiten
-    from alignkit.rl import gae, kl_shaped_rewards
+    from alignkit.rl import (ADVANTAGE_ESTIMATORS, GROUP_ESTIMATORS, broadcast_to_tokens, gae, group_advantages,
+                             kl_shaped_rewards, reinforce_pp_advantages)
 
+    if advantage not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"advantage must be one of {list(ADVANTAGE_ESTIMATORS)}, got {advantage!r}")
+    if kl_in not in ("reward", "loss"):
+        raise ValueError(f"kl_in must be reward or loss, got {kl_in!r}")
+    if values is None:
+        values = [torch.zeros(len(r)) for r in response_ids]
     for name, rows in (("logprobs", logprobs), ("ref_logprobs", ref_logprobs), ("values", values)):
         lengths = [len(r) for r in rows]
         if lengths != [len(r) for r in response_ids]:
@@ -333,10 +354,20 @@ def build_rollout(
     ids = pad_right(response_ids, pad_id, torch.long)
     mask = pad_right([[1.0] * len(r) for r in response_ids], 0.0, torch.float32)
     lp, ref, vals = (pad_right(rows, 0.0, torch.float32) for rows in (logprobs, ref_logprobs, values))
-    rewards, kl = kl_shaped_rewards(scores.float(), lp, ref, mask, kl_coef, kl_estimator)
-    advantages, returns = gae(rewards, vals, mask, gamma, lam)
-    if whiten_advantages:
-        advantages = whiten(advantages, mask)
+    reward_kl_coef = kl_coef if kl_in == "reward" else 0.0
+    rewards, kl = kl_shaped_rewards(scores.float(), lp, ref, mask, reward_kl_coef, kl_estimator)
+    if advantage == "gae":
+        advantages, returns = gae(rewards, vals, mask, gamma, lam)
+        if whiten_advantages:
+            advantages = whiten(advantages, mask)
+    elif advantage in GROUP_ESTIMATORS:
+        if len(response_ids) % group_size:
+            raise ValueError(f"{len(response_ids)} sequences do not split into groups of {group_size}")
+        totals = (rewards * mask).sum(1).view(-1, group_size)
+        advantages = broadcast_to_tokens(group_advantages(totals, advantage).flatten(), mask)
+        returns = torch.zeros_like(advantages)
+    else:
+        advantages, returns = reinforce_pp_advantages(rewards, mask, gamma), torch.zeros_like(rewards)
     return Rollout(prompt_ids=[list(p) for p in prompt_ids], response_ids=ids, mask=mask,
                    finished=torch.tensor(finished, dtype=torch.bool), logprobs=lp, ref_logprobs=ref, values=vals,
                    scores=scores.float(), kl=kl, rewards=rewards, advantages=advantages, returns=returns)

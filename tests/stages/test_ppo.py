@@ -161,8 +161,13 @@ def test_bad_inputs_get_clear_errors(pretrained_tiny: Path, tmp_path: Path):
     from alignkit.data.records import DataError
     from alignkit.models.loading import ModelError
 
-    with pytest.raises(DataError, match="max_new_tokens=8 tokens below max_length=20"):
-        run_stage("ppo", ppo_overrides(pretrained_tiny / "final", output_dir=tmp_path / "a", max_length=20))
+    from alignkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="no room for a prompt"):
+        run_stage("ppo", ppo_overrides(pretrained_tiny / "final", output_dir=tmp_path / "a", max_length=8))
+    with pytest.raises(DataError, match="rollout_batch_size=4"):
+        run_stage("ppo", ppo_overrides(pretrained_tiny / "final", output_dir=tmp_path / "c",
+                                       train_data="task:sort/prompts?n=3&seed=0"))
     with pytest.raises(ModelError, match="no_such_rm"):
         run_stage("ppo", ppo_overrides(pretrained_tiny / "final", output_dir=tmp_path / "b", reward="rm",
                                        reward_model=tmp_path / "no_such_rm"))

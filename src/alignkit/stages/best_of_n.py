@@ -75,10 +75,11 @@ def sample_candidates(
     "finished" (ended with the end-of-turn token)}, from rollout.sample_generations (the samples of
     rollout.sample_texts with the same arguments).
 
-    cfg gives max_new_tokens, sample_chunk and (unless `temperature` is given) the temperature."""
+    cfg gives max_new_tokens, sample_chunk, max_length (a longer prompt keeps its last max_length -
+    max_new_tokens tokens) and (unless `temperature` is given) the temperature."""
     temperature = cfg.temperature if temperature is None else temperature
     per_prompt = sample_generations(accelerator, model, tokenizer, prompts, n, temperature, cfg.max_new_tokens,
-                                    cfg.sample_chunk, seed, split)
+                                    cfg.sample_chunk, seed, split, max(1, cfg.max_length - cfg.max_new_tokens))
     return [[{"text": g.text, "length": len(g.response_ids), "finished": g.finished} for g in gens] for gens in per_prompt]
 
 

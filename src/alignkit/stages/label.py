@@ -79,7 +79,7 @@ def label_split(cfg: LabelConfig, accelerator, model, tokenizer, task: str | Non
     """(ranked records, pair records, counts) for one split's prompts."""
     prompts = [r["prompt"] for r in records]
     texts = sample_texts(accelerator, model, tokenizer, prompts, cfg.n, cfg.temperature, cfg.max_new_tokens,
-                         cfg.sample_chunk, cfg.seed, split)
+                         cfg.sample_chunk, cfg.seed, split, max(1, cfg.max_length - cfg.max_new_tokens))
     scores, golds = annotate(cfg, accelerator, task, prompts, texts, split)
     ranked, pairs, counts = [], [], {"samples": 0, "dropped_responses": 0, "dropped_prompts": 0, "label_agrees_with_gold": 0, "gold_pairs": 0}
     for i, prompt in enumerate(prompts):

@@ -86,7 +86,7 @@ def add_policy_samples(accelerator: Accelerator, model, tokenizer, lists: list[d
     if n <= 0 or not lists:
         return {"samples_drawn": 0, "samples_added": 0}
     sampled = sample_texts(accelerator, model, tokenizer, [item["prompt"] for item in lists], n, cfg.temperature,
-                           cfg.max_new_tokens, cfg.sample_chunk, cfg.seed, split)
+                           cfg.max_new_tokens, cfg.sample_chunk, cfg.seed, split, max(1, cfg.max_length - cfg.max_new_tokens))
     added = 0
     for item, texts in zip(lists, sampled):
         seen = {r.strip() for r in item["responses"]}
