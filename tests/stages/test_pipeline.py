@@ -22,6 +22,9 @@ QUICK = [
     "ppo.max_steps=2", "ppo.rollout_batch_size=8", "ppo.samples_per_prompt=1", "ppo.mini_batch_size=8",
     "ppo.micro_batch_size=8", "ppo.eval_data=task:sort/prompts_eval?n=8", "ppo.eval_steps=1", "ppo.save_steps=0",
     "ppo.max_new_tokens=16",
+    "grpo.max_steps=2", "grpo.rollout_batch_size=4", "grpo.samples_per_prompt=2", "grpo.mini_batch_size=8",
+    "grpo.micro_batch_size=8", "grpo.eval_data=task:sort/prompts_eval?n=8", "grpo.eval_steps=1", "grpo.save_steps=0",
+    "grpo.max_new_tokens=16",
     "raft.iterations=2", "raft.prompts_per_iteration=8", "raft.samples_per_prompt=2", "raft.keep_top_k=1",
     "raft.batch_size=8", "raft.micro_batch_size=8", "raft.max_new_tokens=16",
     "best_of_n.train_data=task:sort/prompts_eval?n=16", "best_of_n.n=2", "best_of_n.max_new_tokens=16",
@@ -32,7 +35,7 @@ QUICK = [
 
 def test_pipeline_runs_every_available_stage_and_reports(tmp_path: Path):
     out = tmp_path / "pipe"
-    stages = ["pretrain", "sft", "label", "rm", "dpo", "rrhf", "ppo", "raft", "best_of_n"]
+    stages = ["pretrain", "sft", "label", "rm", "dpo", "rrhf", "ppo", "grpo", "raft", "best_of_n"]
     report = run_stage("pipeline", [f"output_dir={out}", f"stages=[{', '.join(stages)}]",
                                     f"overrides={json.dumps(QUICK)}"])
     ran = [s for s in stages if (out / s / "summary.json").exists()]
@@ -44,12 +47,12 @@ def test_pipeline_runs_every_available_stage_and_reports(tmp_path: Path):
     rm_cfg = (out / "rm" / "config.yaml").read_text()
     assert f"model: {out / 'sft' / 'final'}" in rm_cfg and f"train_data: {out / 'label' / 'ranked.jsonl'}" in rm_cfg
     assert f"train_data: {out / 'label' / 'pairs.jsonl'}" in (out / "dpo" / "config.yaml").read_text()
-    for stage in ("ppo", "raft", "best_of_n"):
+    for stage in ("ppo", "grpo", "raft", "best_of_n"):
         assert f"reward_model: {out / 'rm' / 'final'}" in (out / stage / "config.yaml").read_text()
 
     saved = json.loads((out / "report.json").read_text())
     assert set(saved) >= {"stages", "methods", "alarms"}
-    assert set(saved["methods"]) == {"base", "sft", "dpo", "rrhf", "ppo", "raft", "best_of_n"}
+    assert set(saved["methods"]) == {"base", "sft", "dpo", "rrhf", "ppo", "grpo", "raft", "best_of_n"}
     # best-of-n is a procedure, not a model: its row comes from its own summary, with its KL estimated from
     # the samples and the analytic upper bound beside it
     bon = saved["methods"]["best_of_n"]

@@ -153,3 +153,31 @@ def print_table(models: dict[str, dict]) -> None:
     for name, m in models.items():
         table.add_row(name, *(_cell(m.get(key), m.get(f"{key}_stderr")) for key, _ in shown))
     Console(width=200).print(table)
+
+
+def plot_gold_vs_samples(runs: dict[str, list[dict]], path: str | Path, key: str = "eval_gold_reward",
+                         reference: float | None = None) -> Path:
+    """Held-out `key` (with "<key>_stderr" error bars) against the number of responses sampled so far, one line per
+    run (e.g. per RL estimator), on one figure: learning measured in samples, not steps or seconds.
+
+    runs: name -> metrics.jsonl rows; rows carrying `key` and "samples" are plotted. reference: a horizontal
+    line (e.g. the target, or the SFT model's greedy gold)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, rows in runs.items():
+        points = sorted((r["samples"], r[key], r.get(f"{key}_stderr", 0.0)) for r in rows
+                        if _finite(r.get(key)) and _finite(r.get("samples")))
+        if points:
+            xs, ys, es = zip(*points)
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=name)
+    if reference is not None:
+        ax.axhline(reference, color="grey", linestyle="--", label=f"target {reference:g}")
+    ax.set_xlabel("responses sampled")
+    ax.set_ylabel(f"held-out {key.removeprefix('eval_').replace('_', ' ')} (T=1, ± s.e.)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

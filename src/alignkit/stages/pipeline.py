@@ -1,4 +1,4 @@
-"""`alignkit pipeline`: pretrain -> SFT -> label -> reward model -> DPO / RRHF / PPO / RAFT / best-of-n -> eval -> report.
+"""`alignkit pipeline`: pretrain -> SFT -> label -> reward model -> DPO / RRHF / PPO / GRPO / RAFT / best-of-n -> eval -> report.
 
 Each stage runs as its own process (`python -m alignkit <stage>`, or under `launcher`) with its config
 file from `config_dir`, its output in `output_dir/<stage>/`, and its inputs wired from earlier stages
@@ -30,11 +30,12 @@ WIRING: dict[str, dict[str, str]] = {
     "dpo": {"model": "sft/final", "train_data": "label/pairs.jsonl"},
     "rrhf": {"model": "sft/final", "train_data": "label/ranked.jsonl", "reward_model": "rm/final"},
     "ppo": {"model": "sft/final", "reward_model": "rm/final"},
+    "grpo": {"model": "sft/final", "reward_model": "rm/final"},
     "raft": {"model": "sft/final", "reward_model": "rm/final"},
     "best_of_n": {"model": "sft/final", "reward_model": "rm/final"},
 }
 # Stages whose final/ is a policy to evaluate, under the method name the report uses.
-POLICY_METHODS = {"pretrain": "base", "sft": "sft", "dpo": "dpo", "rrhf": "rrhf", "ppo": "ppo", "raft": "raft", "best_of_n": "best_of_n"}
+POLICY_METHODS = {"pretrain": "base", "sft": "sft", "dpo": "dpo", "rrhf": "rrhf", "ppo": "ppo", "grpo": "grpo", "raft": "raft", "best_of_n": "best_of_n"}
 
 
 def cli_name(stage: str) -> str:
