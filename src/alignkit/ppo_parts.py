@@ -1,5 +1,5 @@
-"""Plain helpers of `alignkit ppo`: sampling token ids, the no-grad forwards of a rollout, held-out
-evaluation and reward-hacking alarms. The stage file (stages/ppo.py) reads top to bottom on top of these.
+"""Plain helpers of `alignkit ppo`: sampling and scoring a rollout (with DAPO's dynamic sampling), the no-grad
+forwards of a rollout, held-out evaluation, and loading the four models. The stage file (stages/ppo.py) reads top to bottom on top of these.
 
 Process-count independence: sampling and the no-grad forwards run in fixed chunks (chunk c on process
 c % world, seeded from (seed, split, c)) and are gathered, so every process ends up with the whole rollout,
@@ -15,7 +15,14 @@ import torch
 from accelerate import Accelerator
 
 from alignkit.ops import entropy_from_logits, logprobs_from_logits
+from alignkit.rl import overlong_penalty, varied_groups
 from alignkit.rollout import forward_batch, map_chunks, sample_generations
+
+# Sampling seeds of a PPO run: split 1 is the held-out evaluation, TRAIN_SPLIT + step the rollout of `step`,
+# REFILL_SPLIT + 64 * step + k dynamic sampling's refill round k of `step`.
+TRAIN_SPLIT = 2
+REFILL_SPLIT = 10_000_000
+
 
 # (prompts, responses[i] = texts answering prompts[i]) -> rewards[i][j]
 RewardFn = Callable[[list, list[list[str]]], list[list[float]]]
@@ -43,6 +50,61 @@ def sample_responses(accelerator: Accelerator, model, tokenizer, prompts: list, 
                                     split, max_prompt_tokens)
     return [Sample(g.prompt_ids, g.response_ids, g.text, g.finished, prompt=prompts[i], prompt_index=i)
             for i, gens in enumerate(per_prompt) for g in gens]
+
+
+def sample_scored(accelerator, cfg, actor, tokenizer, prompts: list, split: int, proxy: RewardFn, gold: RewardFn | None,
+                  max_prompt_tokens: int) -> dict[str, Any]:
+    """One sampling round: samples (prompt-major), their raw proxy [N], gold [N] or None, and `penalised` [P,G]:
+    the proxy after the missing-EOS and overlong penalties (what dynamic sampling compares)."""
+    n = cfg.samples_per_prompt
+    samples = sample_responses(accelerator, actor, tokenizer, prompts, n, cfg.temperature, cfg.max_new_tokens,
+                               cfg.sample_chunk, cfg.seed, split=split, max_prompt_tokens=max_prompt_tokens)
+    texts = grouped([s.text for s in samples], n)
+    raw = torch.tensor([r for rs in proxy(prompts, texts) for r in rs], dtype=torch.float32)
+    golds = torch.tensor([g for gs in gold(prompts, texts) for g in gs]) if gold is not None else None
+    finished = torch.tensor([s.finished for s in samples])
+    penalised = raw - cfg.missing_eos_penalty * (~finished).float()
+    if cfg.overlong_buffer > 0:
+        lengths = torch.tensor([len(s.response_ids) for s in samples])
+        penalised = penalised + overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
+    return {"samples": samples, "raw": raw, "gold": golds, "penalised": penalised.view(-1, n)}
+
+
+def draw_rollout_samples(accelerator, cfg, actor, tokenizer, prompts: list, rows: list[int], step: int, proxy: RewardFn,
+                         gold: RewardFn | None, max_prompt_tokens: int) -> tuple[dict[str, Any], dict[str, float]]:
+    """The step's scored samples: one round, or with dynamic_sampling (DAPO) rounds of fresh prompts until
+    rollout_batch_size groups with unequal rewards are found (or max_refills rounds are spent; the rollout is
+    then topped up with equal-reward groups, which carry no policy gradient). rows: the step's prompts (indices
+    into prompts). Returns (round, stats)."""
+    first = sample_scored(accelerator, cfg, actor, tokenizer, [prompts[i] for i in rows], TRAIN_SPLIT + step, proxy,
+                          gold, max_prompt_tokens)
+    varied = varied_groups(first["penalised"])
+    stats = {"varied_group_fraction": varied.float().mean().item(), "sampled": len(first["samples"]),
+             "sampling_rounds": 1}
+    if not cfg.dynamic_sampling:
+        return first, stats
+    rounds, kept = [first], [(0, g) for g in varied.nonzero().flatten().tolist()]
+    for k in range(1, cfg.max_refills + 1):
+        if len(kept) >= cfg.rollout_batch_size:
+            break
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1_009 + k)
+        refill = torch.randperm(len(prompts), generator=generator)[: cfg.rollout_batch_size].tolist()
+        extra = sample_scored(accelerator, cfg, actor, tokenizer, [prompts[i] for i in refill],
+                              REFILL_SPLIT + 64 * step + k, proxy, gold, max_prompt_tokens)
+        rounds.append(extra)
+        kept += [(k, g) for g in varied_groups(extra["penalised"]).nonzero().flatten().tolist()]
+        stats["sampled"] += len(extra["samples"])
+        stats["sampling_rounds"] += 1
+    flat = [(0, g) for g in (~varied).nonzero().flatten().tolist()]
+    chosen = (kept + flat)[: cfg.rollout_batch_size]  # top up with equal-reward groups of round 0 if short
+    n = cfg.samples_per_prompt
+    pick = lambda r, g, key: rounds[r][key][g * n : (g + 1) * n]  # noqa: E731 - group g of round r
+    merged = {"samples": [s for r, g in chosen for s in pick(r, g, "samples")],
+              "raw": torch.cat([pick(r, g, "raw") for r, g in chosen]),
+              "gold": torch.cat([pick(r, g, "gold") for r, g in chosen]) if gold is not None else None,
+              "penalised": torch.stack([rounds[r]["penalised"][g] for r, g in chosen])}
+    stats["trained_varied_fraction"] = min(len(kept), cfg.rollout_batch_size) / cfg.rollout_batch_size
+    return merged, stats
 
 
 def batch_on(samples: list[Sample], pad_id: int, device) -> dict[str, torch.Tensor]:

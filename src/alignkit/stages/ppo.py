@@ -41,11 +41,11 @@ from alignkit.eval.alarms import AlarmWatch
 from alignkit.losses import (LOSS_AGGREGATIONS, RATIO_LEVELS, clip_fraction, clipped_policy_terms, importance_ratio,
                              loss_numerator, ppo_value_loss)
 from alignkit.ops import masked_mean
-from alignkit.ppo_parts import (Sample, batch_on, disable_dropout, evaluate_policy, grouped, load_critic,
-                                load_reference, response_logprobs, response_values, rollout_forwards,
-                                sample_responses, save_critic)
+from alignkit.ppo_parts import (Sample, batch_on, disable_dropout, draw_rollout_samples, evaluate_policy, grouped,
+                                load_critic, load_reference, response_logprobs, response_values, rollout_forwards,
+                                save_critic)
 from alignkit.rl import (ADVANTAGE_ESTIMATORS, GROUP_ESTIMATORS, KL_KINDS, AdaptiveKLController, FixedKLController,
-                         kl_penalty, overlong_penalty, varied_groups)
+                         kl_penalty)
 from alignkit.rollout import (Rollout, RunningMoments, build_rollout, gold_rewards, load_scorer, score_with,
                               shape_scores, task_name_for)
 from alignkit.runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -54,8 +54,6 @@ from alignkit.runtime.setup import BatchPlan, build_optimizer, build_scheduler
 from alignkit.runtime.stage import finish_run, load_policy, load_train_eval, start_run
 from alignkit.runtime.train_loop import KILL_ENV, save_final
 
-TRAIN_SPLIT = 2  # sampling seeds: split 1 is the held-out evaluation, 2 + step the rollout of `step`
-REFILL_SPLIT = 10_000_000  # dynamic sampling: refill round k of `step` samples with split REFILL_SPLIT + 64*step + k
 
 
 def check_config(cfg: PPOConfig) -> None:
@@ -131,66 +129,13 @@ def reward_functions(accelerator: Accelerator, cfg: PPOConfig):
 
 # ----------------------------------------------------------------------------- one step: rollout
 
-
-def sample_scored(accelerator, cfg, actor, tokenizer, prompts: list, split: int, proxy, gold) -> dict[str, Any]:
-    """One sampling round: samples (prompt-major), their raw proxy [N], gold [N] or None, and `penalised` [P,G]:
-    the proxy after the missing-EOS and overlong penalties (what dynamic sampling compares)."""
-    n = cfg.samples_per_prompt
-    samples = sample_responses(accelerator, actor, tokenizer, prompts, n, cfg.temperature, cfg.max_new_tokens,
-                               cfg.sample_chunk, cfg.seed, split=split, max_prompt_tokens=prompt_room(cfg))
-    texts = grouped([s.text for s in samples], n)
-    raw = torch.tensor([r for rs in proxy(prompts, texts) for r in rs], dtype=torch.float32)
-    golds = torch.tensor([g for gs in gold(prompts, texts) for g in gs]) if gold is not None else None
-    finished = torch.tensor([s.finished for s in samples])
-    penalised = raw - cfg.missing_eos_penalty * (~finished).float()
-    if cfg.overlong_buffer > 0:
-        lengths = torch.tensor([len(s.response_ids) for s in samples])
-        penalised = penalised + overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
-    return {"samples": samples, "raw": raw, "gold": golds, "penalised": penalised.view(-1, n)}
-
-
-def draw_rollout_samples(accelerator, cfg, actor, tokenizer, prompts: list, plan: BatchPlan, step: int, proxy,
-                         gold) -> tuple[dict[str, Any], dict[str, float]]:
-    """The step's scored samples: one round, or with dynamic_sampling (DAPO) rounds of fresh prompts until
-    rollout_batch_size groups with unequal rewards are found (or max_refills rounds are spent; the rollout is
-    then topped up with equal-reward groups, which carry no policy gradient). Returns (round, stats)."""
-    step_prompts = [prompts[i] for i in plan.global_rows(step)]
-    first = sample_scored(accelerator, cfg, actor, tokenizer, step_prompts, TRAIN_SPLIT + step, proxy, gold)
-    varied = varied_groups(first["penalised"])
-    stats = {"varied_group_fraction": varied.float().mean().item(), "sampled": len(first["samples"]),
-             "sampling_rounds": 1}
-    if not cfg.dynamic_sampling:
-        return first, stats
-    rounds, kept = [first], [(0, g) for g in varied.nonzero().flatten().tolist()]
-    for k in range(1, cfg.max_refills + 1):
-        if len(kept) >= cfg.rollout_batch_size:
-            break
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1_009 + k)
-        rows = torch.randperm(len(prompts), generator=generator)[: cfg.rollout_batch_size].tolist()
-        extra = sample_scored(accelerator, cfg, actor, tokenizer, [prompts[i] for i in rows],
-                              REFILL_SPLIT + 64 * step + k, proxy, gold)
-        rounds.append(extra)
-        kept += [(k, g) for g in varied_groups(extra["penalised"]).nonzero().flatten().tolist()]
-        stats["sampled"] += len(extra["samples"])
-        stats["sampling_rounds"] += 1
-    flat = [(0, g) for g in (~varied).nonzero().flatten().tolist()]
-    chosen = (kept + flat)[: cfg.rollout_batch_size]  # top up with equal-reward groups of round 0 if short
-    n = cfg.samples_per_prompt
-    pick = lambda r, g, key: rounds[r][key][g * n : (g + 1) * n]  # noqa: E731 - group g of round r
-    merged = {"samples": [s for r, g in chosen for s in pick(r, g, "samples")],
-              "raw": torch.cat([pick(r, g, "raw") for r, g in chosen]),
-              "gold": torch.cat([pick(r, g, "gold") for r, g in chosen]) if gold is not None else None,
-              "penalised": torch.stack([rounds[r]["penalised"][g] for r, g in chosen])}
-    stats["trained_varied_fraction"] = min(len(kept), cfg.rollout_batch_size) / cfg.rollout_batch_size
-    return merged, stats
-
-
 def collect(accelerator, cfg, actor, ref, critic, tokenizer, prompts, plan, step, kl_coef, proxy, gold,
             running) -> tuple[Rollout, dict[str, Any]]:
     """Rollout of `step` and its statistics (the metrics users expect, plus the per-sample series)."""
     n = cfg.samples_per_prompt
     t0 = time.perf_counter()
-    drawn, sampling = draw_rollout_samples(accelerator, cfg, actor, tokenizer, prompts, plan, step, proxy, gold)
+    drawn, sampling = draw_rollout_samples(accelerator, cfg, actor, tokenizer, prompts, plan.global_rows(step), step,
+                                           proxy, gold, prompt_room(cfg))
     samples, raw, golds = drawn["samples"], drawn["raw"], drawn["gold"]
     t1 = time.perf_counter()
     forwards = rollout_forwards(accelerator, actor, ref, critic, samples, tokenizer.pad_token_id, cfg.temperature,
