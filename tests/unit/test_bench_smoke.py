@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench import bench_dpo, bench_rm  # noqa: E402
+from bench import bench_dpo, bench_rl, bench_rm  # noqa: E402
 from bench.common import PaddingCounter, ratio_lines, steady_rate, summarize, variant_table  # noqa: E402
 
 
@@ -65,3 +65,45 @@ def test_scripts_share_the_settings_the_brief_asks_for():
             assert s["batch"] % s["micro"] == 0  # the same micro-batches for both frameworks
     assert bench_dpo.VARIANTS == [("alignkit", True), ("alignkit", False), ("trl", False), ("trl", True)]
     assert bench_rm.VARIANTS == ["alignkit", "trl"]
+
+
+def test_rl_settings_one_update_per_rollout():
+    s = bench_rl.run_settings(bench_rl.parse_args(["--model", "tiny"]))
+    assert (s["prompts"], s["group"], s["completions"], s["accumulation"]) == (16, 8, 128, 4)
+    quick = bench_rl.run_settings(bench_rl.parse_args(["--quick", "--model", "smollm2"]))
+    assert quick["completions"] == quick["micro"] * quick["accumulation"] and quick["steps"] > quick["warmup"]
+    for model in bench_rl.SETTINGS:
+        s = bench_rl.run_settings(bench_rl.parse_args(["--model", model]))
+        assert s["completions"] % s["micro"] == 0 and s["steps"] > s["warmup"]
+    with pytest.raises(ValueError):  # 3 x 8 = 24 completions do not split into micro-batches of 16
+        bench_rl.run_settings(bench_rl.parse_args(["--prompts", "3", "--micro", "16"]))
+    with pytest.raises(SystemExit):
+        bench_rl.parse_args(["--variants", "alignkit-grpo,trl-ppo"])
+
+
+def test_rl_split_and_token_rates():
+    # 3 steps, the first not timed; 2 timed steps of 4 s wall each
+    per_step = [{"gen_s": 9.0, "fwd_s": 9.0, "update_s": 9.0, "sequences": 8, "response_tokens": 99, "all_tokens": 999},
+                {"gen_s": 1.0, "fwd_s": 0.5, "update_s": 2.0, "sequences": 8, "response_tokens": 40, "all_tokens": 200},
+                {"gen_s": 3.0, "fwd_s": 0.5, "update_s": 2.0, "sequences": 8, "response_tokens": 56, "all_tokens": 200}]
+    split = bench_rl.split_columns(per_step, warmup=1)
+    assert (split["gen_s"], split["fwd_s"], split["update_s"]) == (2.0, 0.5, 2.0)
+    assert (split["response_tokens"], split["all_tokens"], split["mean_length"]) == (96, 400, 6.0)
+    r = bench_rl.token_rates({**split, "s_per_step": 4.0, "timed_steps": 2})
+    assert r == {"sampled_tokens_per_s": 12.0, "gen_tokens_per_s": 24.0, "update_tokens_per_s": 100.0}
+    with pytest.raises(ValueError):
+        bench_rl.split_columns(per_step[:1], warmup=1)
+
+
+def test_rl_tables():
+    row = {**_run(20, 25, 500), "gen_s": 1.0, "fwd_s": 0.2, "update_s": 0.4, "sampled_tokens_per_s": 100.0,
+           "mean_length": 7.0}
+    medians = {"alignkit-grpo": summarize([row]), "trl-grpo": summarize([{**row, "examples_per_s": 10.0}])}
+    assert bench_rl.rl_table(medians).count("\n") == 3
+    line, = ratio_lines(medians, bench_rl.COMPARISONS, bench_rl.TARGET)
+    assert "x2.00" in line and "MET" in line
+    floors = {"params": 1_000_000, "completions": 16, "generate": {"s": 0.5, "tokens": 100},
+              "forward": {"s": 0.1, "tokens": 500}, "fwd_bwd": {"s": 0.3, "tokens": 500}}
+    table = bench_rl.floor_table(floors, peak_gflops=40.0)
+    assert "| 0.300 | 500 | 1666.7 | 53.33 | 10.00 | 25.0 |" in table  # 6 * 1e6 * 500 / 0.3 s = 10 GFLOP/s
+    assert bench_rl.gflops(2e9, 0.5) == pytest.approx(4.0)
