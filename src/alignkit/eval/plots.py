@@ -89,10 +89,15 @@ def plot_frontier(methods: dict[str, dict], path: str | Path, x: str = "kl", y: 
     if not draw_frontier(ax, methods, x, y):
         plt.close(fig)
         return None
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
+    """Lay out, write (parents created) and close `fig`; returns the path."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 
@@ -175,9 +180,4 @@ def plot_gold_vs_samples(runs: dict[str, list[dict]], path: str | Path, key: str
     ax.set_ylabel(f"held-out {key.removeprefix('eval_').replace('_', ' ')} (T=1, ± s.e.)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path, dpi=120)
