@@ -89,10 +89,12 @@ def test_lora_reference_with_adapters_disabled_matches_precomputed(pretrained_ti
 
 def test_ipo_label_smoothing_and_sft_term_first_losses(pretrained_tiny: Path, tmp_path: Path):
     beta = 0.1
-    ipo = run_stage("dpo", dpo_overrides(pretrained_tiny / "final", output_dir=tmp_path / "ipo", loss_type="ipo", beta=beta, lr=1e-4))
+    ipo = run_stage("dpo", dpo_overrides(pretrained_tiny / "final", output_dir=tmp_path / "ipo", loss_type="ipo", beta=beta, lr=1e-4,
+                                         max_steps=10))
     assert train_logs(tmp_path / "ipo")[0]["loss"] == pytest.approx((1 / (2 * beta)) ** 2, rel=1e-5)  # h = 0: (0 - 1/(2 beta))^2 = 25
     assert ipo["eval_loss_before"] == pytest.approx(25.0, rel=1e-6)
-    # Measured: held-out loss 25 -> 24.88, accuracy 0.5 -> 0.6 in three steps.
+    # Ten steps (measured: held-out loss 25 -> 22.93, accuracy 0.5 -> 0.6); three steps gave 0.6 in an earlier
+    # session but 0.49 on this machine: too few for a stable check.
     assert ipo["eval_loss"] < ipo["eval_loss_before"] and ipo["eval_reward_accuracy"] > 0.55
 
     cdpo = run_stage("dpo", dpo_overrides(pretrained_tiny / "final", output_dir=tmp_path / "cdpo", label_smoothing=0.2,
