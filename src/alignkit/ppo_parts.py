@@ -136,24 +136,44 @@ def response_values(critic, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return values[:, :-1] * batch["mask"]
 
 
+def forwards_needed(cfg: Any, n_sequences: int) -> tuple[bool, bool]:
+    """(old log-probs forward, reference forward): which no-grad forwards a rollout of n_sequences needs.
+
+    The reference is needed only when something reads the KL: a non-zero or adaptive kl_coef, or a kl_budget
+    alarm. The old log-probs are needed unless the rollout makes exactly one optimizer step (one epoch, one
+    mini-batch) and the KL is not in the reward: then the policy that sampled is the one the update's forward
+    runs, and its detached log-probs are the old ones (ratio exactly 1), as TRL's GRPO does at mu=1.
+    """
+    kl_read = cfg.kl_coef != 0 or cfg.adaptive_kl or cfg.kl_budget is not None
+    one_update = cfg.ppo_epochs == 1 and (not cfg.mini_batch_size or cfg.mini_batch_size >= n_sequences)
+    return not one_update or (kl_read and cfg.kl_in == "reward"), kl_read
+
+
 def rollout_forwards(accelerator: Accelerator, actor, ref, critic, samples: list[Sample], pad_id: int,
-                     temperature: float, chunk: int) -> list[tuple[torch.Tensor, ...]]:
+                     temperature: float, chunk: int, need_old: bool = True,
+                     need_ref: bool = True) -> list[tuple[torch.Tensor, ...]]:
     """Per sample (old log-probs [len], reference log-probs [len], values [len] or empty, entropy sum).
 
     No gradient; the models run unwrapped (no DDP collectives) in eval mode, in fixed chunks over processes.
-    critic None (critic-free estimators): values are 0.
+    critic None (critic-free estimators): values are 0. A forward not needed (forwards_needed) is not run:
+    without the old one, log-probs and entropy are 0 (the update fills them in); without the reference, its
+    log-probs are the old ones (KL 0).
     """
     actor, critic = accelerator.unwrap_model(actor), (accelerator.unwrap_model(critic) if critic is not None else None)
     modes = [(m, m.training) for m in (actor, ref, critic) if m is not None]
 
     def forward(_: int, part: list[Sample]) -> list[tuple]:
+        if not (need_old or need_ref or critic is not None):
+            return [(torch.zeros(len(s.response_ids)),) * 3 + (0.0,) for s in part]
         batch = batch_on(part, pad_id, accelerator.device)
         # The same autocast as the training forward (a prepared model runs under it; the reference is not
         # prepared), so at step 0 the ratio is 1 and the KL 0 in bf16 too.
         with torch.no_grad(), accelerator.autocast():
-            logps, entropy = response_logprobs(actor, batch, temperature, with_entropy=True)
-            ref_logps, _ = response_logprobs(ref, batch, temperature)
-            values = response_values(critic, batch) if critic is not None else torch.zeros_like(logps)
+            zeros = torch.zeros_like(batch["mask"])
+            logps, entropy = (response_logprobs(actor, batch, temperature, with_entropy=True) if need_old
+                              else (zeros, zeros))
+            ref_logps = response_logprobs(ref, batch, temperature)[0] if need_ref else logps
+            values = response_values(critic, batch) if critic is not None else zeros
         out = []
         for i, s in enumerate(part):
             n = len(s.response_ids)
@@ -167,6 +187,16 @@ def rollout_forwards(accelerator: Accelerator, actor, ref, critic, samples: list
     finally:
         for m, was_training in modes:
             m.train(was_training)
+
+
+def stats_from_update(stats: dict[str, Any], metrics: dict[str, float], n_sequences: int, n_tokens: int) -> None:
+    """Move the rollout statistics an update computed (old log-probs reused: forwards_needed) into `stats`:
+    the policy's entropy per token and, with a reference, its KL per sequence."""
+    if "rollout_entropy_sum" in metrics:
+        stats["entropy"] = metrics.pop("rollout_entropy_sum") / max(n_tokens, 1)
+    if "rollout_kl_sum" in metrics:
+        stats["kl"] = metrics.pop("rollout_kl_sum") / n_sequences
+        stats["non_score_reward"] = -stats["kl_coef"] * stats["kl"]
 
 
 def grouped(values: list[float], n: int) -> list[list[float]]:

@@ -213,6 +213,8 @@ class Rollout:
     rewards [N,T]: -kl_coef * kl (when the KL is in the reward), plus scores[i] at sequence i's last token.
     advantages [N,T]: per-token advantages of the chosen estimator (build_rollout).
     returns [N,T]: GAE returns (un-whitened advantages + values): the critic's targets (0 without a critic).
+    has_old_logprobs: False when `logprobs` were not computed (one update per rollout: the update's own
+        detached log-probs are the old ones); has_ref_logprobs: False when no reference forward ran (KL unread).
     """
 
     prompt_ids: list[list[int]]
@@ -227,6 +229,8 @@ class Rollout:
     rewards: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
+    has_old_logprobs: bool = True
+    has_ref_logprobs: bool = True
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -324,6 +328,8 @@ def build_rollout(
     advantage: str = "gae",
     group_size: int = 1,
     kl_in: str = "reward",
+    has_old_logprobs: bool = True,
+    has_ref_logprobs: bool = True,
 ) -> Rollout:
     """Assemble a Rollout from per-sequence 1-D tensors (len_i each) and scores [N]; sequences are prompt-major
     (group g = rows g*group_size .. (g+1)*group_size - 1 answer the same prompt).
@@ -335,7 +341,7 @@ def build_rollout(
       grpo / dr_grpo / rloo: each sequence's total reward (score - kl_coef * its KL sum when kl_in="reward")
         -> rl.group_advantages over its group, the same value on each of its tokens; returns = 0 (no critic);
       reinforce_pp: rl.reinforce_pp_advantages(rewards, mask, gamma) (already whitened); returns = 0.
-    `values` may be None without a critic (then 0).
+    `values` may be None without a critic (then 0). has_old_logprobs / has_ref_logprobs: see Rollout.
     """
     from alignkit.ops import whiten
     from alignkit.rl import (ADVANTAGE_ESTIMATORS, GROUP_ESTIMATORS, broadcast_to_tokens, gae, group_advantages,
@@ -370,4 +376,5 @@ def build_rollout(
         advantages, returns = reinforce_pp_advantages(rewards, mask, gamma), torch.zeros_like(rewards)
     return Rollout(prompt_ids=[list(p) for p in prompt_ids], response_ids=ids, mask=mask,
                    finished=torch.tensor(finished, dtype=torch.bool), logprobs=lp, ref_logprobs=ref, values=vals,
-                   scores=scores.float(), kl=kl, rewards=rewards, advantages=advantages, returns=returns)
+                   scores=scores.float(), kl=kl, rewards=rewards, advantages=advantages, returns=returns,
+                   has_old_logprobs=has_old_logprobs, has_ref_logprobs=has_ref_logprobs)

@@ -89,10 +89,38 @@ def test_step_zero_ratio_and_kl_in_bf16(pretrained_tiny: Path, tmp_path: Path):
     """The reference and the no-grad forwards run under the actor's autocast: at step 0 (actor == reference)
     the rollout KL is 0 and the first update's ratio 1, within bf16 tolerance."""
     out = tmp_path / "bf16"
-    run_stage("grpo", grpo_overrides(pretrained_tiny / "final", output_dir=out, mixed_precision="bf16", max_steps=1))
+    # two mini-batches: the old log-probs come from the rollout's own forward (not reused); lr 0 keeps ratio 1
+    run_stage("grpo", grpo_overrides(pretrained_tiny / "final", output_dir=out, mixed_precision="bf16", max_steps=1,
+                                     mini_batch_size=8, lr=0.0))
     (row,) = train_rows(out)
     assert row["kl"] == pytest.approx(0.0, abs=1e-3)
     assert row["ratio"] == pytest.approx(1.0, abs=1e-2) and row["approx_kl"] < 1e-3
+
+
+@pytest.mark.parametrize("kl_coef", [0.0, 0.04])
+def test_skipped_rollout_forwards_train_the_same(pretrained_tiny: Path, tmp_path: Path, monkeypatch, kl_coef: float):
+    """One update per rollout: the old log-probs forward is skipped (the update's detached log-probs are the old
+    ones) and, at kl_coef 0 without a KL alarm, the reference forward too. Training matches running both."""
+    import alignkit.stages.ppo as ppo_stage
+    from alignkit.ppo_parts import forwards_needed
+
+    common = grpo_overrides(pretrained_tiny / "final", max_steps=2, eval_steps=0, kl_coef=kl_coef)
+    cfg = ppo_stage.PPOConfig(kl_coef=kl_coef, ppo_epochs=1, mini_batch_size=16, kl_in="loss")
+    assert forwards_needed(cfg, 16) == (False, kl_coef != 0)
+    assert forwards_needed(ppo_stage.PPOConfig(kl_coef=kl_coef, ppo_epochs=2), 16)[0]
+    skipped = run_stage("grpo", [*common, f"output_dir={tmp_path / 'skipped'}"])
+    monkeypatch.setattr(ppo_stage, "forwards_needed", lambda cfg, n: (True, True))
+    both = run_stage("grpo", [*common, f"output_dir={tmp_path / 'both'}"])
+    assert max_weight_diff(tmp_path / "skipped" / "final", tmp_path / "both" / "final") < 1e-5
+    fast, slow = train_rows(tmp_path / "skipped"), train_rows(tmp_path / "both")
+    for a, b in zip(fast, slow):
+        assert a["entropy"] == pytest.approx(b["entropy"], rel=1e-4)
+        assert a["policy_loss"] == pytest.approx(b["policy_loss"], abs=1e-5)
+        if kl_coef:
+            assert a["kl"] == pytest.approx(b["kl"], abs=1e-4)
+        else:
+            assert "kl" not in a and "kl" in b
+    assert skipped["eval_kl"] == pytest.approx(both["eval_kl"], abs=1e-4)
 
 
 def test_long_prompts_are_cut_from_the_left(pretrained_tiny: Path, tmp_path: Path):

@@ -10,7 +10,7 @@ proxy reward (reward model on text, or the task's gold reward) -> per step:
   2. scores: the proxy on the decoded text (the RM may use its own tokenizer), minus `missing_eos_penalty`,
      plus DAPO's overlong penalty, normalised / clipped (rollout.shape_scores); gold is logged whenever known;
   3. no-grad forwards (one padded forward per model per chunk, under the training autocast): old and
-     reference log-probs, values;
+     reference log-probs, values; each only when read (ppo_parts.forwards_needed);
   4. advantages (rollout.build_rollout): KL in the reward or in the loss (`kl_in`), then GAE (whitened) or
      group / batch-normalised advantages;
   5. `ppo_epochs` passes of mini-batches of `mini_batch_size` sequences: clipped policy loss (token or
@@ -41,9 +41,9 @@ from alignkit.eval.alarms import AlarmWatch
 from alignkit.losses import (LOSS_AGGREGATIONS, RATIO_LEVELS, clip_fraction, clipped_policy_terms, importance_ratio,
                              loss_numerator, ppo_value_loss)
 from alignkit.ops import masked_mean
-from alignkit.ppo_parts import (Sample, batch_on, disable_dropout, draw_rollout_samples, evaluate_policy, grouped,
-                                load_critic, load_reference, response_logprobs, response_values, rollout_forwards,
-                                save_critic)
+from alignkit.ppo_parts import (Sample, batch_on, disable_dropout, draw_rollout_samples, evaluate_policy,
+                                forwards_needed, grouped, load_critic, load_reference, response_logprobs,
+                                response_values, rollout_forwards, save_critic, stats_from_update)
 from alignkit.rl import (ADVANTAGE_ESTIMATORS, GROUP_ESTIMATORS, KL_KINDS, AdaptiveKLController, FixedKLController,
                          kl_penalty)
 from alignkit.rollout import (Rollout, RunningMoments, build_rollout, gold_rewards, load_scorer, score_with,
@@ -138,8 +138,9 @@ def collect(accelerator, cfg, actor, ref, critic, tokenizer, prompts, plan, step
                                            proxy, gold, prompt_room(cfg))
     samples, raw, golds = drawn["samples"], drawn["raw"], drawn["gold"]
     t1 = time.perf_counter()
+    need_old, need_ref = forwards_needed(cfg, len(samples))
     forwards = rollout_forwards(accelerator, actor, ref, critic, samples, tokenizer.pad_token_id, cfg.temperature,
-                                cfg.forward_batch_size)
+                                cfg.forward_batch_size, need_old, need_ref)
     finished = torch.tensor([s.finished for s in samples])
     # missing-EOS and overlong penalties are in `penalised`; normalisation and clipping follow
     scores = shape_scores(drawn["penalised"].flatten(), finished, 0.0, cfg.reward_norm, cfg.reward_clip, running)
@@ -147,8 +148,7 @@ def collect(accelerator, cfg, actor, ref, critic, tokenizer, prompts, plan, step
         [s.prompt_ids for s in samples], [s.response_ids for s in samples], finished.tolist(),
         [f[0] for f in forwards], [f[1] for f in forwards], [f[2] for f in forwards] if critic is not None else None,
         scores, tokenizer.pad_token_id, kl_coef, cfg.kl_estimator, cfg.gamma, cfg.lam, cfg.whiten_advantages,
-        advantage=cfg.advantage, group_size=n, kl_in=cfg.kl_in,
-    )
+        advantage=cfg.advantage, group_size=n, kl_in=cfg.kl_in, has_old_logprobs=need_old, has_ref_logprobs=need_ref)
     t2 = time.perf_counter()
     mask, lengths = rollout.mask, rollout.mask.sum(1)
     kl_per_seq = rollout.kl.sum(1)
@@ -161,6 +161,8 @@ def collect(accelerator, cfg, actor, ref, critic, tokenizer, prompts, plan, step
         "advantages_abs_mean": masked_mean(rollout.advantages.abs(), mask).item(),
         "time_generate_and_score": t1 - t0, "time_forward": t2 - t1, **sampling,
     }
+    if not (need_old and need_ref):  # the KL is filled in by the update (stats_from_update), or never read
+        del stats["kl"], stats["non_score_reward"]
     if critic is not None:
         raw_advantages = (rollout.returns - rollout.values) * mask
         stats.update(returns_mean=masked_mean(rollout.returns, mask).item(),
@@ -195,7 +197,15 @@ def micro_step(accelerator, cfg, actor, critic, rollout: Rollout, rows: list[int
     world = accelerator.num_processes
     out = {}
     if train_actor:
-        logps, entropy = response_logprobs(actor, batch, cfg.temperature, with_entropy=cfg.entropy_coef != 0)
+        logps, entropy = response_logprobs(actor, batch, cfg.temperature,
+                                           with_entropy=cfg.entropy_coef != 0 or not rollout.has_old_logprobs)
+        if not rollout.has_old_logprobs:  # one update per rollout: this policy sampled it (forwards_needed)
+            old_logps = logps.detach()
+            out["rollout_entropy_sum"] = entropy.detach().sum()
+            if rollout.has_ref_logprobs:
+                out["rollout_kl_sum"] = (kl_penalty(old_logps, ref_logps, cfg.kl_estimator) * mask).sum()
+        if not rollout.has_ref_logprobs:
+            ref_logps = logps.detach()
         ratio = importance_ratio(logps, old_logps, mask, cfg.ratio_level)
         low = cfg.clip_eps if cfg.clip_eps_low is None else cfg.clip_eps_low
         high = cfg.clip_eps if cfg.clip_eps_high is None else cfg.clip_eps_high
@@ -204,7 +214,7 @@ def micro_step(accelerator, cfg, actor, critic, rollout: Rollout, rows: list[int
             kl = kl_penalty(logps, ref_logps, cfg.kl_estimator)
             per_token = per_token + kl_coef * kl
             out["kl_loss"] = masked_mean(kl.detach(), mask) * share
-        if entropy is not None:
+        if cfg.entropy_coef != 0:
             per_token = per_token - cfg.entropy_coef * entropy
         denominator = totals["tokens"] if cfg.loss_agg == "token_mean" else totals["sequences"]
         policy_loss = loss_numerator(per_token, mask, cfg.loss_agg, cfg.max_new_tokens) / denominator
@@ -351,7 +361,8 @@ def run(cfg: PPOConfig) -> dict[str, Any]:
         lrs = [s.get_last_lr()[0] for s in schedulers]
         for scheduler in schedulers:
             scheduler.step()
-        kl_ctl.update(info["stats"]["kl"], len(rollout))
+        stats_from_update(info["stats"], metrics, len(rollout), info["tokens"])
+        kl_ctl.update(info["stats"].get("kl", 0.0), len(rollout))
         elapsed = time.perf_counter() - t0
         state["train_s"] += elapsed
         state["samples"] += info["stats"]["sampled"]
