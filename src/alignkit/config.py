@@ -98,6 +98,11 @@ class TrainConfig:
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
     max_eval_rows: int = opt(512, "cap on held-out rows evaluated (0: all)")
     lora: LoraConfig = opt(LoraConfig(), "LoRA options (lora.r, lora.alpha, lora.dropout, lora.target_modules)")
+    trainable: Union[str, None] = opt(
+        None, "freeze tuning: train only the parameters whose name matches this regular expression (re.search), the "
+        "rest frozen (after LoRA: adapters too must match); null trains all. E.g. '^model\\.norm\\.' trains a Llama's "
+        "final RMSNorm gain alone, which is how RL on the tiny task sharpens the policy (docs/rl-gold.md)"
+    )
 
 
 @dataclass

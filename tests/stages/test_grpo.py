@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from alignkit.cli import run_stage
 from tests.helpers import load_weights, max_weight_diff, run_cli
@@ -154,3 +155,18 @@ def test_critic_free_config_errors(tmp_path: Path):
         with pytest.raises(ConfigError, match=message):
             run_stage("ppo", [f"output_dir={tmp_path / 'o'}", "reward=gold", *overrides])
     assert not (tmp_path / "o").exists()
+
+
+def test_freeze_tuning_trains_only_the_matching_parameters(pretrained_tiny: Path, tmp_path: Path):
+    """trainable='^model\\.norm\\.' (the final RMSNorm gain, how the rl-gold configs sharpen the policy): that
+    tensor moves, every other weight is bit-identical; a pattern matching nothing is a clear error."""
+    from alignkit.models.loading import ModelError
+
+    out = tmp_path / "frozen"
+    run_stage("grpo", grpo_overrides(pretrained_tiny / "final", output_dir=out, max_steps=2, lr=1e-2,
+                                     trainable=r"^model\.norm\."))
+    start, final = load_weights(pretrained_tiny / "final"), load_weights(out / "final")
+    moved = {k for k in final if not torch.equal(final[k], start[k])}
+    assert moved == {"model.norm.weight"}, moved
+    with pytest.raises(ModelError, match="matches none of the model's"):
+        run_stage("grpo", grpo_overrides(pretrained_tiny / "final", output_dir=tmp_path / "bad", trainable="ln_f"))

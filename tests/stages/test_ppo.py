@@ -171,26 +171,3 @@ def test_bad_inputs_get_clear_errors(pretrained_tiny: Path, tmp_path: Path):
     with pytest.raises(ModelError, match="no_such_rm"):
         run_stage("ppo", ppo_overrides(pretrained_tiny / "final", output_dir=tmp_path / "b", reward="rm",
                                        reward_model=tmp_path / "no_such_rm"))
-
-
-@pytest.mark.slow
-def test_tiny_rm_proxy_rises_and_the_length_hack_raises_alarms(tmp_path: Path):
-    """On the tiny SFT policy and the length-biased tiny RM (runs/tiny, built by the tiny pipeline), PPO raises the
-    proxy reward within 20 steps, partly by writing longer, and the alarms see it. Measured: proxy 0.71 -> 0.90
-    (first vs last 5 steps), length 6.5 -> 7.6, rollout gold 0.54 -> 0.45 (then, before the alarms were made
-    honest, proxy_up_gold_down also fired on the rollouts at step 7; it now judges held-out evaluations only,
-    and this run has none; length_correlation now also compares with gold's own correlation with length)."""
-    from tests.helpers import REPO
-
-    sft, rm = REPO / "runs/tiny/sft/final", REPO / "runs/tiny/rm/final"
-    if not (sft.exists() and rm.exists()):
-        pytest.skip("runs/tiny/sft and runs/tiny/rm are not built (alignkit pipeline --config configs/tiny/pipeline.yaml)")
-    out = tmp_path / "run"
-    summary = run_stage("ppo", ["--config", str(REPO / "configs/tiny/ppo.yaml"), f"model={sft}", f"reward_model={rm}",
-                                f"output_dir={out}", "reward=rm", "lr=1e-4", "ppo_epochs=2", "kl_coef=0.05",
-                                "max_steps=20", "log_steps=1", "eval_data=null"])
-    train = [m for m in read_jsonl(out / "metrics.jsonl") if "policy_loss" in m]
-    mean = lambda key, rows: sum(m[key] for m in rows) / len(rows)  # noqa: E731
-    assert mean("reward", train[-5:]) > mean("reward", train[:5]) + 0.1
-    assert mean("response_length", train[-5:]) > mean("response_length", train[:5])
-    assert "length_correlation" in {a["name"] for a in summary["alarms"]}

@@ -302,6 +302,29 @@ def save_model(model: Any, tokenizer: PreTrainedTokenizerBase, out_dir: Path) ->
     tokenizer.save_pretrained(out_dir)
 
 
+def freeze_except(model: torch.nn.Module, pattern: str) -> list[str]:
+    """Freeze every parameter whose name does not match `pattern` (re.search); return the trainable names.
+
+    A ModelError names a few parameters when nothing matches (a pattern written for another architecture).
+    """
+    import re
+
+    try:
+        regex = re.compile(pattern)
+    except re.error as err:
+        raise ModelError(f"trainable={pattern!r} is not a regular expression: {err}") from None
+    kept = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(bool(regex.search(name)))
+        if param.requires_grad:
+            kept.append(name)
+    if not kept:
+        names = [n for n, _ in model.named_parameters()]
+        raise ModelError(f"trainable={pattern!r} matches none of the model's {len(names)} parameters, e.g. "
+                         f"{', '.join(names[:3])}, ..., {names[-1]}")
+    return kept
+
+
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters (tied weights counted once), optionally only those with grad."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

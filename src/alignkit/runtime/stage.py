@@ -64,8 +64,9 @@ def record_texts(records: list[dict]) -> list[str]:
 
 
 def load_policy(accelerator: Accelerator, cfg: Any, train_records: list[dict]):
-    """The model and tokenizer named by cfg.model, with LoRA and gradient checkpointing as configured."""
-    from alignkit.models.loading import load_causal_lm, resolve_model_path
+    """The model and tokenizer named by cfg.model, with LoRA, freeze tuning (cfg.trainable) and gradient
+    checkpointing as configured."""
+    from alignkit.models.loading import freeze_except, load_causal_lm, resolve_model_path
     from alignkit.models.lora import LoraOptions, apply_lora
 
     # A named GGUF model is converted once into the cache: the main process does it, the others wait.
@@ -82,6 +83,8 @@ def load_policy(accelerator: Accelerator, cfg: Any, train_records: list[dict]):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     lora = cfg.lora
     model = apply_lora(model, LoraOptions(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules))
+    if cfg.trainable:
+        freeze_except(model, cfg.trainable)
     return model, tokenizer
 
 

@@ -281,7 +281,7 @@ def _check_config(cfg: RMConfig) -> None:
 
 
 def _load_model(accelerator, cfg: RMConfig, train_records: list[dict]):
-    from alignkit.models.loading import resolve_model_path
+    from alignkit.models.loading import freeze_except, resolve_model_path
 
     with accelerator.main_process_first():  # a named GGUF model is converted once
         name = resolve_model_path(cfg.model)
@@ -289,7 +289,10 @@ def _load_model(accelerator, cfg: RMConfig, train_records: list[dict]):
                                          train_texts=lambda: record_texts(train_records))
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return apply_rm_lora(model, cfg), tokenizer
+    model = apply_rm_lora(model, cfg)
+    if cfg.trainable:
+        freeze_except(model, cfg.trainable)
+    return model, tokenizer
 
 
 def run(cfg: RMConfig) -> dict:
