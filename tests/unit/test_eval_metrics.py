@@ -131,3 +131,18 @@ def test_ensemble_disagreement_by_hand():
     # sample 0: RMs say 0 and 2 -> std 1; sample 1: 2 and 2 -> std 0; mean 0.5
     assert M.ensemble_disagreement(np.array([[0.0, 2.0], [2.0, 2.0]])) == pytest.approx(0.5)
     assert math.isnan(M.ensemble_disagreement([[1.0, 2.0]]))
+
+
+def test_paired_difference_by_hand():
+    # 3 prompts; a: per-prompt means 0.5, 1.0, 0.0; b: 0.25, 0.75, 0.0 -> differences 0.25, 0.25, 0.0
+    a = [[0.0, 1.0], [1.0, 1.0], [0.0, 0.0]]
+    b = [[0.0, 0.5, 0.25, 0.25], [0.75, 0.75, 0.75, 0.75], [0.0, 0.0, 0.0, 0.0]]
+    mean, se = M.paired_difference(a, b)
+    diffs = [0.25, 0.25, 0.0]
+    m = sum(diffs) / 3
+    sd = (sum((d - m) ** 2 for d in diffs) / 2) ** 0.5
+    assert mean == pytest.approx(1 / 6) and se == pytest.approx(sd / 3**0.5)
+    # pairing removes the prompt effect: unpaired errors are much larger here
+    assert se < math.hypot(M.grouped_mean_and_stderr(a)[1], M.grouped_mean_and_stderr([r[:2] for r in b])[1])
+    with pytest.raises(ValueError, match="same prompts"):
+        M.paired_difference(a, b[:2])

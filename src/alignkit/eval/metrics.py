@@ -83,6 +83,21 @@ def win_rate(a_scores: Numbers, b_scores: Numbers) -> tuple[float, float]:
     return grouped_mean_and_stderr(outcomes) if outcomes.ndim == 2 else mean_and_stderr(outcomes)
 
 
+def paired_difference(a_scores: Numbers, b_scores: Numbers) -> tuple[float, float]:
+    """(mean of a - b, paired stderr) for two models scored on the SAME prompts.
+
+    a_scores[G, K], b_scores[G, K'] (K and K' samples for each of G prompts, K' may differ from K) or [G]: the
+    per-prompt means are subtracted first and the stderr is that of the G per-prompt differences, so the
+    variation between prompts (an easy prompt is easy for both models) cancels. Smaller than the unpaired
+    sqrt(se_a^2 + se_b^2) whenever the two models agree on which prompts are hard.
+    """
+    a, b = _array(a_scores), _array(b_scores)
+    a, b = (x.mean(axis=1) if x.ndim == 2 else x for x in (a, b))
+    if a.shape != b.shape:
+        raise ValueError(f"a_scores and b_scores cover {a.shape} and {b.shape} prompts; they must be the same prompts")
+    return mean_and_stderr(a - b)
+
+
 def kl_from_samples(policy_logps: Numbers, ref_logps: Numbers) -> tuple[float, float]:
     """(mean, stderr) of the sequence-level k1 estimate of KL(policy || reference).
 

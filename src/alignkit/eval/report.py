@@ -22,13 +22,15 @@ METHOD_KEYS = {
     "proxy_reward_stderr": "proxy_reward_stderr",
     "kl": "kl",
     "kl_stderr": "kl_stderr",
+    "gold_gain_vs_sft": "gold_gain",
+    "gold_gain_vs_sft_stderr": "gold_gain_stderr",
     "win_rate_vs_sft": "win_rate_gold",
     "win_rate_vs_sft_stderr": "win_rate_gold_stderr",
     "length": "length",
     "distinct_2": "distinct_2",
     "heldout_ppl": "heldout_ppl",
 }
-TABLE = ["gold_reward", "greedy_gold_reward", "proxy_reward", "kl", "win_rate_vs_sft", "length", "distinct_2",
+TABLE = ["gold_reward", "gold_gain_vs_sft", "greedy_gold_reward", "proxy_reward", "kl", "win_rate_vs_sft", "length", "distinct_2",
          "heldout_ppl", "wall_s", "peak_rss_mb"]
 
 

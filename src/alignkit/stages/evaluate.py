@@ -316,6 +316,8 @@ def evaluate_policy(model, tokenizer, ctx: Context) -> tuple[dict, dict[str, Any
     for key, name in (("gold", "win_rate_gold"), ("proxy", "win_rate_rm")):
         if key in scores and key in ctx.baseline:
             _with_stderr(out, name, M.win_rate(scores[key], ctx.baseline[key]))
+    if "gold" in scores and "gold" in ctx.baseline:  # same prompts: the paired gain over the baseline
+        _with_stderr(out, "gold_gain", M.paired_difference(scores["gold"], ctx.baseline["gold"]))
     lengths = [len(g.response_ids) for g in flat]
     stats = M.length_stats(lengths)
     out.update(length=stats["mean"], length_stderr=stats["stderr"], length_median=stats["median"], length_max=stats["max"])
