@@ -113,9 +113,12 @@ def batch_on(samples: list[Sample], pad_id: int, device) -> dict[str, torch.Tens
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def response_logprobs(model, batch: dict[str, torch.Tensor], temperature: float,
-                      with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def response_logprobs(model, batch: dict[str, torch.Tensor], temperature: float, with_entropy: bool = False,
+                      entropy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(log-probs [B,R] of the response tokens under logits / temperature, entropy [B,R] or None).
+
+    entropy_grad=False: the entropy is only logged, so it is computed outside the autograd graph (no backward
+    through a second vocabulary-wide softmax).
 
     One forward; only the R+1 last columns get logits (`logits_to_keep`), the rest is never projected
     on the vocabulary. Padding positions hold 0.
@@ -125,7 +128,11 @@ def response_logprobs(model, batch: dict[str, torch.Tensor], temperature: float,
                    position_ids=batch["position_ids"], use_cache=False, logits_to_keep=n_response + 1).logits
     logits = logits[:, :-1].float() / temperature  # column k scores response token k
     logps = logprobs_from_logits(logits, batch["labels"])
-    entropy = entropy_from_logits(logits) * batch["mask"] if with_entropy else None
+    if with_entropy:
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            entropy = entropy_from_logits(logits if entropy_grad else logits.detach()) * batch["mask"]
+    else:
+        entropy = None
     return logps, entropy
 
 

@@ -197,7 +197,7 @@ def micro_step(accelerator, cfg, actor, critic, rollout: Rollout, rows: list[int
     world = accelerator.num_processes
     out = {}
     if train_actor:
-        logps, entropy = response_logprobs(actor, batch, cfg.temperature,
+        logps, entropy = response_logprobs(actor, batch, cfg.temperature, entropy_grad=cfg.entropy_coef != 0,
                                            with_entropy=cfg.entropy_coef != 0 or not rollout.has_old_logprobs)
         if not rollout.has_old_logprobs:  # one update per rollout: this policy sampled it (forwards_needed)
             old_logps = logps.detach()
@@ -252,7 +252,8 @@ def update(accelerator, cfg, actor, critic, optimizers, rollout: Rollout, step: 
         for start in range(0, n, mini):
             rows = order[start : start + mini].tolist()
             denominators = {"tokens": rollout.mask[rows].sum().item(), "sequences": float(len(rows))}
-            mine = rows[rank::world]
+            # micro-batches of similar lengths pad less; the loss sums over the global mini-batch, so this is free
+            mine = sorted(rows[rank::world], key=lambda i: (len(rollout.prompt_ids[i]), float(rollout.mask[i].sum())))
             micro = [mine[i : i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
             for k, part in enumerate(micro):
                 with ExitStack() as stack:
