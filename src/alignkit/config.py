@@ -22,6 +22,9 @@ from typing import Any, Union
 import yaml
 
 
+PROVENANCE_KEY = "provenance"  # config.yaml's metadata block (save_config), skipped when loading
+
+
 class ConfigError(ValueError):
     """A config file or override that cannot be applied; the message names the key."""
 
@@ -305,6 +308,7 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the config file must be a mapping of keys to values")
+        loaded.pop(PROVENANCE_KEY, None)  # a run's config.yaml: where it came from, not a setting
         values = _fix_yaml_floats(loaded)
     values = _merge(values, parse_overrides(overrides or []))
     cfg = _build(cls, values)
@@ -332,8 +336,13 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+def save_config(cfg: Any, path: str | Path, provenance: dict | None = None) -> None:
+    """The resolved config as YAML; `provenance` (runtime.provenance) as a last top-level block, which
+    load_config skips, so a run's config.yaml loads back as a config."""
+    values = to_dict(cfg)
+    if provenance is not None:
+        values[PROVENANCE_KEY] = provenance
+    Path(path).write_text(yaml.safe_dump(values, sort_keys=False))
 
 
 @dataclass

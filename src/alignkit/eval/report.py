@@ -106,6 +106,7 @@ def build_report(stage_summaries: dict, eval_summary: dict, notes: list[str]) ->
         "alarms": eval_summary.get("alarms", []) + stage_alarms(stage_summaries),
         "reward_models": eval_summary.get("reward_models", {}),
         "eval": {k: eval_summary.get(k) for k in ("n_prompts", "n_samples", "task", "baseline", "wall_s")},
+        "provenance": eval_summary.get("provenance"),
         "notes": notes,
     }
 
@@ -128,6 +129,19 @@ def _cell(row: dict, key: str) -> str:
         return text
     stated = f"≤ {bound:.3f} (upper bound)"
     return stated if text == "-" else f"{text}; {stated}"
+
+
+def provenance_lines(provenance: dict | None) -> list[str]:
+    """The report's provenance section: versions, commit, processes, device, seed (the eval run's)."""
+    if not provenance:
+        return []
+    versions = ", ".join(f"{k} {v}" for k, v in (provenance.get("versions") or {}).items() if v)
+    git = provenance.get("git") or {}
+    commit = f"{git['commit'][:12]}{' (uncommitted changes)' if git.get('dirty') else ''}" if git.get("commit") else "-"
+    return ["", "## Provenance", "", f"- versions: {versions}", f"- alignkit commit: {commit}",
+            f"- processes: {provenance.get('num_processes')}, device: {provenance.get('device')}, "
+            f"mixed precision: {provenance.get('mixed_precision')}, seed: {provenance.get('seed')}",
+            "- every stage's summary.json and config.yaml hold its own block, with fingerprints of its inputs"]
 
 
 def render_markdown(report: dict, plots: list[Path], out: Path) -> str:
@@ -160,6 +174,7 @@ def render_markdown(report: dict, plots: list[Path], out: Path) -> str:
         lines.append(f"| {stage} | {_fmt(summary.get('wall_s'))} | {_fmt(summary.get('peak_rss_mb'))} | {'; '.join(before)} |")
     if report.get("notes"):
         lines += ["", "Notes: " + "; ".join(report["notes"])]
+    lines += provenance_lines(report.get("provenance"))
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.relative_to(out)})" for p in plots]
     return "\n".join(lines) + "\n"
 

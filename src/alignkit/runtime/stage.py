@@ -13,13 +13,22 @@ from alignkit.runtime.logging import write_summary
 from alignkit.runtime.setup import make_accelerator, peak_rss_mb, seed_everything
 
 
+# output_dir -> provenance of the run in progress (computed once by start_run, added to summary.json by finish_run)
+_PROVENANCE: dict[str, dict] = {}
+
+
 def start_run(cfg: Any) -> Accelerator:
-    """Accelerator, seeds, and `output_dir/config.yaml` (the fully resolved config)."""
+    """Accelerator, seeds, and `output_dir/config.yaml` (the fully resolved config, plus its provenance block:
+    runtime.provenance)."""
+    from alignkit.runtime.provenance import run_provenance
+
     accelerator = make_accelerator(cfg.mixed_precision)
     seed_everything(cfg.seed)
     if accelerator.is_main_process:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+        provenance = run_provenance(cfg, accelerator.num_processes, accelerator.device.type)
+        _PROVENANCE[str(Path(cfg.output_dir).resolve())] = provenance
+        save_config(cfg, Path(cfg.output_dir) / "config.yaml", provenance)
     accelerator.wait_for_everyone()
     return accelerator
 
@@ -91,6 +100,9 @@ def load_policy(accelerator: Accelerator, cfg: Any, train_records: list[dict]):
 def finish_run(accelerator: Accelerator, cfg: Any, summary: dict[str, Any], started: float) -> dict[str, Any]:
     """Add wall time and memory, write summary.json on the main process, return the summary."""
     summary = {**summary, "wall_s": time.time() - started, "peak_rss_mb": peak_rss_mb()}
+    provenance = _PROVENANCE.pop(str(Path(cfg.output_dir).resolve()), None)
+    if provenance is not None:
+        summary["provenance"] = provenance
     if accelerator.is_main_process:
         write_summary(cfg.output_dir, summary)
     accelerator.wait_for_everyone()

@@ -435,7 +435,10 @@ def evaluate_models(cfg: EvalConfig) -> dict[str, Any]:
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out_dir / "config.yaml")
+    from alignkit.runtime.provenance import run_provenance
+
+    provenance = run_provenance(cfg, 1, device.type)
+    save_config(cfg, out_dir / "config.yaml", provenance)
     targets, baseline, reference = resolve_targets(cfg)
     ctx, pairs = build_context(cfg, reference, device)
     models: dict[str, dict] = {}
@@ -461,7 +464,8 @@ def evaluate_models(cfg: EvalConfig) -> dict[str, Any]:
         summary["reward_models"] = rm_pair_metrics(ctx, pairs)
     summary.update(baseline=baseline.name, reference=reference.model_dir, n_prompts=len(ctx.prompts),
                    n_samples=cfg.n_samples, task=getattr(ctx.task, "name", None),
-                   plots=_plots(targets, models, out_dir), wall_s=time.time() - started, peak_rss_mb=peak_rss_mb())
+                   plots=_plots(targets, models, out_dir), wall_s=time.time() - started, peak_rss_mb=peak_rss_mb(),
+                   provenance=provenance)
     (out_dir / "summary.json").write_text(json.dumps(_json(summary), indent=1))
     print_table(models)
     for alarm in summary["alarms"]:
