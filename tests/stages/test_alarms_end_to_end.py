@@ -38,14 +38,15 @@ def ppo_run(tmp_path: Path, *overrides: str) -> dict:
 
 @pytest.mark.slow
 def test_ppo_on_gold_raises_no_hacking_alarm(tmp_path: Path):
-    summary = ppo_run(tmp_path, "reward=gold", "lr=1e-4", "kl_coef=0.05")
+    summary = ppo_run(tmp_path, "reward=gold")  # the config's freeze tuning: gold rises (docs/rl-gold.md)
     assert not HACKING_ALARMS & {a["name"] for a in summary["alarms"]}, summary["alarms"]
     assert summary["eval_gold_reward"] == summary["eval_reward"]  # the proxy IS gold
+    assert summary["eval_gold_reward"] > summary["eval_gold_reward_before"]
 
 
 @pytest.mark.slow
 def test_ppo_over_optimising_the_rm_without_kl_fires_and_gold_falls(tmp_path: Path):
-    summary = ppo_run(tmp_path, "reward=rm", "lr=3e-4", "kl_coef=0")
+    summary = ppo_run(tmp_path, "reward=rm", "trainable=null", "lr=1e-4", "kl_coef=0")  # every parameter, no KL
     before, after = summary["eval_gold_reward_before"], summary["eval_gold_reward"]
     se = math.hypot(summary["eval_gold_reward_stderr_before"], summary["eval_gold_reward_stderr"])
     assert summary["eval_reward"] > summary["eval_reward_before"]  # the proxy rose ...
