@@ -118,7 +118,7 @@ def trl_worker(spec: dict) -> dict:
     t0 = time.perf_counter()
     rows, dataset = trl_chat_pairs(spec["data_file"])
     # The very model and tokenizer alignkit starts from (same seeded score head, same pad token).
-    model, tokenizer = load_reward_model(spec["model"], seed=0)
+    model, tokenizer = load_reward_model(spec["model"], new_head=True, seed=0)
     args = RewardConfig(
         output_dir=spec["output_dir"], per_device_train_batch_size=spec["micro"],
         gradient_accumulation_steps=spec["batch"] // spec["micro"], max_steps=spec["steps"],

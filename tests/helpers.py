@@ -57,6 +57,17 @@ def one_and_two_processes(stage: str, common: list[str], out: Path, one_extra: l
             json.loads((out / "two" / "summary.json").read_text()))
 
 
+def untrained_rm(lm_dir: str | Path, out: Path, seed: int = 0) -> Path:
+    """A reward model saved at `out`: the causal LM at `lm_dir` with a fresh seeded head (untrained, but a
+    real reward model on disk; scoring with the causal LM itself is refused)."""
+    from alignkit.models.loading import save_model
+    from alignkit.models.reward import load_reward_model
+
+    rm, tok = load_reward_model(str(lm_dir), new_head=True, seed=seed)
+    save_model(rm, tok, out)
+    return out
+
+
 def load_weights(model_dir: str | Path) -> dict:
     from safetensors.torch import load_file
 

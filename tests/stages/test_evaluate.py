@@ -13,7 +13,7 @@ import torch
 
 from alignkit.cli import run_stage
 from alignkit.config import ConfigError
-from tests.helpers import sft_overrides
+from tests.helpers import sft_overrides, untrained_rm
 
 # Small enough for seconds: 16 held-out prompts x 2 samples, short responses, 20 held-out texts.
 FAST = ["prompts=task:sort/prompts_eval?n=16", "n_samples=2", "max_new_tokens=16",
@@ -177,8 +177,9 @@ def test_real_reward_model_scores_samples(pretrained_tiny: Path, tmp_path: Path)
         import alignkit.models.reward  # noqa: F401
     except ImportError as err:
         pytest.skip(f"alignkit.models.reward not available yet: {err}")
+    rm_dir = untrained_rm(pretrained_tiny / "final", tmp_path / "rm")
     summary = run_stage("eval", FAST + [f"models=[{pretrained_tiny / 'final'}]",
-                                        f"reward_models=[{pretrained_tiny / 'final'}]", f"output_dir={tmp_path}"])
+                                        f"reward_models=[{rm_dir}]", f"output_dir={tmp_path / 'eval'}"])
     (metrics,) = summary["models"].values()
     assert np.isfinite(metrics["proxy_reward"]) and np.isfinite(metrics["proxy_reward_stderr"])
     (rm_metrics,) = summary["reward_models"].values()

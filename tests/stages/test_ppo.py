@@ -73,7 +73,7 @@ def test_reward_model_proxy_and_critic_from_it(pretrained_tiny: Path, tmp_path: 
         pytest.skip(f"alignkit.models.reward is not there yet: {err}")
     # An RM from the tiny LM with a fresh (seeded) head: untrained, but it scores, and the critic starts from it.
     rm_dir = tmp_path / "rm"
-    rm, rm_tok = load_reward_model(str(pretrained_tiny / "final"), seed=5)
+    rm, rm_tok = load_reward_model(str(pretrained_tiny / "final"), new_head=True, seed=5)
     rm.save_pretrained(rm_dir)
     rm_tok.save_pretrained(rm_dir)
     out = tmp_path / "run"

@@ -10,7 +10,7 @@ import torch
 
 from alignkit.cli import run_stage
 from alignkit.data.tasks import get_task, load_task_records
-from tests.helpers import max_weight_diff, run_cli
+from tests.helpers import max_weight_diff, run_cli, untrained_rm
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -150,11 +150,12 @@ def test_reward_model_scores_the_responses(pretrained_tiny: Path, tmp_path: Path
         pytest.skip(f"alignkit.models.reward is not there yet: {err}")
     out = tmp_path / "run"
     # A reward model initialised from the tiny LM (fresh scalar head): untrained, but it scores.
+    rm_dir = untrained_rm(pretrained_tiny / "final", tmp_path / "rm")
     run_stage("rrhf", rrhf_overrides(
         pretrained_tiny / "final", output_dir=out, train_data="task:sort/ranked?n=20&seed=4", eval_data="null",
-        reward="rm", reward_model=pretrained_tiny / "final", policy_samples=1, max_steps=1,
+        reward="rm", reward_model=rm_dir, policy_samples=1, max_steps=1,
     ))
-    rm, rm_tok = load_reward_model(str(pretrained_tiny / "final"))
+    rm, rm_tok = load_reward_model(str(rm_dir))
     lists = read_jsonl(out / "lists.jsonl")
     prompts = [i["prompt"] for i in lists for _ in i["responses"]]
     responses = [r for i in lists for r in i["responses"]]

@@ -88,9 +88,9 @@ def test_load_from_causal_lm_keeps_transformer_and_seeds_head(causal_lm_dir: Pat
     from transformers import AutoModelForCausalLM
 
     causal = AutoModelForCausalLM.from_pretrained(causal_lm_dir)
-    rm_a, tok = load_reward_model(str(causal_lm_dir), seed=3)
-    rm_b, _ = load_reward_model(str(causal_lm_dir), seed=3)
-    rm_c, _ = load_reward_model(str(causal_lm_dir), seed=4)
+    rm_a, tok = load_reward_model(str(causal_lm_dir), new_head=True, seed=3)
+    rm_b, _ = load_reward_model(str(causal_lm_dir), new_head=True, seed=3)
+    rm_c, _ = load_reward_model(str(causal_lm_dir), new_head=True, seed=4)
     assert isinstance(rm_a, LlamaForSequenceClassification) and rm_a.config.num_labels == 1
     assert rm_a.score.weight.shape == (1, causal.config.hidden_size)
     assert torch.equal(rm_a.score.weight, rm_b.score.weight)
@@ -103,7 +103,7 @@ def test_load_from_causal_lm_keeps_transformer_and_seeds_head(causal_lm_dir: Pat
 def test_saved_reward_model_reloads_with_transformers_and_same_rewards(causal_lm_dir: Path, tmp_path: Path):
     from alignkit.models.loading import save_model
 
-    rm, tok = load_reward_model(str(causal_lm_dir), seed=1)
+    rm, tok = load_reward_model(str(causal_lm_dir), new_head=True, seed=1)
     save_model(rm, tok, tmp_path / "rm")
     responses = ["a b c", "c b a", "a b c d"]
     ours = score_texts(rm, tok, [PROMPT] * 3, responses, batch_size=2, max_length=64)

@@ -98,10 +98,44 @@ def _from_scratch(name: str, tokenizer: Any, seed: int, train_texts, vocab_size:
     return model, tok
 
 
+def _architectures(name_or_path: str, path: str) -> list[str]:
+    """The checkpoint config's `architectures` (empty when it names none)."""
+    from transformers import AutoConfig
+
+    from alignkit.models.loading import ModelError
+
+    try:
+        return list(AutoConfig.from_pretrained(path).architectures or [])
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load reward model {name_or_path!r} from {path!r}: {err}") from err
+
+
+def _refuse_untrained(name_or_path: str, architectures: Iterable[str] = (), missing: Iterable[str] = ()) -> None:
+    """ModelError unless the checkpoint is a trained reward model.
+
+    A causal LM loads as AutoModelForSequenceClassification without complaint (transformers only logs
+    the score head as MISSING and draws it at random), so every reward would be noise. A saved reward
+    model says `*ForSequenceClassification` in its config (checked before loading anything) and its
+    weights hold the head (checked after: no missing keys).
+    """
+    from alignkit.models.loading import ModelError
+
+    architectures = list(architectures)
+    if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
+        why = f"its config's architectures are {architectures}"
+    elif missing:
+        why = f"its weights lack {sorted(missing)}"
+    else:
+        return
+    raise ModelError(f"{name_or_path} is not a reward model ({why}): make one with "
+                     f"`alignkit rm --config FILE model={name_or_path}` and pass that run's final/ directory")
+
+
 def load_reward_model(
     name_or_path: str,
     tokenizer: Any = None,
     *,
+    new_head: bool = False,
     seed: int = 0,
     train_texts: Callable[[], Iterable[str]] | None = None,
     vocab_size: int = 1024,
@@ -111,8 +145,12 @@ def load_reward_model(
 
     name_or_path: local path, hub id, "smollm2-135m-instruct" or "scratch:*" (the latter needs
     `tokenizer` or `train_texts`). tokenizer: None (the model's), a path/id, or a tokenizer object.
-    A new score head is initialised from `seed` (an RM checkpoint keeps its own). The tokenizer gets a
-    chat template, and a pad token that is not the end-of-turn token; config.pad_token_id is set.
+    new_head: False (loading a reward model to score with) refuses a checkpoint that is not a trained
+    reward model (`_refuse_untrained`); True STARTS one (the rm stage, a critic): a causal LM checkpoint
+    or scratch preset gets a new score head initialised from `seed` (an RM checkpoint keeps its own).
+    A scratch:* preset is never refused: it builds a fresh model by definition (ppo's critic uses one).
+    The tokenizer gets a chat template, and a pad token that is not the end-of-turn token;
+    config.pad_token_id is set.
     """
     from transformers import AutoModelForSequenceClassification
 
@@ -123,15 +161,19 @@ def load_reward_model(
     else:
         path = resolve_model_path(name_or_path)
         _check_exists(path, "model")
+        if not new_head:
+            _refuse_untrained(name_or_path, architectures=_architectures(name_or_path, path))
         try:
             # The head missing from a causal LM checkpoint is initialised from the global RNG: seed it.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                model = AutoModelForSequenceClassification.from_pretrained(
-                    path, num_labels=1, dtype=dtype, attn_implementation="sdpa"
+                model, info = AutoModelForSequenceClassification.from_pretrained(
+                    path, num_labels=1, dtype=dtype, attn_implementation="sdpa", output_loading_info=True
                 )
         except (OSError, ValueError) as err:
             raise ModelError(f"cannot load reward model {name_or_path!r} from {path!r}: {err}") from err
+        if not new_head:
+            _refuse_untrained(name_or_path, missing=info["missing_keys"])
         tok = _resolve_tokenizer(tokenizer, path)
     if model.config.num_labels != 1:
         raise ModelError(f"{name_or_path!r} has {model.config.num_labels} labels; a reward model has 1")

@@ -37,7 +37,7 @@ class ValueModel(torch.nn.Module):
 
 def load_value_model(name_or_path: str, seed: int = 0) -> tuple[ValueModel, Any]:
     """(critic, its tokenizer) from a reward-model or causal-LM checkpoint (a fresh head from `seed`)."""
-    model, tokenizer = load_reward_model(name_or_path, seed=seed)
+    model, tokenizer = load_reward_model(name_or_path, new_head=True, seed=seed)  # a critic may start from the policy
     return ValueModel(model), tokenizer
 
 

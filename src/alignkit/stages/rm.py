@@ -285,7 +285,7 @@ def _load_model(accelerator, cfg: RMConfig, train_records: list[dict]):
 
     with accelerator.main_process_first():  # a named GGUF model is converted once
         name = resolve_model_path(cfg.model)
-    model, tokenizer = load_reward_model(name, cfg.tokenizer, seed=cfg.seed, vocab_size=cfg.vocab_size,
+    model, tokenizer = load_reward_model(name, cfg.tokenizer, new_head=True, seed=cfg.seed, vocab_size=cfg.vocab_size,
                                          train_texts=lambda: record_texts(train_records))
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -99,20 +99,6 @@ def score_records(model, tokenizer, source: str, batch_size: int, max_length: in
     return kind, scored, sum(e["truncated"] for e in examples)
 
 
-def _check_is_reward_model(path: str) -> None:
-    from transformers import AutoConfig
-
-    from alignkit.models.loading import ModelError
-
-    try:
-        architectures = AutoConfig.from_pretrained(path).architectures or []
-    except (OSError, ValueError) as err:
-        raise ModelError(f"cannot load reward model {path!r}: {err}") from err
-    if not any(a.endswith("ForSequenceClassification") for a in architectures):
-        raise ModelError(f"{path} is not a reward model (architectures {architectures}); "
-                         "train one with `alignkit rm` and pass its final/ directory")
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="alignkit score", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="reward model directory (an `alignkit rm` run's final/)")
@@ -124,12 +110,9 @@ def main(argv: list[str]) -> int:
 
     import torch
 
-    from alignkit.models.loading import resolve_model_path
     from alignkit.models.reward import load_reward_model
 
-    path = resolve_model_path(args.model)
-    _check_is_reward_model(path)
-    model, tokenizer = load_reward_model(path)
+    model, tokenizer = load_reward_model(args.model)  # refuses a model that is not a trained reward model
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     kind, scored, truncated = score_records(model, tokenizer, args.data, args.batch_size, args.max_length)
     out = Path(args.out)
