@@ -7,6 +7,11 @@ correctly under FSDP/DeepSpeed) plus `trainer_state.json` (step, counters, anyth
 Atomicity: everything is written into `checkpoints/.tmp-step-N/` and renamed to `step-N/` only when
 complete (a rename within one filesystem is atomic), so a crash mid-save never leaves a broken newest
 checkpoint; leftovers of an interrupted save are removed by the next one.
+
+Trust: resume from a checkpoint directory you trust, because accelerate's `load_state` unpickles the
+LR schedulers that alignkit registers for checkpointing (`custom_checkpoint_*.pkl`, read with
+`weights_only=False`), so a crafted file there runs code; keeping that state in `trainer_state.json`
+(JSON) instead would remove this.
 """
 
 from __future__ import annotations
