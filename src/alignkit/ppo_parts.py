@@ -278,7 +278,7 @@ def load_critic(cfg: Any, tokenizer, log) -> tuple[torch.nn.Module, Any, str]:
         from alignkit.models.reward import load_reward_model
         from alignkit.models.value import ValueModel
 
-        model, tok = load_reward_model(source, tokenizer=copy.deepcopy(tokenizer), seed=cfg.seed)
+        model, tok = load_reward_model(source, tokenizer=copy.deepcopy(tokenizer), new_head=True, seed=cfg.seed)
         return disable_dropout(ValueModel(model)), tok, source
     critic, tok = load_value_model(source, seed=cfg.seed)
     if same_vocabulary(tok, tokenizer):

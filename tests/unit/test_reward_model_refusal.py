@@ -97,3 +97,11 @@ def test_eval_refuses_a_causal_lm_as_reward_model(causal_lm_dir: Path, tmp_path:
                            "prompts=task:sort/prompts_eval?n=2", "n_samples=1", "max_new_tokens=4",
                            f"output_dir={tmp_path / 'run'}"])
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_a_scratch_preset_is_not_a_reward_model():
+    from alignkit.models.loading import ModelError
+    from alignkit.models.reward import load_reward_model
+
+    with pytest.raises(ModelError, match="untrained model, not a reward model"):
+        load_reward_model("scratch:tiny")

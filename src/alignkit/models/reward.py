@@ -148,7 +148,7 @@ def load_reward_model(
     new_head: False (loading a reward model to score with) refuses a checkpoint that is not a trained
     reward model (`_refuse_untrained`); True STARTS one (the rm stage, a critic): a causal LM checkpoint
     or scratch preset gets a new score head initialised from `seed` (an RM checkpoint keeps its own).
-    A scratch:* preset is never refused: it builds a fresh model by definition (ppo's critic uses one).
+    A scratch:* preset is a fresh, untrained model: it is refused unless new_head (ppo's critic may start as one).
     The tokenizer gets a chat template, and a pad token that is not the end-of-turn token;
     config.pad_token_id is set.
     """
@@ -157,6 +157,9 @@ def load_reward_model(
     from alignkit.models.loading import ModelError, _check_exists, is_scratch, resolve_model_path
 
     if is_scratch(name_or_path):
+        if not new_head:
+            raise ModelError(f"{name_or_path} is an untrained model, not a reward model: make one with "
+                             f"`alignkit rm --config FILE` and pass that run's final/ directory")
         model, tok = _from_scratch(name_or_path, tokenizer, seed, train_texts, vocab_size)
     else:
         path = resolve_model_path(name_or_path)
