@@ -31,11 +31,13 @@ STAGES: dict[str, tuple[str, type, str]] = {
 # Commands with their own flags (not a training stage): name -> (module with main(argv) -> int, description)
 COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("alignkit.stages.score", "add a reward-model score to each record: --model RM --data FILE --out FILE"),
+    "plan": ("alignkit.plan_cli", "cost planner: FLOPs, PF-days, GPU-hours, memory per GPU of a stage (nothing runs)"),
 }
 
 USAGE = """usage: alignkit <stage> [--config FILE] [key=value ...]
        alignkit <stage> --help
        alignkit data check FILE [--kind KIND] [--model MODEL] [--max-length N]
+       alignkit plan tokens=D (params=N | model=NAME) [stage=STAGE] [gpus=8 gpu=h100 mfu=0.4 ...]
 
 stages:
 {stages}
@@ -144,6 +146,8 @@ def main(argv: list[str] | None = None) -> None:
             print(stage_help(name))
             return
         run_stage(name, rest)
+    except SystemExit:  # a command's exit code: not an error, and _input_errors() would import torch
+        raise
     except C.ConfigError as e:
         print(f"alignkit {name}: config error: {e}", file=sys.stderr)
         sys.exit(2)
