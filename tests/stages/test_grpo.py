@@ -112,7 +112,10 @@ def test_skipped_rollout_forwards_train_the_same(pretrained_tiny: Path, tmp_path
     skipped = run_stage("grpo", [*common, f"output_dir={tmp_path / 'skipped'}"])
     monkeypatch.setattr(ppo_stage, "forwards_needed", lambda cfg, n: (True, True))
     both = run_stage("grpo", [*common, f"output_dir={tmp_path / 'both'}"])
-    assert max_weight_diff(tmp_path / "skipped" / "final", tmp_path / "both" / "final") < 1e-5
+    # float noise only: Adam turns ~1e-7 differences of near-zero gradients into ~1e-5 steps, while the two
+    # updates moved the weights by ~1e-3 (a wrong gradient in either path would differ by that much)
+    assert max_weight_diff(pretrained_tiny / "final", tmp_path / "skipped" / "final") > 1e-3
+    assert max_weight_diff(tmp_path / "skipped" / "final", tmp_path / "both" / "final") < 1e-4
     fast, slow = train_rows(tmp_path / "skipped"), train_rows(tmp_path / "both")
     for a, b in zip(fast, slow):
         assert a["entropy"] == pytest.approx(b["entropy"], rel=1e-4)

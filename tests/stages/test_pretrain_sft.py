@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from alignkit.cli import run_stage
 from tests.helpers import max_weight_diff, run_cli, sft_overrides
@@ -29,7 +30,8 @@ def test_pretrain_writes_run_dir_and_loss_falls(pretrained_tiny: Path):
     train = [m for m in metrics if "loss" in m]
     assert [m["step"] for m in train] == list(range(5, 41, 5))
     assert train[-1]["loss"] < train[0]["loss"]
-    assert (out / "config.yaml").read_text().count("scratch:tiny") == 1
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["model"] == "scratch:tiny" and saved["provenance"]["inputs"]["model"] == "scratch:tiny"
     assert any((out / "tb").iterdir())
     assert (out / "checkpoints" / "step-40" / "trainer_state.json").exists()
 
