@@ -108,3 +108,13 @@ def test_all_records_truncated_is_an_error(pretrained_tiny: Path, tmp_path: Path
     res = run_cli(["sft", *sft_overrides(pretrained_tiny / "final", output_dir=tmp_path / "t", max_length=4)])
     assert res.returncode == 1
     assert "supervised token" in res.stderr and "max_length=4" in res.stderr
+
+
+def test_resume_without_a_checkpoint_says_it_starts_from_step_0(pretrained_tiny: Path, tmp_path: Path, capsys):
+    from alignkit.cli import run_stage
+    from tests.helpers import sft_overrides
+
+    out = tmp_path / "fresh"
+    summary = run_stage("sft", sft_overrides(pretrained_tiny / "final", output_dir=out, max_steps=2, resume="true"))
+    assert summary["steps"] == 2
+    assert f"resume=true: no checkpoint in {out / 'checkpoints'}, starting from step 0" in capsys.readouterr().err

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,18 @@ def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     dirs = checkpoint_dirs(output_dir)
     return dirs[-1] if dirs else None
+
+
+def checkpoint_to_resume(output_dir: str | Path, resume: bool, is_main_process: bool = True) -> Path | None:
+    """The newest checkpoint when resume=true, else None; says so when resume=true finds none (the run then
+    starts from step 0 rather than silently looking like a resumed one)."""
+    if not resume:
+        return None
+    checkpoint = latest_checkpoint(output_dir)
+    if checkpoint is None and is_main_process:
+        print(f"resume=true: no checkpoint in {Path(output_dir) / 'checkpoints'}, starting from step 0",
+              file=sys.stderr, flush=True)
+    return checkpoint
 
 
 def save_checkpoint(

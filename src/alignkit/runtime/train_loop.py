@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 from accelerate import Accelerator
 
-from alignkit.runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from alignkit.runtime.checkpoint import checkpoint_to_resume, load_checkpoint, save_checkpoint
 from alignkit.runtime.logging import RunLogger
 from alignkit.runtime.setup import BatchPlan, build_optimizer, build_scheduler, total_steps
 
@@ -70,7 +70,7 @@ def train(
 
     state: dict[str, Any] = {"train_weight": 0.0, "input_tokens": 0, "train_s": 0.0}
     start_step = 0
-    checkpoint = latest_checkpoint(cfg.output_dir) if cfg.resume else None
+    checkpoint = checkpoint_to_resume(cfg.output_dir, cfg.resume, accelerator.is_main_process)
     if checkpoint is not None:
         state = load_checkpoint(accelerator, checkpoint)
         start_step = state.pop("step")

@@ -48,7 +48,7 @@ from alignkit.rl import (ADVANTAGE_ESTIMATORS, GROUP_ESTIMATORS, KL_KINDS, Adapt
                          kl_penalty)
 from alignkit.rollout import (Rollout, RunningMoments, build_rollout, gold_rewards, load_scorer, score_with,
                               shape_scores, task_name_for)
-from alignkit.runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from alignkit.runtime.checkpoint import checkpoint_to_resume, load_checkpoint, save_checkpoint
 from alignkit.runtime.logging import RunLogger
 from alignkit.runtime.setup import BatchPlan, build_optimizer, build_scheduler
 from alignkit.runtime.stage import finish_run, load_policy, load_train_eval, start_run
@@ -323,7 +323,7 @@ def run(cfg: PPOConfig) -> dict[str, Any]:
     running, alarms = RunningMoments(), AlarmWatch(cfg.kl_budget)
     state: dict[str, Any] = {"train_s": 0.0, "samples": 0, "samples_trained": 0, "tokens": 0, "first": {}, "last": {}}
     start_step = 0
-    checkpoint = latest_checkpoint(cfg.output_dir) if cfg.resume else None
+    checkpoint = checkpoint_to_resume(cfg.output_dir, cfg.resume, accelerator.is_main_process)
     if checkpoint is not None:
         state = load_checkpoint(accelerator, checkpoint)
         start_step = state.pop("step")

@@ -43,7 +43,7 @@ from alignkit.data.packing import collate
 from alignkit.data.records import DataError
 from alignkit.eval import alarms as A
 from alignkit.eval import metrics as M
-from alignkit.runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from alignkit.runtime.checkpoint import checkpoint_to_resume, load_checkpoint, save_checkpoint
 from alignkit.runtime.lm import forward_loss_sum, supervised_tokens
 from alignkit.runtime.logging import RunLogger
 from alignkit.runtime.setup import BatchPlan, build_optimizer, build_scheduler
@@ -267,7 +267,7 @@ def run(cfg: RAFTConfig) -> dict[str, Any]:
     scorer = Scorer(accelerator, cfg)
 
     state: dict[str, Any] = {"iteration": 0, "history": [], "alarms": [], "eval_before": {}}
-    checkpoint = latest_checkpoint(cfg.output_dir) if cfg.resume else None
+    checkpoint = checkpoint_to_resume(cfg.output_dir, cfg.resume, accelerator.is_main_process)
     start_step = 0
     if checkpoint is not None:
         state = load_checkpoint(accelerator, checkpoint)
