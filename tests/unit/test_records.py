@@ -362,3 +362,35 @@ def test_split_records_deterministic_and_complete():
     assert len(split_records(records[:3], 0.01, seed=0)[1]) == 1
     with pytest.raises(ValueError):
         split_records(records, 1.0, seed=0)
+
+
+def test_encoding_and_compression_problems_name_the_file_and_line(tmp_path: Path):
+    good = json.dumps({"text": "a b c"}) + "\n"
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + (good * 2).encode())  # a UTF-8 byte-order mark is accepted
+    records, _ = load_records(str(bom), "text")
+    assert [r["text"] for r in records] == ["a b c", "a b c"]
+    latin = tmp_path / "latin1.jsonl"
+    latin.write_bytes(good.encode() + json.dumps({"text": "caf\u00e9"}, ensure_ascii=False).encode("latin-1") + b"\n")
+    with pytest.raises(DataError, match=rf"latin1.jsonl:2: not UTF-8 text \(byte 0xe9"):
+        load_records(str(latin), "text")
+    as_json = tmp_path / "latin1.json"
+    as_json.write_bytes(b'[\n{"text": "caf\xe9"}\n]')
+    with pytest.raises(DataError, match=r"latin1.json:2: not UTF-8 text"):
+        load_records(str(as_json), "text")
+    whole = gzip.compress((good * 2000).encode())
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError, match=r"cut.jsonl.gz: the gzip stream is truncated or corrupt after line \d+"):
+        load_records(str(cut), "text")
+
+
+def test_a_bad_file_is_one_line_on_the_command_line_not_a_traceback(tmp_path: Path):
+    import subprocess
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "\xff"}\n')
+    res = subprocess.run([sys.executable, "-m", "alignkit", "data", "check", str(bad)], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "bad.jsonl:1: not UTF-8 text" in res.stderr + res.stdout

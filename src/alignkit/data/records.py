@@ -40,6 +40,7 @@ import json
 import os
 import random
 import re
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -408,23 +409,45 @@ def normalize_record(record: Any, kind: str, loc: str) -> dict:
 # ------------------------------------------------------------------------------------- reading
 
 
+def _decode(raw: bytes, path: Path, line_no: int) -> str:
+    """UTF-8 text of one line (a byte-order mark is allowed at the start of the file); a DataError naming
+    file:line and the offending byte otherwise."""
+    try:
+        return raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}:{line_no}: not UTF-8 text (byte {raw[err.start]:#04x} at column {err.start + 1}); "
+                        "re-save the file as UTF-8") from None
+
+
 def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
     opener = gzip.open if path.name.endswith(".gz") else open
-    rows = []
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((f"{path}:{line_no}", json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{line_no}: invalid JSON: {err}") from None
+    rows, line_no = [], 0
+    try:
+        # bytes, decoded line by line, so an encoding error names its exact line
+        with opener(path, "rb") as handle:
+            for line_no, raw in enumerate(handle, start=1):
+                line = _decode(raw, path, line_no)
+                if not line.strip():
+                    continue
+                try:
+                    rows.append((f"{path}:{line_no}", json.loads(line)))
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}:{line_no}: invalid JSON: {err}") from None
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        raise DataError(f"{path}: the gzip stream is truncated or corrupt after line {line_no} ({err}); "
+                        "re-download or re-compress the file") from None
     return rows
 
 
 def _read_json(path: Path) -> list[tuple[str, Any]]:
+    raw = path.read_bytes()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[err.start]:#04x}); re-save the file as UTF-8") from None
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as err:
         raise DataError(f"{path}:{err.lineno}: invalid JSON: {err}") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
