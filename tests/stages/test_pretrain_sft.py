@@ -118,3 +118,20 @@ def test_resume_without_a_checkpoint_says_it_starts_from_step_0(pretrained_tiny:
     summary = run_stage("sft", sft_overrides(pretrained_tiny / "final", output_dir=out, max_steps=2, resume="true"))
     assert summary["steps"] == 2
     assert f"resume=true: no checkpoint in {out / 'checkpoints'}, starting from step 0" in capsys.readouterr().err
+
+
+def test_too_few_packed_rows_names_packing(pretrained_tiny: Path, tmp_path: Path):
+    from alignkit.cli import run_stage
+    from alignkit.config import ConfigError
+    from tests.helpers import run_cli, sft_overrides
+
+    data = tmp_path / "few.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"sort: c b {x}", "completion": f"b c {x}"}) for x in "defghijk"))
+    common = sft_overrides(pretrained_tiny / "final", train_data=str(data), eval_data="null", batch_size=8,
+                           micro_batch_size=4, max_steps=1)
+    with pytest.raises(ConfigError, match="packing=false"):
+        run_stage("sft", [*common, f"output_dir={tmp_path / 'a'}"])
+    res = run_cli(["sft", *common, f"output_dir={tmp_path / 'b'}"])
+    assert res.returncode != 0 and "Traceback" not in res.stderr and "packing=false" in res.stderr, res.stderr[-2000:]
+    # one example per row: 8 rows are enough for batch_size 8
+    assert run_stage("sft", [*common, f"output_dir={tmp_path / 'c'}", "packing=false"])["steps"] == 1

@@ -17,6 +17,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from alignkit.config import ConfigError
+
 
 def make_accelerator(mixed_precision: str = "no") -> Accelerator:
     """One Accelerator per run; fp16 on CPU is refused because autocast there is bf16-only."""
@@ -88,9 +90,10 @@ class BatchPlan:
 
     def __post_init__(self) -> None:
         if self.batch_size % self.world_size:
-            raise ValueError(f"batch_size {self.batch_size} must be divisible by the {self.world_size} processes")
+            raise ConfigError(f"batch_size {self.batch_size} must be divisible by the {self.world_size} processes "
+                              f"(it is the GLOBAL batch): use a multiple of {self.world_size}")
         if self.n_rows < self.batch_size:
-            raise ValueError(f"only {self.n_rows} training rows for batch_size {self.batch_size}; lower batch_size")
+            raise ConfigError(f"only {self.n_rows} training rows for batch_size {self.batch_size}; lower batch_size")
         self.steps_per_epoch = self.n_rows // self.batch_size  # drop the ragged tail, as DataLoader(drop_last)
         self._perm_epoch = -1
         self._perm: list[int] = []

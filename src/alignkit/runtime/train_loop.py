@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 from accelerate import Accelerator
 
+from alignkit.config import ConfigError
 from alignkit.runtime.checkpoint import checkpoint_to_resume, load_checkpoint, save_checkpoint
 from alignkit.runtime.logging import RunLogger
 from alignkit.runtime.setup import BatchPlan, build_optimizer, build_scheduler, total_steps
@@ -52,6 +53,10 @@ def train(
     over the given rows and a dict of metric SUMS. evaluate(model) returns held-out metrics (without
     prefix; they are logged as eval_<name>). input_tokens[i]: tokens in row i, for throughput.
     """
+    if len(row_weights) < cfg.batch_size and getattr(cfg, "packing", False):
+        raise ConfigError(f"only {len(row_weights)} training rows for batch_size {cfg.batch_size}: packing puts "
+                          f"several examples in one row of max_length={cfg.max_length} tokens; lower batch_size, "
+                          "or set packing=false (one example per row)")
     plan = BatchPlan(
         n_rows=len(row_weights),
         batch_size=cfg.batch_size,
