@@ -135,3 +135,35 @@ def test_too_few_packed_rows_names_packing(pretrained_tiny: Path, tmp_path: Path
     assert res.returncode != 0 and "Traceback" not in res.stderr and "packing=false" in res.stderr, res.stderr[-2000:]
     # one example per row: 8 rows are enough for batch_size 8
     assert run_stage("sft", [*common, f"output_dir={tmp_path / 'c'}", "packing=false"])["steps"] == 1
+
+
+def test_an_output_dir_that_is_a_file_is_one_line(pretrained_tiny: Path, tmp_path: Path):
+    from alignkit.cli import run_stage
+    from alignkit.config import ConfigError
+    from tests.helpers import sft_overrides
+
+    a_file = tmp_path / "taken"
+    a_file.write_text("someone's data")
+    with pytest.raises(ConfigError, match="is a file, not a directory"):
+        run_stage("sft", sft_overrides(pretrained_tiny / "final", output_dir=a_file, max_steps=1))
+    assert a_file.read_text() == "someone's data"
+
+
+def test_an_unwritable_output_dir_is_one_line(tmp_path: Path, monkeypatch):
+    import errno
+
+    from alignkit.config import ConfigError
+    from alignkit.runtime.stage import prepare_output_dir
+
+    real_mkdir = Path.mkdir
+
+    def refuse(self, *args, **kwargs):  # what a read-only location does (tests may run as root, who may write)
+        if "locked" in str(self):
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    with pytest.raises(ConfigError, match=r"'.*locked/run' cannot be written \(Permission denied\)"):
+        prepare_output_dir(str(tmp_path / "locked" / "run"))
+    prepare_output_dir(str(tmp_path / "fine"))
+    assert (tmp_path / "fine").is_dir() and not list((tmp_path / "fine").iterdir())

@@ -262,3 +262,14 @@ def test_count_parameters_trainable_only(tiny):
     model = build_scratch_model("tiny", FakeTokenizer(64), seed=0)
     model.model.embed_tokens.weight.requires_grad_(False)  # tied: the head goes with it
     assert count_parameters(model, trainable_only=True) == count_parameters(model) - 64 * 128
+
+
+def test_a_run_directory_as_model_points_at_its_final(tmp_path):
+    from alignkit.models.loading import ModelError, load_causal_lm
+
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "final" / "config.json").write_text("{}")
+    (run / "config.yaml").write_text("lr: 1\n")
+    with pytest.raises(ModelError, match=r"is a run directory, not a model: use .*run/final"):
+        load_causal_lm(str(run))

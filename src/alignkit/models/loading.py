@@ -207,7 +207,11 @@ def _ensure_chat_template(tokenizer: PreTrainedTokenizerBase) -> PreTrainedToken
 
 def _check_exists(name_or_path: str, what: str) -> None:
     """ModelError for a local-looking path that does not exist (and is no plausible hub id)."""
-    if Path(name_or_path).expanduser().exists():
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() and not (path / "config.json").exists() and (path / "final" / "config.json").exists():
+        # an alignkit run directory: the model it made is its final/
+        raise ModelError(f"{what} {name_or_path!r} is a run directory, not a model: use {str(path / 'final')!r}")
+    if path.exists():
         return
     if _HUB_ID.match(name_or_path) and ".." not in name_or_path and "--" not in name_or_path:
         return

@@ -17,6 +17,23 @@ from alignkit.runtime.setup import make_accelerator, peak_rss_mb, seed_everythin
 _PROVENANCE: dict[str, dict] = {}
 
 
+def prepare_output_dir(output_dir: str) -> None:
+    """Create output_dir; a ConfigError (one line) when it is a file or cannot be written."""
+    from alignkit.config import ConfigError
+
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output_dir {output_dir!r} is a file, not a directory: choose another output_dir")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".alignkit-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"output_dir {output_dir!r} cannot be written ({err.strerror or err}): choose a directory "
+                          "you can write to") from None
+
+
 def start_run(cfg: Any) -> Accelerator:
     """Accelerator, seeds, and `output_dir/config.yaml` (the fully resolved config, plus its provenance block:
     runtime.provenance)."""
@@ -25,7 +42,7 @@ def start_run(cfg: Any) -> Accelerator:
     accelerator = make_accelerator(cfg.mixed_precision)
     seed_everything(cfg.seed)
     if accelerator.is_main_process:
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        prepare_output_dir(cfg.output_dir)
         provenance = run_provenance(cfg, accelerator.num_processes, accelerator.device.type)
         _PROVENANCE[str(Path(cfg.output_dir).resolve())] = provenance
         save_config(cfg, Path(cfg.output_dir) / "config.yaml", provenance)
