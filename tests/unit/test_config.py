@@ -69,3 +69,15 @@ def test_cli_arguments_and_errors(capsys):
     assert "did you mean 'sft'?" in capsys.readouterr().err
     main(["--help"])
     assert "pretrain" in capsys.readouterr().out
+
+
+def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    from alignkit.config import ConfigError, SFTConfig, load_config
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: x\nlr: [1e-4\nmax_steps: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+: not valid YAML"):
+        load_config(SFTConfig, bad)
+    bom = tmp_path / "bom.yaml"
+    bom.write_bytes(b"\xef\xbb\xbfmodel: x\ntrain_data: task:sort/sft\n")
+    assert load_config(SFTConfig, bom).model == "x"
