@@ -63,3 +63,15 @@ def test_frontier_marks_the_bound_as_a_bound(estimate, tmp_path: Path):
     path = plot_frontier(methods, tmp_path / "frontier.png")
     assert path is not None and path.read_bytes()[:4] == b"\x89PNG"
     assert plot_frontier({"x": {"gold_reward": 0.5}}, tmp_path / "none.png") is None
+
+
+def test_the_report_shows_the_eval_runs_provenance():
+    from alignkit.eval.report import provenance_lines
+
+    lines = provenance_lines({"versions": {"alignkit": "0.1", "torch": "2.13.0", "peft": None},
+                              "git": {"commit": "0123456789abcdef", "dirty": True}, "num_processes": 1,
+                              "device": "cpu", "mixed_precision": "no", "seed": 0})
+    text = "\n".join(lines)
+    assert "## Provenance" in text and "alignkit 0.1, torch 2.13.0" in text and "peft" not in text
+    assert "0123456789ab (uncommitted changes)" in text and "processes: 1, device: cpu" in text
+    assert provenance_lines(None) == []
