@@ -29,11 +29,13 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Complete checkpoints, oldest first: step-N directories holding trainer_state.json, which save_checkpoint
+    writes last (a damaged or foreign step-N without it is neither resumed from nor counted when pruning)."""
     root = Path(output_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := STEP_DIR.match(p.name)) and (p / "trainer_state.json").is_file()]
     return [p for _, p in sorted(found)]
 
 
