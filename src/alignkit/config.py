@@ -218,6 +218,14 @@ _HABITS = {
     "model_name_or_path": "model",
     "dataset": "train_data",
     "bf16": "mixed_precision",
+    "seq_len": "max_length",
+    # alignkit plan's keys
+    "zero": "sharding",
+    "fsdp": "sharding",
+    "batch": "micro_batch_size",
+    "batch_size": "micro_batch_size",
+    "num_gpus": "gpus",
+    "gpu_count": "gpus",
 }
 
 

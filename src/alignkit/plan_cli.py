@@ -6,87 +6,71 @@ model layer (torch, transformers) is imported only for a `model=` that is not a 
 
 from __future__ import annotations
 
-import difflib
+import dataclasses
 import json
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Union
 
 from alignkit import plan as P
-from alignkit.config import ConfigError
+from alignkit.config import ConfigError, field_help, load_config, opt
 
 GIB = 2**30
-# key -> (type, default, meaning); `alignkit plan --help` prints this table.
-OPTIONS: dict[str, tuple[type, object, str]] = {
-    "stage": (str, "pretrain", f"one of {', '.join(P.STAGES)}"),
-    "model": (str, None, "local model dir, smollm2-135m-instruct, scratch:tiny|small or a hub id in the local "
-                         "Hugging Face cache: its config.json gives the size and shape (Llama-style)"),
-    "params": (float, None, "parameter count instead of model= (e.g. 175e9)"),
-    "tokens": (float, None, "pretrain/sft/rm: one epoch's tokens; dpo: chosen + rejected tokens per epoch; "
-                            "ppo/grpo: response tokens sampled over the run; best-of-n: response tokens of one "
-                            "sample per prompt"),
-    "prompt_tokens": (float, 0.0, "ppo/grpo/best-of-n: prompt tokens over the run (one prompt per sequence)"),
-    "epochs": (int, 1, "passes over the data (pretrain/sft/rm/dpo)"),
-    "ppo_epochs": (int, None, "ppo/grpo: passes over each rollout (default: 4 for ppo, 1 for grpo, as alignkit's)"),
-    "n": (int, 8, "best-of-n: samples per prompt"),
-    "critic_params": (float, None, "ppo: critic size (default: the policy's)"),
-    "ref_params": (float, None, "dpo/ppo: reference size (default: the policy's)"),
-    "rm_params": (float, None, "ppo/best-of-n: reward model size (default: the policy's)"),
-    "ref_cached": (bool, True, "dpo: reference log-probs computed once before training (precompute_ref)"),
-    "ref_from_lora": (bool, False, "dpo/ppo: the reference is the policy with its LoRA adapter off (no copy)"),
-    "offload_frozen": (bool, False, "ppo/best-of-n: reference and reward model kept on CPU"),
-    "gpus": (int, 1, "number of GPUs"),
-    "gpu": (str, "h100", f"one of {', '.join(P.GPU_PEAK_FLOPS)}, or anything with peak="),
-    "peak": (float, None, "peak FLOP/s per device, overriding gpu='s table (needed for gpu=cpu)"),
-    "mfu": (float, 0.4, "model-FLOPs utilisation: the fraction of peak actually sustained"),
-    "sharding": (str, "none", "none (DDP), zero1, zero2, zero3 or fsdp (full shard = zero3)"),
-    "precision": (str, "mixed", "mixed (bf16 + fp32 master weights) or fp32"),
-    "optimizer": (str, "adamw", "adamw or sgd (with momentum)"),
-    "micro_batch_size": (int, 1, "sequences per forward on one GPU (dpo: pairs)"),
-    "max_length": (int, 2048, "tokens per sequence"),
-    "checkpointing": (bool, False, "full activation checkpointing (recompute each layer in the backward)"),
-    "flash_attention": (bool, False, "attention scores not stored (FlashAttention / SDPA flash kernel)"),
-    "trainable_params": (float, None, "LoRA or freeze tuning: parameters with gradients (default: all)"),
-    "layers": (int, 0, "transformer layers (from model=; give with params= to estimate activations)"),
-    "hidden": (int, 0, "hidden size"),
-    "heads": (int, 0, "attention heads"),
-    "vocab": (int, 0, "vocabulary size (the logits' memory); scratch:* default 1024"),
-}
 
-# Names a user may reach for that difflib would not match.
-HINTS = {"zero": "sharding", "fsdp": "sharding", "seq_len": "max_length", "batch": "micro_batch_size",
-         "batch_size": "micro_batch_size", "num_gpus": "gpus", "gpu_count": "gpus"}
+
+@dataclass
+class PlanConfig:
+    """`alignkit plan`: the stage, the model's size and the hardware whose cost is estimated."""
+
+    stage: str = opt("pretrain", f"one of {', '.join(P.STAGES)}")
+    model: Union[str, None] = opt(None, "local model dir, smollm2-135m-instruct, scratch:tiny|small or a hub id in "
+                                        "the local Hugging Face cache: its config.json gives the size and shape "
+                                        "(Llama-style)")
+    params: Union[float, None] = opt(None, "parameter count instead of model= (e.g. 175e9)")
+    tokens: Union[float, None] = opt(None, "pretrain/sft/rm: one epoch's tokens; dpo: chosen + rejected tokens per "
+                                           "epoch; ppo/grpo: response tokens sampled over the run; best-of-n: "
+                                           "response tokens of one sample per prompt")
+    prompt_tokens: float = opt(0.0, "ppo/grpo/best-of-n: prompt tokens over the run (one prompt per sequence)")
+    epochs: int = opt(1, "passes over the data (pretrain/sft/rm/dpo)")
+    ppo_epochs: Union[int, None] = opt(None, "ppo/grpo: passes over each rollout (default: 4 for ppo, 1 for grpo, "
+                                             "as alignkit's)")
+    n: int = opt(8, "best-of-n: samples per prompt")
+    critic_params: Union[float, None] = opt(None, "ppo: critic size (default: the policy's)")
+    ref_params: Union[float, None] = opt(None, "dpo/ppo: reference size (default: the policy's)")
+    rm_params: Union[float, None] = opt(None, "ppo/best-of-n: reward model size (default: the policy's)")
+    ref_cached: bool = opt(True, "dpo: reference log-probs computed once before training (precompute_ref)")
+    ref_from_lora: bool = opt(False, "dpo/ppo: the reference is the policy with its LoRA adapter off (no copy)")
+    offload_frozen: bool = opt(False, "ppo/best-of-n: reference and reward model kept on CPU")
+    gpus: int = opt(1, "number of GPUs")
+    gpu: str = opt("h100", f"one of {', '.join(P.GPU_PEAK_FLOPS)}, or anything with peak=")
+    peak: Union[float, None] = opt(None, "peak FLOP/s per device, overriding gpu='s table (needed for gpu=cpu)")
+    mfu: float = opt(0.4, "model-FLOPs utilisation: the fraction of peak actually sustained")
+    sharding: str = opt("none", "none (DDP), zero1, zero2, zero3 or fsdp (full shard = zero3)")
+    precision: str = opt("mixed", "mixed (bf16 + fp32 master weights) or fp32")
+    optimizer: str = opt("adamw", "adamw or sgd (with momentum)")
+    micro_batch_size: int = opt(1, "sequences per forward on one GPU (dpo: pairs)")
+    max_length: int = opt(2048, "tokens per sequence")
+    checkpointing: bool = opt(False, "full activation checkpointing (recompute each layer in the backward)")
+    flash_attention: bool = opt(False, "attention scores not stored (FlashAttention / SDPA flash kernel)")
+    trainable_params: Union[float, None] = opt(None, "LoRA or freeze tuning: parameters with gradients "
+                                                     "(default: all)")
+    layers: int = opt(0, "transformer layers (from model=; give with params= to estimate activations)")
+    hidden: int = opt(0, "hidden size")
+    heads: int = opt(0, "attention heads")
+    vocab: int = opt(0, "vocabulary size (the logits' memory); scratch:* default 1024")
 
 
 def parse_options(argv: list[str]) -> dict[str, object]:
-    """key=value arguments -> typed options with defaults; an unknown key names the closest one."""
-    opts = {key: default for key, (_, default, _) in OPTIONS.items()}
+    """key=value arguments -> typed options with defaults (config.load_config: an unknown key names the
+    closest one, values are checked against the field types)."""
     for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep:
+        if "=" not in arg:
             raise ConfigError(f"unexpected argument {arg!r}: alignkit plan takes key=value arguments")
-        if key not in OPTIONS:
-            close = [HINTS[key]] if key in HINTS else difflib.get_close_matches(key, OPTIONS, n=1)
-            raise ConfigError(f"unknown key {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
-        opts[key] = _typed(key, value, OPTIONS[key][0])
+    opts = dataclasses.asdict(load_config(PlanConfig, None, argv))
     if opts["tokens"] is None or (opts["params"] is None) == (opts["model"] is None):
         raise ConfigError("give tokens= and exactly one of params= or model=")
     return opts
-
-
-def _typed(key: str, value: str, kind: type) -> object:
-    try:
-        if kind is bool:
-            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(value)
-            return value.lower() in ("true", "1", "yes")
-        if kind is int:
-            number = float(value)  # accepts 2e3
-            if number != int(number):
-                raise ValueError(value)
-            return int(number)
-        return kind(value)
-    except ValueError:
-        raise ConfigError(f"{key}={value!r} is not a valid {kind.__name__}") from None
 
 
 def model_config(name: str, vocab: int = 0) -> dict:
@@ -226,8 +210,8 @@ def plan_help() -> str:
     out = ["usage: alignkit plan tokens=D (params=N | model=NAME) [stage=...] [key=value ...]", "",
            "FLOPs, GPU-hours and memory per GPU of a stage, from arithmetic (nothing is loaded or run).", "",
            "options (key: type = default):"]
-    for key, (kind, default, meaning) in OPTIONS.items():
-        out.append(f"  {key}: {kind.__name__} = {default!r}")
+    for key, type_name, default, meaning in field_help(PlanConfig):
+        out.append(f"  {key}: {type_name} = {default!r}")
         out.extend(textwrap.wrap(meaning, width=96, initial_indent="      ", subsequent_indent="      "))
     return "\n".join(out)
 
