@@ -128,11 +128,9 @@ def response_logprobs(model, batch: dict[str, torch.Tensor], temperature: float,
                    position_ids=batch["position_ids"], use_cache=False, logits_to_keep=n_response + 1).logits
     logits = logits[:, :-1].float() / temperature  # column k scores response token k
     logps = logprobs_from_logits(logits, batch["labels"])
-    if with_entropy:
-        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            entropy = entropy_from_logits(logits if entropy_grad else logits.detach()) * batch["mask"]
-    else:
-        entropy = None
+    entropy = None
+    if with_entropy:  # detached logits build no graph for a logged-only entropy
+        entropy = entropy_from_logits(logits if entropy_grad else logits.detach()) * batch["mask"]
     return logps, entropy
 
 

@@ -246,14 +246,14 @@ def update(accelerator, cfg, actor, critic, optimizers, rollout: Rollout, step: 
     for model in (actor, critic):
         if model is not None:
             model.train()  # dropout is off (disable_dropout): train mode computes what the rollout did
-    updates = 0
+    updates, lengths = 0, rollout.mask.sum(1).tolist()
     for epoch in range(cfg.ppo_epochs):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1_009 + epoch))
         for start in range(0, n, mini):
             rows = order[start : start + mini].tolist()
             denominators = {"tokens": rollout.mask[rows].sum().item(), "sequences": float(len(rows))}
             # micro-batches of similar lengths pad less; the loss sums over the global mini-batch, so this is free
-            mine = sorted(rows[rank::world], key=lambda i: (len(rollout.prompt_ids[i]), float(rollout.mask[i].sum())))
+            mine = sorted(rows[rank::world], key=lambda i: (len(rollout.prompt_ids[i]), lengths[i]))
             micro = [mine[i : i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
             for k, part in enumerate(micro):
                 with ExitStack() as stack:
