@@ -44,8 +44,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
-    REPO, alignkit_step_timer, emit_result, preimport_alignkit, ratio_lines, rates, run_alignkit, run_worker,
-    summarize, trl_step_timer, write_json,
+    REPO, alignkit_step_timer, emit_result, markdown_table, preimport_alignkit, ratio_lines, rates, run_alignkit,
+    run_worker, summarize, trl_step_timer, write_json,
 )
 
 TINY_MODEL = REPO / "runs" / "tiny-pipeline" / "sft" / "final"
@@ -196,30 +196,29 @@ def token_ratio_lines(medians: dict[str, dict[str, float]], runs: dict[str, list
 
 def rl_table(medians: dict[str, dict[str, float]]) -> str:
     """Markdown table, one row per variant (label -> summarize() output)."""
-    lines = ["| variant | completions/s (min-max) | completions/CPU-s | s/step | gen+score s | no-grad fwd s | update s "
-             "| sampled tokens/s | mean length | peak RSS MB | setup s | load avg |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for label, m in medians.items():
-        lines.append(
-            f"| {label} | {m['examples_per_s']:.2f} ({m['rate_min']:.2f}-{m['rate_max']:.2f}) | "
-            f"{m['examples_per_cpu_s']:.2f} | {m['s_per_step']:.3f} | {m['gen_s']:.3f} | {m['fwd_s']:.3f} | "
-            f"{m['update_s']:.3f} | {m['sampled_tokens_per_s']:.1f} | {m['mean_length']:.1f} | {m['peak_rss_mb']:.0f} | "
-            f"{m['setup_s']:.1f} | {m['load_before']:.1f}-{m['load_after']:.1f} |")
-    return "\n".join(lines)
+    header = ["variant", "completions/s (min-max)", "completions/CPU-s", "s/step", "gen+score s", "no-grad fwd s",
+              "update s", "sampled tokens/s", "mean length", "peak RSS MB", "setup s", "load avg"]
+    rows = [[label, f"{m['examples_per_s']:.2f} ({m['rate_min']:.2f}-{m['rate_max']:.2f})",
+             f"{m['examples_per_cpu_s']:.2f}", f"{m['s_per_step']:.3f}", f"{m['gen_s']:.3f}", f"{m['fwd_s']:.3f}",
+             f"{m['update_s']:.3f}", f"{m['sampled_tokens_per_s']:.1f}", f"{m['mean_length']:.1f}",
+             f"{m['peak_rss_mb']:.0f}", f"{m['setup_s']:.1f}", f"{m['load_before']:.1f}-{m['load_after']:.1f}"]
+            for label, m in medians.items()]
+    return markdown_table(header, rows)
 
 
 def floor_table(floors: dict, peak_gflops: float) -> str:
     """The floors worker's numbers as a markdown table, with model GFLOP/s as a share of the matmul peak."""
-    lines = ["| floor | s per batch | tokens | tokens/s | completions/s | model GFLOP/s | % of matmul peak |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    header = ["floor", "s per batch", "tokens", "tokens/s", "completions/s", "model GFLOP/s", "% of matmul peak"]
+    rows = []
     for name, label, flop_per_token in (("generate", "HF generate alone (sampled tokens)", 2),
                                         ("forward", "no-grad forward, same sequences (all tokens)", 2),
                                         ("fwd_bwd", "fwd+bwd, same sequences, same micro-batches (all tokens)", 6)):
         f = floors[name]
         model_gflops = gflops(flop_per_token * floors["params"] * f["tokens"], f["s"])
-        lines.append(f"| {label} | {f['s']:.3f} | {f['tokens']} | {f['tokens'] / f['s']:.1f} | "
-                     f"{floors['completions'] / f['s']:.2f} | {model_gflops:.2f} | {100 * model_gflops / peak_gflops:.1f} |")
-    return "\n".join(lines)
+        rows.append([label, f"{f['s']:.3f}", str(f["tokens"]), f"{f['tokens'] / f['s']:.1f}",
+                     f"{floors['completions'] / f['s']:.2f}", f"{model_gflops:.2f}",
+                     f"{100 * model_gflops / peak_gflops:.1f}"])
+    return markdown_table(header, rows)
 
 
 def gae_lines(gae: dict, floors: dict | None) -> list[str]:

@@ -178,18 +178,22 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table: the first column left-aligned (labels), the others right-aligned (numbers)."""
+    lines = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
 def variant_table(medians: dict[str, dict[str, float]]) -> str:
     """Markdown table, one row per variant (label -> summarize() output)."""
-    lines = ["| variant | examples/s (min-max) | examples/CPU-s (min-max) | s/step | peak RSS MB | setup s | ref pass s "
-             "| pad % of forward tokens | load avg |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for label, m in medians.items():
-        lines.append(
-            f"| {label} | {m['examples_per_s']:.2f} ({m['rate_min']:.2f}-{m['rate_max']:.2f}) | "
-            f"{m['examples_per_cpu_s']:.2f} ({m['cpu_rate_min']:.2f}-{m['cpu_rate_max']:.2f}) | {m['s_per_step']:.3f} | "
-            f"{m['peak_rss_mb']:.0f} | {m['setup_s']:.1f} | {m.get('ref_precompute_s', 0.0):.1f} | "
-            f"{100 * m.get('pad_fraction', 0.0):.1f} | {m['load_before']:.1f}-{m['load_after']:.1f} |")
-    return "\n".join(lines)
+    header = ["variant", "examples/s (min-max)", "examples/CPU-s (min-max)", "s/step", "peak RSS MB", "setup s",
+              "ref pass s", "pad % of forward tokens", "load avg"]
+    rows = [[label, f"{m['examples_per_s']:.2f} ({m['rate_min']:.2f}-{m['rate_max']:.2f})",
+             f"{m['examples_per_cpu_s']:.2f} ({m['cpu_rate_min']:.2f}-{m['cpu_rate_max']:.2f})", f"{m['s_per_step']:.3f}",
+             f"{m['peak_rss_mb']:.0f}", f"{m['setup_s']:.1f}", f"{m.get('ref_precompute_s', 0.0):.1f}",
+             f"{100 * m.get('pad_fraction', 0.0):.1f}", f"{m['load_before']:.1f}-{m['load_after']:.1f}"]
+            for label, m in medians.items()]
+    return markdown_table(header, rows)
 
 
 def ratio_lines(medians: dict[str, dict[str, float]], comparisons: list[tuple[str, str, str]],
