@@ -21,11 +21,15 @@ clip eps 0.2, dropout off, no gradient checkpointing, no evaluation, logging eve
 Throughput: completions (sampled responses) per second over the steps after --warmup (step 1 holds one-off
 costs); model load, dataset preparation and trainer construction are `setup s` (everything before the first step).
 
-Not equal (the frameworks' own designs, kept): alignkit always loads a frozen reference copy and runs it, with the
-policy's old log-probs, in no-grad forwards of every rollout, even at kl_coef 0; TRL's GRPOTrainer at beta 0 and
-num_iterations 1 loads no reference and skips the old log-prob forward (the ratio is the detached current one);
-TRL's RLOOTrainer runs the old log-prob forward, not the reference. TRL's RLOO ratio is per sequence, alignkit's
+Not equal (the frameworks' own designs, kept): alignkit always loads a frozen reference copy (its held-out KL is
+measured at every evaluation), though at kl_coef 0 with one update per rollout it runs neither the reference nor
+the old log-prob forward in a rollout (ppo_parts.forwards_needed); TRL's GRPOTrainer at beta 0 and num_iterations 1
+loads no reference and skips the old log-prob forward too (the ratio is the detached current one); TRL's
+RLOOTrainer runs the old log-prob forward, not the reference. TRL's RLOO ratio is per sequence, alignkit's
 per token (the same compute).
+
+One file past 400 lines: the workers of both frameworks, the floors and the report are one benchmark, run as one
+command, and read best together.
 """
 
 from __future__ import annotations

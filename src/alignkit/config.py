@@ -7,6 +7,8 @@ Rules:
 - An unknown key is an error that names the closest valid key.
 - A value of the wrong type is an error that names the key and the type it needs.
 - Dotted keys reach nested sections: `lora.r=8`.
+
+Past 400 lines because every stage's documented fields live here, beside the one loader that checks them.
 """
 
 from __future__ import annotations

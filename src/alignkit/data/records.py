@@ -31,6 +31,8 @@ Input formats per kind:
 Conversions, allowed only when the caller names the kind (auto-detection never converts):
 - prompts <- sft, preference or ranked records: the prompt (other fields go to meta).
 - sft <- preference: prompt + the chosen reply; sft <- ranked: prompt + the best-scored response.
+
+Past 400 lines: every record kind's validation and every source (files, datasets, tasks) share one reader.
 """
 
 from __future__ import annotations

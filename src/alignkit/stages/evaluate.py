@@ -8,7 +8,8 @@ over each run's checkpoints -> summary.json, metrics.jsonl, samples/, plots/, a 
 Standard errors treat prompts as the independent units (a prompt's K samples are averaged first).
 Every model is sampled with the same seed (common random numbers make differences less noisy).
 Pure math lives in alignkit.eval.metrics / alarms; this file only runs models. `evaluate_models(cfg)`
-is the entry point for Python callers (the pipeline).
+is the entry point for Python callers (the pipeline). Past 400 lines: target resolution, sampling, every
+metric's wiring and the outputs of one evaluation run read best in one file.
 """
 
 from __future__ import annotations

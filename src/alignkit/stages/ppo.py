@@ -18,6 +18,8 @@ proxy reward (reward model on text, or the task's gold reward) -> per step:
      mini-batch; clipped value loss on the critic; gradients all-reduced by DDP, clipped, AdamW steps;
   6. KL controller update; metrics; reward-hacking alarms; eval every `eval_steps`; atomic checkpoint.
 Every random draw derives from (seed, step), so `resume=true` reproduces an uninterrupted run.
+A little over 400 lines: PPO and the GRPO family are one stage (one rollout, one update, options), kept in one
+file that reads top to bottom; sampling, forwards, loading and evaluation are in ppo_parts.
 """
 
 from __future__ import annotations
