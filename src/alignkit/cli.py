@@ -149,11 +149,37 @@ def main(argv: list[str] | None = None) -> None:
     except SystemExit:  # a command's exit code: not an error, and _input_errors() would import torch
         raise
     except C.ConfigError as e:
+        _undo_failed_start()
         print(f"alignkit {name}: config error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (loading, sampling) or pressed twice
+        print(f"alignkit {name}: interrupted; no checkpoint was written now (resume=true continues from the last one, "
+              "if any)", file=sys.stderr)
+        sys.exit(130)
     except _input_errors() as e:
+        _undo_failed_start()
         print(f"alignkit {name}: {type(e).__name__}: {e}", file=sys.stderr)
         sys.exit(1)
+    except _run_stopped() as e:  # interrupted with a checkpoint, non-finite steps, disk full: said in one line
+        print(f"alignkit {name}: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+
+
+def _undo_failed_start() -> None:
+    """A stage that failed on bad input leaves its output_dir as it found it (runtime.stage.undo_failed_start);
+    nothing to do when no stage started (the module is then not even imported)."""
+    stage = sys.modules.get("alignkit.runtime.stage")
+    if stage is not None:
+        stage.undo_failed_start()
+
+
+def _run_stopped() -> type[BaseException]:
+    guards = sys.modules.get("alignkit.runtime.guards")
+    return guards.RunStopped if guards is not None else _NeverRaised
+
+
+class _NeverRaised(Exception):
+    """Stands in for RunStopped when no training loop was imported (so none can have raised it)."""
 
 
 def _input_errors() -> tuple[type[BaseException], ...]:

@@ -99,6 +99,15 @@ class TrainConfig:
     save_steps: int = opt(0, "write a resumable checkpoint every N steps (0: only at the end)")
     save_total_limit: int = opt(2, "keep at most this many checkpoints (newest first)")
     resume: bool = opt(False, "continue from the newest checkpoint in output_dir")
+    overwrite: bool = opt(
+        False, "start afresh in an output_dir that holds a finished run (its final/, summary.json, metrics and "
+        "checkpoints are removed first) or files alignkit did not write (they are left alone); without it such an "
+        "output_dir is refused"
+    )
+    max_nonfinite_steps: int = opt(
+        3, "a NaN/inf loss or gradient norm skips that optimizer step (counted as nonfinite_steps); this many in a "
+        "row stop the run, leaving the last checkpoint intact"
+    )
     mixed_precision: str = opt("no", "no, bf16 or fp16 (autocast through accelerate; fp16 needs a GPU)")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
     max_eval_rows: int = opt(512, "cap on held-out rows evaluated (0: all)")

@@ -17,8 +17,10 @@ LR schedulers that alignkit registers for checkpointing (`custom_checkpoint_*.pk
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from typing import Any
 from accelerate import Accelerator
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+KILL_IN_CHECKPOINT_ENV = "ALIGNKIT_KILL_IN_CHECKPOINT"  # test hook: SIGKILL while writing checkpoint step-N
 
 
 def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
@@ -59,18 +62,27 @@ def checkpoint_to_resume(output_dir: str | Path, resume: bool, is_main_process: 
 def save_checkpoint(
     accelerator: Accelerator, output_dir: str | Path, step: int, state: dict[str, Any], keep: int = 2
 ) -> Path:
-    """Write checkpoint `step` atomically on every process; prune to the newest `keep`."""
+    """Write checkpoint `step` atomically on every process; prune to the newest `keep`.
+
+    A write that fails (a full disk, a quota) removes the partial .tmp directory and raises RunStopped
+    naming the newest complete checkpoint, which is untouched: pruning runs only after the rename."""
     root = Path(output_dir) / "checkpoints"
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}"
-    if accelerator.is_main_process:
-        for stale in root.glob(".tmp-step-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=1))
+    try:
+        if accelerator.is_main_process:
+            for stale in root.glob(".tmp-step-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir(parents=True, exist_ok=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        if os.environ.get(KILL_IN_CHECKPOINT_ENV) == str(step):
+            os.kill(os.getpid(), signal.SIGKILL)  # between accelerate's files and trainer_state.json
+        if accelerator.is_main_process:
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=1))
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_failed(f"checkpoint {final}", err, output_dir) from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():  # a rerun of the same step: replace it whole
@@ -80,6 +92,16 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def write_failed(what: str, err: OSError, output_dir: str | Path) -> Exception:
+    """RunStopped for a failed write: what failed, why, and which checkpoint is still complete."""
+    from alignkit.runtime.guards import RunStopped
+
+    newest = latest_checkpoint(output_dir)
+    kept = f"the newest complete checkpoint {newest} is intact" if newest else "no complete checkpoint exists yet"
+    return RunStopped(f"could not write {what} ({err.strerror or err}); nothing partial was left behind and {kept}; "
+                      "free space, then rerun with resume=true")
 
 
 def load_checkpoint(accelerator: Accelerator, path: str | Path) -> dict[str, Any]:

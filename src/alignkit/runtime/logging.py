@@ -57,11 +57,13 @@ class RunLogger:
             self._bar.start()
 
     def _truncate_metrics_after(self, step: int) -> None:
-        """On resume, drop lines logged after the checkpoint so the file tells one consistent story."""
+        """On resume, drop lines logged after the checkpoint so the file tells one consistent story; a fresh
+        start (step 0: there is no step-0 checkpoint) drops them all, so no second step-0 row appears."""
         path = self.dir / "metrics.jsonl"
         if not path.exists():
             return
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        kept = [line for line in path.read_text().splitlines()
+                if line and step > 0 and json.loads(line).get("step", 0) <= step]
         path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, step: int, metrics: dict[str, Any], show: bool = True) -> None:

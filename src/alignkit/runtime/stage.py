@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -17,13 +18,15 @@ from alignkit.runtime.setup import make_accelerator, peak_rss_mb, seed_everythin
 _PROVENANCE: dict[str, dict] = {}
 
 
-def prepare_output_dir(output_dir: str) -> None:
-    """Create output_dir; a ConfigError (one line) when it is a file or cannot be written."""
+def prepare_output_dir(output_dir: str) -> bool:
+    """Create output_dir; a ConfigError (one line) when it is a file or cannot be written. True when it was
+    created now (so a run that fails on bad input can remove it again: undo_failed_start)."""
     from alignkit.config import ConfigError
 
     path = Path(output_dir)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"output_dir {output_dir!r} is a file, not a directory: choose another output_dir")
+    created = not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".alignkit-write-test"
@@ -32,20 +35,90 @@ def prepare_output_dir(output_dir: str) -> None:
     except OSError as err:
         raise ConfigError(f"output_dir {output_dir!r} cannot be written ({err.strerror or err}): choose a directory "
                           "you can write to") from None
+    return created
+
+
+# What a run leaves in its output_dir; overwrite=true removes these (and nothing else) before starting afresh.
+RUN_FILES = ("final", ".tmp-final", "final_critic", "checkpoints", "summary.json", "metrics.jsonl", "tb", "samples")
+RUN_FILE_PATTERNS = ("iter-*",)  # raft's per-iteration samples
+
+
+def check_output_dir(cfg: Any) -> None:
+    """Refuse an output_dir whose contents this run would clobber, unless resume=true or overwrite=true.
+
+    A finished run (final/ or summary.json) or an unfinished one with checkpoints: resume=true continues
+    it, overwrite=true removes alignkit's files (RUN_FILES) and starts afresh. A non-empty directory with
+    no config.yaml or metrics.jsonl was not written by alignkit: refused unless overwrite=true, and even
+    then its files are left alone. A run that died before its first checkpoint just starts again."""
+    from alignkit.config import ConfigError
+    from alignkit.runtime.checkpoint import latest_checkpoint
+
+    path = Path(cfg.output_dir)
+    entries = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    if not entries or getattr(cfg, "resume", False):
+        return
+    ours = (path / "config.yaml").is_file() or (path / "metrics.jsonl").is_file()
+    finished = (path / "final").exists() or (path / "summary.json").exists()
+    checkpoint = latest_checkpoint(path)
+    if getattr(cfg, "overwrite", False):
+        if ours:
+            for name in RUN_FILES:
+                target = path / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+            for pattern in RUN_FILE_PATTERNS:
+                for target in path.glob(pattern):
+                    shutil.rmtree(target, ignore_errors=True)
+        return
+    if not ours:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise ConfigError(f"output_dir {cfg.output_dir!r} holds files alignkit did not write ({shown}): choose another "
+                          "output_dir, or set overwrite=true to write beside them")
+    if finished or checkpoint is not None:
+        what = "a finished run (final/, summary.json)" if finished else f"an unfinished run (checkpoint {checkpoint.name})"
+        raise ConfigError(f"output_dir {cfg.output_dir!r} holds {what}: resume=true continues it, overwrite=true "
+                          "replaces it, or choose another output_dir")
+
+
+# output_dir -> (created by this run, the config.yaml text it replaced or None) while a run is starting
+_STARTS: dict[str, tuple[bool, str | None]] = {}
+
+
+def undo_failed_start() -> None:
+    """Leave the output_dir of a run that stopped on bad input as it was: the config.yaml it wrote is removed
+    (or the previous one restored), and a directory it created is removed when it holds no checkpoint or
+    final model. Called by the CLI on a ConfigError / DataError / ModelError; a no-op after finish_run."""
+    from alignkit.runtime.checkpoint import latest_checkpoint
+
+    for key, (created, previous) in list(_STARTS.items()):
+        path = Path(key)
+        if latest_checkpoint(path) is not None or (path / "final").exists():
+            continue  # it trained before failing: the config belongs with its checkpoints
+        config = path / "config.yaml"
+        if previous is None:
+            config.unlink(missing_ok=True)
+        else:
+            config.write_text(previous)
+        if created:
+            shutil.rmtree(path, ignore_errors=True)
+    _STARTS.clear()
 
 
 def start_run(cfg: Any) -> Accelerator:
     """Accelerator, seeds, and `output_dir/config.yaml` (the fully resolved config, plus its provenance block:
-    runtime.provenance)."""
+    runtime.provenance), after check_output_dir agreed to write there."""
     from alignkit.runtime.provenance import run_provenance
 
     accelerator = make_accelerator(cfg.mixed_precision)
     seed_everything(cfg.seed)
     if accelerator.is_main_process:
-        prepare_output_dir(cfg.output_dir)
+        created = prepare_output_dir(cfg.output_dir)
+        check_output_dir(cfg)
         provenance = run_provenance(cfg, accelerator.num_processes, accelerator.device.type)
-        _PROVENANCE[str(Path(cfg.output_dir).resolve())] = provenance
-        save_config(cfg, Path(cfg.output_dir) / "config.yaml", provenance)
+        key = str(Path(cfg.output_dir).resolve())
+        _PROVENANCE[key] = provenance
+        config = Path(cfg.output_dir) / "config.yaml"
+        _STARTS[key] = (created, config.read_text() if config.is_file() else None)
+        save_config(cfg, config, provenance)
     accelerator.wait_for_everyone()
     return accelerator
 
@@ -117,6 +190,7 @@ def load_policy(accelerator: Accelerator, cfg: Any, train_records: list[dict]):
 def finish_run(accelerator: Accelerator, cfg: Any, summary: dict[str, Any], started: float) -> dict[str, Any]:
     """Add wall time and memory, write summary.json on the main process, return the summary."""
     summary = {**summary, "wall_s": time.time() - started, "peak_rss_mb": peak_rss_mb()}
+    _STARTS.pop(str(Path(cfg.output_dir).resolve()), None)
     provenance = _PROVENANCE.pop(str(Path(cfg.output_dir).resolve()), None)
     if provenance is not None:
         summary["provenance"] = provenance

@@ -10,7 +10,8 @@ number of processes and micro-batches (up to float summation order). Metric sums
 way, so a metric is a weighted mean over the global batch.
 
 The loop owns: AdamW + schedule, gradient accumulation without needless all-reduce, clipping,
-logging, periodic evaluation, atomic checkpoints, and resume (`resume=true`).
+logging, periodic evaluation, atomic checkpoints, resume (`resume=true`), skipping non-finite steps
+and stopping cleanly on Ctrl-C / SIGTERM with a checkpoint (runtime.guards).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import torch
 from accelerate import Accelerator
 
 from alignkit.config import ConfigError
-from alignkit.runtime.checkpoint import checkpoint_to_resume, load_checkpoint, save_checkpoint
+from alignkit.runtime.checkpoint import write_failed, checkpoint_to_resume, load_checkpoint, save_checkpoint
+from alignkit.runtime.guards import NonFiniteGuard, StopRequests, injected_nan_factor, send_test_signal
 from alignkit.runtime.logging import RunLogger
 from alignkit.runtime.setup import BatchPlan, build_optimizer, build_scheduler, total_steps
 
@@ -75,10 +77,12 @@ def train(
 
     state: dict[str, Any] = {"train_weight": 0.0, "input_tokens": 0, "train_s": 0.0}
     start_step = 0
+    guard = NonFiniteGuard(cfg.max_nonfinite_steps, stage, cfg.lr, accelerator.is_main_process)
     checkpoint = checkpoint_to_resume(cfg.output_dir, cfg.resume, accelerator.is_main_process)
     if checkpoint is not None:
         state = load_checkpoint(accelerator, checkpoint)
         start_step = state.pop("step")
+        guard.load_state_dict(state.get("nonfinite", {}))
     logger = RunLogger(cfg.output_dir, stage, steps, accelerator.is_main_process, start_step)
     if checkpoint is not None:
         logger.message(f"resumed from {checkpoint} at step {start_step}/{steps}")
@@ -90,52 +94,28 @@ def train(
     world = accelerator.num_processes
     kill_at = int(os.environ.get(KILL_ENV, "0"))
     model.train()
-    for step in range(start_step, steps):
-        t0 = time.perf_counter()
-        global_rows = plan.global_rows(step)
-        global_weight = sum(row_weights[i] for i in global_rows)
-        micro_batches = plan.local_micro_batches(step)
-        step_loss = torch.zeros((), device=accelerator.device)
-        step_metrics: dict[str, torch.Tensor] = {}
-        for i, rows in enumerate(micro_batches):
-            # Skip the gradient all-reduce on all but the last micro-batch of the step.
-            sync = nullcontext() if i == len(micro_batches) - 1 else accelerator.no_sync(model)
-            with sync:
-                loss_sum, metric_sums = micro_loss(model, rows)
-                loss = loss_sum / max(global_weight, 1e-12)
-                # DDP averages gradients over processes; scale back up to the global-batch sum.
-                accelerator.backward(loss * world)
-            step_loss += loss.detach()
-            for key, value in metric_sums.items():
-                step_metrics[key] = step_metrics.get(key, 0.0) + value.detach().float() / max(global_weight, 1e-12)
-        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        state["train_s"] += time.perf_counter() - t0
-        state["train_weight"] += global_weight
-        if input_tokens is not None:
-            state["input_tokens"] += sum(input_tokens[i] for i in global_rows)
-        done = step + 1
-        if done % cfg.log_steps == 0 or done == steps:
-            names = sorted(step_metrics)
-            packed = torch.stack([step_loss] + [torch.as_tensor(step_metrics[n], device=accelerator.device) for n in names])
-            packed = accelerator.reduce(packed, "sum").tolist()
-            record = {"loss": packed[0], **dict(zip(names, packed[1:])), "lr": lr, "grad_norm": float(grad_norm)}
-            if input_tokens is not None:
-                record["tokens_per_s"] = state["input_tokens"] / max(state["train_s"], 1e-9)
-            logger.log(done, record)
-        else:
-            logger.advance(done)
-        if cfg.eval_steps > 0 and done % cfg.eval_steps == 0 and done != steps:
-            logger.log(done, {f"eval_{k}": v for k, v in _evaluate(model, evaluate).items()}, show=False)
-        if (cfg.save_steps > 0 and done % cfg.save_steps == 0) or done == steps:
-            save_checkpoint(accelerator, cfg.output_dir, done, state, keep=cfg.save_total_limit)
-        if kill_at and done == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
+    with StopRequests(stage, accelerator.is_main_process) as stops:
+        for step in range(start_step, steps):
+            send_test_signal(step)
+            done = step + 1
+            log = done % cfg.log_steps == 0 or done == steps
+            record = _train_step(cfg, accelerator, model, optimizer, scheduler, plan, row_weights, micro_loss, guard,
+                                 state, input_tokens, step, log)
+            if log:
+                logger.log(done, record)
+            else:
+                logger.advance(done)
+            if cfg.eval_steps > 0 and done % cfg.eval_steps == 0 and done != steps:
+                logger.log(done, {f"eval_{k}": v for k, v in _evaluate(model, evaluate).items()}, show=False)
+            stop = stops.requested(accelerator)
+            if (cfg.save_steps > 0 and done % cfg.save_steps == 0) or done == steps or stop:
+                state["nonfinite"] = guard.state_dict()
+                path = save_checkpoint(accelerator, cfg.output_dir, done, state, keep=cfg.save_total_limit)
+            if stop:
+                logger.close()
+                raise stops.stop(done, path)
+            if kill_at and done == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
 
     after = _evaluate(model, evaluate)
     logger.log(steps, {f"eval_{k}": v for k, v in after.items()}, show=False)
@@ -153,7 +133,58 @@ def train(
         summary["input_tokens"] = state["input_tokens"]
         summary["tokens_per_s"] = state["input_tokens"] / max(state["train_s"], 1e-9)
     summary["train_weight"] = state["train_weight"]
+    summary["nonfinite_steps"] = guard.total
     return model, summary
+
+
+def _train_step(cfg, accelerator, model, optimizer, scheduler, plan, row_weights, micro_loss, guard, state,
+                input_tokens, step: int, log: bool) -> dict[str, Any]:
+    """One optimizer step over the global batch of 0-based `step`; returns what to log for it when `log`
+    (gathering the metrics is a collective, so every process passes the same `log`).
+
+    A non-finite loss or gradient norm on any process skips optimizer.step() (guard), so the weights
+    stay those of the last good step; the schedule still advances, as the step's rows were consumed."""
+    t0 = time.perf_counter()
+    world = accelerator.num_processes
+    global_rows = plan.global_rows(step)
+    global_weight = sum(row_weights[i] for i in global_rows)
+    micro_batches = plan.local_micro_batches(step)
+    step_loss = torch.zeros((), device=accelerator.device)
+    step_metrics: dict[str, torch.Tensor] = {}
+    nan_factor = injected_nan_factor(step)
+    for i, rows in enumerate(micro_batches):
+        # Skip the gradient all-reduce on all but the last micro-batch of the step.
+        sync = nullcontext() if i == len(micro_batches) - 1 else accelerator.no_sync(model)
+        with sync:
+            loss_sum, metric_sums = micro_loss(model, rows)
+            loss = loss_sum * nan_factor / max(global_weight, 1e-12)
+            # DDP averages gradients over processes; scale back up to the global-batch sum.
+            accelerator.backward(loss * world)
+        step_loss += loss.detach()
+        for key, value in metric_sums.items():
+            step_metrics[key] = step_metrics.get(key, 0.0) + value.detach().float() / max(global_weight, 1e-12)
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+    lr = scheduler.get_last_lr()[0]
+    if guard.check(accelerator, step + 1, "loss or gradient norm", step_loss, grad_norm):
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+    state["train_s"] += time.perf_counter() - t0
+    state["train_weight"] += global_weight
+    if input_tokens is not None:
+        state["input_tokens"] += sum(input_tokens[i] for i in global_rows)
+    if not log:
+        return {}
+    names = sorted(step_metrics)
+    packed = torch.stack([step_loss] + [torch.as_tensor(step_metrics[n], device=accelerator.device) for n in names])
+    packed = accelerator.reduce(packed, "sum").tolist()
+    record = {"loss": packed[0], **dict(zip(names, packed[1:])), "lr": lr, "grad_norm": float(grad_norm),
+              "nonfinite_steps": guard.total}
+    if input_tokens is not None:
+        record["tokens_per_s"] = state["input_tokens"] / max(state["train_s"], 1e-9)
+    return record
 
 
 def _evaluate(model: torch.nn.Module, evaluate: Evaluate) -> dict[str, float]:
@@ -173,7 +204,11 @@ def save_final(accelerator: Accelerator, model, tokenizer, output_dir: str | Pat
     if accelerator.is_main_process:
         tmp = Path(output_dir) / ".tmp-final"
         shutil.rmtree(tmp, ignore_errors=True)
-        (save or save_model)(accelerator.unwrap_model(model), tokenizer, tmp)
+        try:
+            (save or save_model)(accelerator.unwrap_model(model), tokenizer, tmp)
+        except OSError as err:  # a full disk: no final/ that looks complete but is not
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise write_failed(f"the final model {final}", err, output_dir) from None
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
     accelerator.wait_for_everyone()
