@@ -32,6 +32,9 @@ STAGES: dict[str, tuple[str, type, str]] = {
 COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("alignkit.stages.score", "add a reward-model score to each record: --model RM --data FILE --out FILE"),
     "plan": ("alignkit.plan_cli", "cost planner: FLOPs, PF-days, GPU-hours, memory per GPU of a stage (nothing runs)"),
+    "chat": ("alignkit.chat_cli", "talk to a model in its chat template, replies streamed: MODEL [--prompt TEXT] [--temperature T ...]"),
+    "generate": ("alignkit.generate_cli", "sample responses to a prompts file: MODEL --data FILE --out FILE [--n N --batch-size B ...]"),
+    "report": ("alignkit.report_cli", "rebuild report.html (and report.md) of a pipeline or eval run dir: RUN_DIR (no model runs)"),
 }
 
 USAGE = """usage: alignkit <stage> [--config FILE] [key=value ...]
@@ -63,31 +66,73 @@ def stage_help(name: str) -> str:
     return "\n".join(out)
 
 
-def parse_stage_args(argv: list[str]) -> tuple[str | None, list[str]]:
-    """(--config path or None, key=value overrides); anything else is an error."""
+# Bool spellings a bare flag may be followed by (config's rule for bool values); anything else is not its value.
+_BOOL_WORDS = ("true", "false", "yes", "no")
+
+
+def _is_flag(arg: str) -> bool:
+    """True for '--key...' and '-c'-style switches; '-1' and '-.5' are values (a negative number)."""
+    return arg.startswith("--") or (len(arg) >= 2 and arg[0] == "-" and arg[1].isalpha())
+
+
+def _flag_key(flag: str) -> str:
+    """'--max-steps' -> 'max_steps', '--lora.target-modules' -> 'lora.target_modules' (no key has a dash)."""
+    key = flag[2:].replace("-", "_")
+    if not key or key.startswith((".", "_")) or key.endswith("."):
+        raise C.ConfigError(f"'{flag}' is not an option name: use --key value, --key=value or key=value")
+    return key
+
+
+def parse_stage_args(argv: list[str], cls: type | None = None) -> tuple[str | None, list[str]]:
+    """(--config path or None, key=value overrides) from a stage's command line; anything else is an error.
+
+    Besides `key=value`, options take the HF/TRL spellings `--key value` and `--key=value`, with dashes
+    for underscores (`--max-steps 10`) and dots for nested keys (`--lora.r 8`). A bare `--flag`
+    (followed by another flag or nothing) means `flag=true`. With the stage's config class `cls`, a
+    bool field takes the next argument only when it is a bool word, so `--packing lr=1e-4` works, and a
+    bare flag that is not a bool field is refused here, naming the flag; without `cls`, a bare flag is
+    `flag=true` and load_config judges it. Values stay strings: load_config parses and checks them.
+    """
+    bools = {key for key, tname, _, _ in C.field_help(cls) if tname == "bool"} if cls else None
     config_path, overrides = None, []
     i = 0
     while i < len(argv):
         arg = argv[i]
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
         if arg in ("--config", "-c"):
-            if i + 1 >= len(argv):
-                raise C.ConfigError("--config needs a file path")
-            config_path = argv[i + 1]
+            if nxt is None or _is_flag(nxt):
+                raise C.ConfigError(f"{arg} needs a file path")
+            config_path = nxt
             i += 2
             continue
         if arg.startswith("--config="):
             config_path = arg.split("=", 1)[1]
         elif "=" in arg and not arg.startswith("-"):
             overrides.append(arg)
+        elif arg.startswith("--") and "=" in arg:
+            flag, value = arg.split("=", 1)
+            overrides.append(f"{_flag_key(flag)}={value}")
+        elif arg.startswith("--"):
+            key = _flag_key(arg)
+            is_bool = bools is None or key in bools
+            takes_next = nxt is not None and not _is_flag(nxt) and (
+                bools is None or not is_bool or nxt.lower() in _BOOL_WORDS)
+            if takes_next:
+                overrides.append(f"{key}={nxt}")
+                i += 2
+                continue
+            if not is_bool:
+                raise C.ConfigError(f"{arg} needs a value: {arg} VALUE, {arg}=VALUE or {key}=VALUE")
+            overrides.append(f"{key}=true")
         else:
-            raise C.ConfigError(f"unexpected argument '{arg}': use --config FILE and key=value overrides")
+            raise C.ConfigError(f"unexpected argument '{arg}': use --config FILE and key=value or --key value options")
         i += 1
     return config_path, overrides
 
 
 def run_stage(name: str, argv: list[str]) -> dict:
     module_name, cls, _ = STAGES[name]
-    config_path, overrides = parse_stage_args(argv)
+    config_path, overrides = parse_stage_args(argv, cls)
     cfg = C.load_config(cls, config_path, overrides)
     return importlib.import_module(module_name).run(cfg)
 
