@@ -1,4 +1,4 @@
-"""The pipeline's report: `alignkit eval` over every policy, then report.json, report.md and plots/.
+"""The pipeline's report: `alignkit eval` over every policy, then report.json, report.md, report.html and plots/.
 
 report.json = {"stages": {stage: summary}, "methods": {method: {gold_reward, proxy_reward, kl,
 win_rate_vs_sft, length, distinct_2, wall_s, peak_rss_mb, ...}}, "alarms": [...], "notes": [...]}.
@@ -58,6 +58,9 @@ def evaluate_and_report(cfg: Any, done: dict[str, Path], stage_summaries: dict, 
     report = build_report(stage_summaries, eval_summary, notes)
     plots = write_plots(out, done, report)
     (out / "report.md").write_text(render_markdown(report, plots, out))
+    from alignkit.eval.html_report import write_pipeline_html  # imports this module: import it here
+
+    write_pipeline_html(out, report, done)
     return report
 
 

@@ -468,6 +468,9 @@ def evaluate_models(cfg: EvalConfig) -> dict[str, Any]:
                    plots=_plots(targets, models, out_dir), wall_s=time.time() - started, peak_rss_mb=peak_rss_mb(),
                    provenance=provenance)
     (out_dir / "summary.json").write_text(json.dumps(_json(summary), indent=1))
+    from alignkit.eval.html_report import write_eval_html
+
+    write_eval_html(out_dir)  # report.html: the numbers, alarms, plots and samples on one page
     print_table(models)
     for alarm in summary["alarms"]:
         print(f"ALARM {alarm['name']} ({alarm['model']}, step {alarm['step']}): {alarm['message']}", flush=True)
