@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
 import random
 import re
@@ -187,7 +188,7 @@ def _hh_split_pair(chosen: str, rejected: str) -> tuple[list[dict], str, str]:
             "'chosen' and 'rejected' do not share the dialogue before their last "
             f"'\\n\\nAssistant:' (they first differ in turn {len(_HH_TURN.findall(common))})"
         )
-    prompt = parse_hh_dialogue(chosen[: cuts[0]])
+    prompt = _messages(parse_hh_dialogue(chosen[: cuts[0]]), "chosen")  # no empty assistant turn inside
     start_c, start_r = cuts[0] + len(_HH_LAST), cuts[1] + len(_HH_LAST)
     return prompt, chosen[start_c:].strip(), rejected[start_r:].strip()
 
@@ -212,6 +213,7 @@ def _prompt(record: dict, kind: str) -> list[dict]:
         messages = parse_hh_dialogue(value)
         if messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
             messages = messages[:-1]  # "...\n\nAssistant:" opening the reply to complete
+        messages = _messages(messages, "prompt")  # an empty assistant turn inside is an error, as in a list
     elif isinstance(value, str):
         if not value.strip():
             raise _Invalid("'prompt' is empty")
@@ -267,17 +269,26 @@ def _as_preference(record: dict) -> dict:
     out: dict = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
     if _present(record, "margin"):
         margin = record["margin"]
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)):
-            raise _Invalid("'margin' must be a number")
+        if not _is_number(margin):
+            raise _Invalid("'margin' must be a finite number")
         out["margin"] = float(margin)
     return _finish(out, record, {"prompt", "chosen", "rejected", "margin", "system"})
 
 
+def _is_number(value: Any) -> bool:
+    """An int or float (not a bool) with a finite float value: JSON's NaN, Infinity or a 400-digit
+    integer would turn a loss into NaN or overflow."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
 def _numbers(value: Any, field: str) -> list[float]:
-    if not isinstance(value, list) or any(
-        isinstance(v, bool) or not isinstance(v, (int, float)) for v in value
-    ):
-        raise _Invalid(f"'{field}' must be a list of numbers")
+    if not isinstance(value, list) or not all(_is_number(v) for v in value):
+        raise _Invalid(f"'{field}' must be a list of finite numbers")
     return [float(v) for v in value]
 
 
@@ -391,10 +402,40 @@ def _accepting_kinds(record: dict) -> list[str]:
     return accepted
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(record: dict) -> tuple[str, str] | None:
+    """(field path, character) of the first string, value or key, holding a lone UTF-16 surrogate.
+
+    JSON's "\\ud800" escapes decode to such strings; no tokenizer and no UTF-8 file can take them.
+    """
+    stack: list[tuple[str, Any]] = [("", record)]
+    while stack:  # not recursive: a record nested 1000 deep is fine
+        path, value = stack.pop()
+        if isinstance(value, str):
+            found = _SURROGATE.search(value)
+            if found:
+                return path, found.group()
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                name = f"{path}[{key!r}]" if path else repr(key)
+                if isinstance(key, str) and _SURROGATE.search(key):
+                    return name, _SURROGATE.search(key).group()
+                stack.append((name, item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", item) for i, item in enumerate(value))
+    return None
+
+
 def normalize_record(record: Any, kind: str, loc: str) -> dict:
     """Normalize one raw record as `kind`; DataError naming `loc` and the field if it won't fit."""
     if not isinstance(record, dict):
         raise DataError(f"record at {loc} must be a JSON object, got {type(record).__name__}")
+    surrogate = _lone_surrogate(record)
+    if surrogate is not None:
+        raise DataError(f"record at {loc}: {surrogate[0]} holds a lone surrogate {surrogate[1]!r} (an unpaired "
+                        "\\ud800-\\udfff escape), which no tokenizer or UTF-8 file can take")
     fields = sorted(k for k, v in record.items() if v is not None)
     try:
         return NORMALIZERS[kind](record)
@@ -421,6 +462,19 @@ def _decode(raw: bytes, path: Path, line_no: int) -> str:
                         "re-save the file as UTF-8") from None
 
 
+def _parse_json(text: str, path: Path, line_no: int) -> Any:
+    """json.loads, with every way it fails (a syntax error, nesting past the recursion limit, an
+    integer past Python's 4300-digit limit) as one DataError naming file:line."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{line_no + err.lineno - 1}: invalid JSON: {err}") from None
+    except RecursionError:
+        raise DataError(f"{path}:{line_no}: invalid JSON: nested too deeply") from None
+    except ValueError as err:
+        raise DataError(f"{path}:{line_no}: invalid JSON: {str(err).splitlines()[0]}") from None
+
+
 def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
     opener = gzip.open if path.name.endswith(".gz") else open
     rows, line_no = [], 0
@@ -431,10 +485,7 @@ def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
                 line = _decode(raw, path, line_no)
                 if not line.strip():
                     continue
-                try:
-                    rows.append((f"{path}:{line_no}", json.loads(line)))
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{line_no}: invalid JSON: {err}") from None
+                rows.append((f"{path}:{line_no}", _parse_json(line.rstrip("\n"), path, line_no)))
     except (EOFError, gzip.BadGzipFile, zlib.error) as err:
         raise DataError(f"{path}: the gzip stream is truncated or corrupt after line {line_no} ({err}); "
                         "re-download or re-compress the file") from None
@@ -448,21 +499,62 @@ def _read_json(path: Path) -> list[tuple[str, Any]]:
     except UnicodeDecodeError as err:
         line = raw.count(b"\n", 0, err.start) + 1
         raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[err.start]:#04x}); re-save the file as UTF-8") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}:{err.lineno}: invalid JSON: {err}") from None
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
+    data = _parse_json(text, path, 1)
+    wrapped = isinstance(data, dict) and isinstance(data.get("data"), list)
+    if wrapped:
         data = data["data"]
     if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of records or {{\"data\": [...]}}")
-    return [(f"{path}:record {i}", row) for i, row in enumerate(data, start=1)]
+        raise DataError(f"{path}:1: expected a JSON list of records or {{\"data\": [...]}}, got {type(data).__name__}")
+    lines = _json_record_lines(text, wrapped)
+    return [(f"{path}:{line} (record {i})", row) for i, (line, row) in enumerate(zip(lines, data), start=1)]
+
+
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _json_record_lines(text: str, wrapped: bool) -> list[int]:
+    """Line of each record of a valid JSON list (the document, or its top-level "data" list)."""
+    decoder = json.JSONDecoder()
+
+    def skip(i: int) -> int:  # past JSON whitespace
+        return _JSON_SPACE.match(text, i).end()
+
+    def past(i: int) -> int:  # past the value starting at i, and the whitespace after it
+        return skip(decoder.raw_decode(text, i)[1])
+
+    i = skip(0)
+    if wrapped:  # the top-level object's "data" list (its last "data" key, as in json.loads)
+        i, data_at = skip(i + 1), 0
+        while text[i] != "}":
+            key, end = decoder.raw_decode(text, i)
+            value_at = skip(skip(end) + 1)  # past the ':'
+            data_at = value_at if key == "data" else data_at
+            i = past(value_at)
+            i = skip(i + 1) if text[i] == "," else i
+        i = data_at
+    i, starts = skip(i + 1), []  # past the '['
+    while text[i] != "]":
+        starts.append(i)
+        i = past(i)
+        i = skip(i + 1) if text[i] == "," else i
+    lines, line, pos = [], 1, 0
+    for start in starts:
+        line, pos = line + text.count("\n", pos, start), start
+        lines.append(line)
+    return lines
 
 
 def _read_parquet(path: Path) -> list[tuple[str, Any]]:
     import pyarrow.parquet as pq
 
-    return [(f"{path}:row {i}", row) for i, row in enumerate(pq.read_table(path).to_pylist(), 1)]
+    import pyarrow
+
+    try:
+        table = pq.read_table(path)
+    except (pyarrow.ArrowException, OSError) as err:
+        problem = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(f"{path}: not a readable parquet file ({problem})") from None
+    return [(f"{path}:row {i}", row) for i, row in enumerate(table.to_pylist(), 1)]
 
 
 def _read_dataset(name: str, split: str | None, local: bool) -> list[tuple[str, Any]]:
