@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -210,6 +211,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         raise ConfigError(f"{key}: {value!r} is not a float")
     if tp is str:
         if isinstance(value, str):
+            bad = re.search("[\x00\ud800-\udfff]", value)
+            if bad:  # a YAML "\0" or "\ud800" escape: no path, name or UTF-8 file can hold it
+                raise ConfigError(f"{key}: the string holds the character {bad.group()!r} (NUL or a lone surrogate)")
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
@@ -248,23 +252,31 @@ def _suggest(key: str, valid: list[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
 
 
-def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
-    """Instantiate dataclass `cls` from a nested dict, checking keys and types."""
+def _build(cls: type, values: dict[str, Any], prefix: str = "", where: dict[str, str] | None = None) -> Any:
+    """Instantiate dataclass `cls` from a nested dict, checking keys and types.
+
+    where: dotted key -> "file:line" of the keys read from a config file; their errors start with it.
+    """
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
         full = f"{prefix}{key}"
-        if key not in fields:
-            valid = [f"{prefix}{k}" for k, _, _, _ in field_help(cls)]
-            raise ConfigError(f"unknown config key '{full}'{_suggest(full, valid)}")
-        default = _default_of(fields[key])
-        if dataclasses.is_dataclass(default):
-            if not isinstance(value, dict):
+        default = _default_of(fields[key]) if key in fields else None
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            kwargs[key] = _build(type(default), value, prefix=f"{full}.", where=where)
+            continue
+        try:
+            if key not in fields:
+                valid = [f"{prefix}{k}" for k, _, _, _ in field_help(cls)]
+                raise ConfigError(f"unknown config key {full!r}{_suggest(full, valid)}")
+            if dataclasses.is_dataclass(default):
                 raise ConfigError(f"{full}: expected a mapping of {type(default).__name__} keys")
-            kwargs[key] = _build(type(default), value, prefix=f"{full}.")
-        else:
             kwargs[key] = _coerce(full, value, hints[key])
+        except ConfigError as err:
+            if where and full in where:
+                raise ConfigError(f"{where[full]}: {err}") from None
+            raise
     return cls(**kwargs)
 
 
@@ -273,16 +285,24 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     nested: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override '{item}' is not key=value")
+            raise ConfigError(f"override {item!r} is not key=value")
         key, raw = item.split("=", 1)
         try:
             value = _fix_yaml_floats(yaml.safe_load(raw)) if raw != "" else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override '{item}': the value is not valid YAML ({e.problem}); quote list items") from None
+        except yaml.YAMLError as e:  # a ReaderError (a control character) has no .problem
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem}); quote list items") from None
+        except RecursionError:
+            raise ConfigError(f"override {item!r}: the value is nested too deeply") from None
+        except ValueError as e:  # a scalar YAML resolves but cannot build: 2020-13-45, a 5000-digit int
+            raise ConfigError(f"override {item!r}: the value cannot be read ({str(e).splitlines()[0]})") from None
         node = nested
         parts = key.strip().split(".")
-        for part in parts[:-1]:
+        for i, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):  # 'lr=1 lr.x=2'
+                section = ".".join(parts[: i + 1])
+                raise ConfigError(f"override {item!r}: {section!r} is set to a value, not a section of keys")
         node[parts[-1]] = value
     return nested
 
@@ -318,29 +338,108 @@ def _fix_yaml_floats(values: Any) -> Any:
 
 
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
-    """Defaults of `cls`, then the YAML file, then `key=value` overrides; validated."""
+    """Defaults of `cls`, then the YAML file, then `key=value` overrides; validated.
+
+    Errors in the file name file:line (of the key, for a bad key or value)."""
     values: dict[str, Any] = {}
+    where: dict[str, str] = {}
     if path is not None:
         path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file not found: {path}")
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}" if not path.exists() else f"{path}: not a file")
+        text = _read_config_text(path)
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
+            loaded = yaml.safe_load(text)
+            loaded = {} if loaded is None else loaded  # an empty file; but '[]' or '0' is not a mapping
+            where = _key_lines(yaml.compose(text), path) if isinstance(loaded, dict) else {}
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            if mark is not None:
+                where_err = f"{path}:{mark.line + 1}"
+            elif isinstance(getattr(err, "position", None), int):  # a ReaderError: a control character
+                where_err = f"{path}:{text.count(chr(10), 0, err.position) + 1}"
+            else:
+                where_err = str(path)
             problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-            raise ConfigError(f"{where}: not valid YAML ({problem})") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path}: not UTF-8 text; re-save the config file as UTF-8") from None
+            raise ConfigError(f"{where_err}: not valid YAML ({problem})") from None
+        except RecursionError:
+            raise ConfigError(f"{path}:1: not valid YAML (nested too deeply)") from None
+        except ValueError as err:  # a scalar YAML resolves but cannot build: 2020-13-45, a 5000-digit int
+            line, key = _bad_scalar(text)
+            key = (key if key.isprintable() else repr(key)) or "a key"
+            raise ConfigError(f"{path}:{line}: {key}: the value cannot be read ({str(err).splitlines()[0]})") from None
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the config file must be a mapping of keys to values")
+            raise ConfigError(f"{path}:1: the config file must be a mapping of keys to values, "
+                              f"got {type(loaded).__name__}")
         loaded.pop(PROVENANCE_KEY, None)  # a run's config.yaml: where it came from, not a setting
         values = _fix_yaml_floats(loaded)
-    values = _merge(values, parse_overrides(overrides or []))
-    cfg = _build(cls, values)
-    validate(cfg)
+    extra = parse_overrides(overrides or [])
+    for key in _dotted_keys(extra):  # an override's value, and what it replaces, is not the file's
+        sections = {key.rsplit(".", i)[0] for i in range(1, key.count(".") + 1)}  # 'lr.x' replaces a file's 'lr'
+        where = {k: v for k, v in where.items() if k != key and k not in sections and not k.startswith(key + ".")}
+    values = _merge(values, extra)
+    cfg = _build(cls, values, where=where)
+    try:
+        validate(cfg)
+    except ConfigError as err:
+        # the file key the message names first (validate's messages start with, or name, their keys)
+        named = [(m.start(), k) for k in where if (m := re.search(rf"(?<![\w.]){re.escape(k)}(?![\w.])", str(err)))]
+        if named:
+            raise ConfigError(f"{where[min(named)[1]]}: {err}") from None
+        raise
     return cfg
+
+
+def _read_config_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {raw[err.start]:#04x}); "
+                          "re-save the config file as UTF-8") from None
+
+
+def _bad_scalar(text: str) -> tuple[int, str]:
+    """(line, dotted key) of the first scalar of a YAML text that safe_load cannot construct."""
+    stack: list[tuple[Any, str]] = [(yaml.compose(text), "")]
+    while stack:
+        node, key = stack.pop()
+        if isinstance(node, yaml.ScalarNode):
+            try:
+                yaml.constructor.SafeConstructor().construct_object(node)
+            except ValueError:
+                return node.start_mark.line + 1, key
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((n, key) for n in reversed(node.value))
+        elif isinstance(node, yaml.MappingNode):
+            for key_node, value_node in reversed(node.value):
+                name = f"{key}.{key_node.value}" if key else str(key_node.value)
+                stack.extend([(value_node, name), (key_node, key)])
+    return 1, ""
+
+
+def _key_lines(node: Any, path: Path, prefix: str = "") -> dict[str, str]:
+    """Dotted key -> "file:line" of every key of a composed YAML mapping, nested mappings included."""
+    out: dict[str, str] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode):  # the key as safe_load makes it (1: x has the key 1)
+                key = f"{prefix}{yaml.constructor.SafeConstructor().construct_object(key_node)}"
+                out[key] = f"{path}:{key_node.start_mark.line + 1}"
+                out.update(_key_lines(value_node, path, prefix=f"{key}."))
+    return out
+
+
+def _dotted_keys(values: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys of the leaves (non-mapping values) of nested `values`."""
+    keys = []
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            keys.extend(_dotted_keys(value, prefix=f"{prefix}{key}."))
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 def validate(cfg: Any) -> None:
