@@ -221,35 +221,194 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"{key}: unsupported field type {tp}")
 
 
-# Names that users of TRL / transformers.TrainingArguments type by habit, and ours for them.
-_HABITS = {
-    "learning_rate": "lr",
-    "num_train_epochs": "epochs",
-    "per_device_train_batch_size": "micro_batch_size",
-    "gradient_accumulation_steps": "batch_size",
-    "max_seq_length": "max_length",
-    "logging_steps": "log_steps",
-    "lr_scheduler_type": "lr_schedule",
-    "model_name_or_path": "model",
-    "dataset": "train_data",
-    "bf16": "mixed_precision",
-    "seq_len": "max_length",
+# Names that users of TRL, transformers.TrainingArguments, LLaMA-Factory and OpenRLHF type by habit -> ours, in
+# order of preference: the first key the stage's config really has is suggested (DPO's `beta` is the KL
+# coefficient that PPO calls `kl_coef`; best-of-n's samples per prompt are `n`, PPO's `samples_per_prompt`).
+_HABITS: dict[str, tuple[str, ...]] = {
+    # optimiser and schedule (HF TrainingArguments, TRL, LLaMA-Factory; OpenRLHF's actor_/critic_learning_rate)
+    "learning_rate": ("lr",),
+    "actor_learning_rate": ("lr",),
+    "critic_learning_rate": ("critic_lr",),
+    "lr_scheduler_type": ("lr_schedule",),
+    "lr_scheduler": ("lr_schedule",),
+    "warmup_ratio": ("warmup_steps",),
+    "lr_warmup_steps": ("warmup_steps",),
+    "l2": ("weight_decay",),
+    "max_norm": ("max_grad_norm",),
+    "grad_clip": ("max_grad_norm",),
+    "clip_grad_norm": ("max_grad_norm",),
+    # length of training
+    "num_train_epochs": ("epochs",),
+    "num_epochs": ("epochs",),
+    "n_epochs": ("epochs",),
+    "max_epochs": ("epochs",),
+    "num_steps": ("max_steps",),
+    "total_steps": ("max_steps",),
+    "train_steps": ("max_steps",),
+    # batch sizes: ours is GLOBAL, per-device is micro_batch_size
+    "per_device_train_batch_size": ("micro_batch_size",),
+    "micro_train_batch_size": ("micro_batch_size",),
+    "train_batch_size": ("batch_size",),
+    "global_batch_size": ("batch_size",),
+    "gradient_accumulation_steps": ("batch_size",),
+    # sequence lengths: max_length is prompt + response
+    "max_seq_length": ("max_length",),
+    "max_seq_len": ("max_length",),
+    "seq_length": ("max_length",),
+    "seq_len": ("max_length",),
+    "cutoff_len": ("max_length",),
+    "max_len": ("max_length",),
+    "block_size": ("max_length",),
+    "context_length": ("max_length",),
+    "prompt_max_len": ("max_length",),
+    "max_prompt_length": ("max_length",),
+    "max_completion_length": ("max_new_tokens",),
+    "response_length": ("max_new_tokens",),
+    "generate_max_len": ("max_new_tokens",),
+    # models, data, outputs
+    "model_name_or_path": ("model",),
+    "model_name": ("model",),
+    "model_path": ("model",),
+    "pretrain": ("model",),
+    "sft_model_path": ("model",),
+    "tokenizer_name": ("tokenizer",),
+    "tokenizer_name_or_path": ("tokenizer",),
+    "ref_model_name_or_path": ("ref_model",),
+    "reward_model_path": ("reward_model", "reward_models"),
+    "reward_pretrain": ("reward_model", "reward_models"),
+    "critic_pretrain": ("critic_model",),
+    "dataset": ("train_data", "data", "prompts"),
+    "dataset_name": ("train_data", "data", "prompts"),
+    "dataset_path": ("train_data", "data", "prompts"),
+    "data_path": ("train_data", "data", "prompts"),
+    "train_file": ("train_data", "data"),
+    "train_dataset": ("train_data", "data"),
+    "prompt_data": ("train_data", "prompts"),
+    "data": ("train_data", "prompts"),
+    "eval_dataset": ("eval_data", "pairs"),
+    "validation_file": ("eval_data",),
+    "val_size": ("eval_data",),
+    "save_path": ("output_dir",),
+    "output_path": ("output_dir",),
+    "out_dir": ("output_dir",),
+    "save_dir": ("output_dir",),
+    "resume_from_checkpoint": ("resume",),
+    "overwrite_output_dir": ("overwrite",),
+    "logging_steps": ("log_steps",),
+    # precision and memory
+    "bf16": ("mixed_precision",),
+    "fp16": ("mixed_precision",),
+    "gradient_checkpointing": ("checkpointing",),  # alignkit plan's name
+    # LoRA (LLaMA-Factory, OpenRLHF)
+    "lora_rank": ("lora.r",),
+    "rank": ("lora.r",),
+    "lora_alpha": ("lora.alpha",),
+    "lora_dropout": ("lora.dropout",),
+    "lora_target": ("lora.target_modules",),
+    "target_modules": ("lora.target_modules",),
+    # preference optimisation (TRL DPOConfig, LLaMA-Factory pref_*)
+    "pref_beta": ("beta",),
+    "dpo_beta": ("beta",),
+    "pref_loss": ("loss_type",),
+    "pref_ftx": ("sft_weight",),
+    "rpo_alpha": ("sft_weight",),
+    "precompute_ref_log_probs": ("precompute_ref",),
+    "center_rewards_coefficient": ("center_rewards_coef",),
+    # RL (TRL PPO/GRPO, OpenRLHF, LLaMA-Factory ppo_*)
+    "beta": ("kl_coef",),  # TRL GRPOConfig's KL coefficient
+    "kl_coef": ("beta",),  # in DPO the KL coefficient is beta
+    "init_kl_coef": ("kl_coef", "beta"),
+    "kl_penalty": ("kl_estimator",),
+    "adap_kl_ctrl": ("adaptive_kl",),
+    "target_kl": ("kl_target",),
+    "ppo_target": ("kl_target",),
+    "target": ("kl_target",),
+    "horizon": ("kl_horizon",),
+    "num_generations": ("samples_per_prompt", "n", "n_samples"),
+    "n_samples_per_prompt": ("samples_per_prompt", "n", "n_samples"),
+    "num_return_sequences": ("samples_per_prompt", "n", "n_samples"),
+    "num_ppo_epochs": ("ppo_epochs",),
+    "num_iterations": ("ppo_epochs",),
+    "cliprange": ("clip_eps",),
+    "eps_clip": ("clip_eps",),
+    "epsilon": ("clip_eps",),
+    "epsilon_high": ("clip_eps_high",),
+    "cliprange_value": ("value_clip_eps",),
+    "value_clip": ("value_clip_eps",),
+    "lambd": ("lam",),
+    "gae_lambda": ("lam",),
+    "advantage_estimator": ("advantage",),
+    "entropy_loss_coef": ("entropy_coef",),
+    "normalize_reward": ("reward_norm",),
+    "ppo_score_norm": ("reward_norm",),
+    "loss_type": ("loss_agg",),
+    "local_rollout_forward_batch_size": ("forward_batch_size",),
+    "reward_funcs": ("reward",),
     # alignkit plan's keys
-    "zero": "sharding",
-    "fsdp": "sharding",
-    "batch": "micro_batch_size",
-    "batch_size": "micro_batch_size",
-    "num_gpus": "gpus",
-    "gpu_count": "gpus",
+    "zero": ("sharding",),
+    "zero_stage": ("sharding",),
+    "fsdp": ("sharding",),
+    "batch": ("micro_batch_size",),
+    "batch_size": ("micro_batch_size",),
+    "num_gpus": ("gpus",),
+    "gpu_count": ("gpus",),
+}
+
+# Where the peer's key means something a little different from ours, the hint says how (kept to one line).
+_HABIT_NOTES = {
+    "gradient_accumulation_steps": "batch_size is the GLOBAL batch; accumulation follows from micro_batch_size",
+    "per_device_train_batch_size": "batch_size is the GLOBAL batch",
+    "warmup_ratio": "counted in optimizer steps, not a fraction",
+    "bf16": "mixed_precision=bf16",
+    "fp16": "mixed_precision=fp16",
+    "val_size": "a fraction such as 0.05 is split off train_data",
+    "max_prompt_length": "max_length counts prompt + response",
+    "kl_coef": "DPO's beta is its KL coefficient",
+    "beta": "the KL coefficient",
 }
 
 
+def _habit(name: str, valid: list[str]) -> str | None:
+    """Our key for a peer's name `name`, if the stage's config has one of its candidates."""
+    return next((ours for ours in _HABITS.get(name, ()) if ours in valid), None)
+
+
+def _near_habit(name: str, valid: list[str]) -> tuple[str, str] | None:
+    """(peer name, our key) for a name cut short or embedded in a peer's (`learning_rat`, `train_batch`):
+    closeness on meaning, where difflib on our own keys would pick a look-alike (`min_lr_ratio`)."""
+    if len(name) < 4:
+        return None
+    hits = [(not alias.startswith(name), len(alias), alias) for alias in _HABITS
+            if (alias.startswith(name) or (len(name) >= 5 and name in alias)) and _habit(alias, valid)]
+    if not hits:
+        return None
+    alias = min(hits)[2]  # a prefix before a substring, then the shortest peer name
+    return alias, _habit(alias, valid)
+
+
 def _suggest(key: str, valid: list[str]) -> str:
-    habit = _HABITS.get(key.rsplit(".", 1)[-1])
-    if habit in valid:
-        return f"; did you mean '{habit}'?"
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+    """'; did you mean ...?' for an unknown key: a peer's name first (exact, then cut short or embedded),
+    then a prefix of one of our keys, then difflib over our keys and the peers' names."""
+    name = key.rsplit(".", 1)[-1].lower()
+    ours = _habit(name, valid)
+    if ours:
+        note = _HABIT_NOTES.get(name)
+        return f"; did you mean '{ours}'?" + (f" ({note})" if note else "")
+    starts = [v for v in valid if v.startswith(key) and v != key]
+    if len(starts) == 1:
+        return f"; did you mean '{starts[0]}'?"
+    near = _near_habit(name, valid)
+    if near:
+        alias, ours = near
+        note = _HABIT_NOTES.get(alias)
+        return f"; did you mean '{ours}'? (alignkit's name for {alias}" + (f"; {note})" if note else ")")
+    peers = {alias: _habit(alias, valid) for alias in _HABITS} if "." not in key else {}
+    names = valid + [alias for alias, ours in peers.items() if ours]
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    if not close:
+        return f"; valid keys: {', '.join(sorted(valid))}"
+    ours = close[0] if close[0] in valid else peers[close[0]]
+    return f"; did you mean '{ours}'?" + ("" if close[0] in valid else f" (alignkit's name for {close[0]})")
 
 
 def _build(cls: type, values: dict[str, Any], prefix: str = "", where: dict[str, str] | None = None) -> Any:

@@ -128,6 +128,106 @@ def _update_centroids(
     return new_centroids
 
 
+def closest_members(
+    embeddings: torch.Tensor, centroids: torch.Tensor, assignments: torch.Tensor,
+    groups: torch.Tensor, group_cluster: torch.Tensor,
+) -> torch.Tensor:
+    """Per group, its member in a given cluster most cosine-similar to that cluster's centroid.
+
+    embeddings [N,D], centroids [C,D], assignments long [N] (cluster of each row), groups long [N]
+    (group id of each row, in [0, G)), group_cluster long [G] (the cluster each group is matched
+    to). Returns long [G]: for group g, the row i with groups[i] == g and assignments[i] ==
+    group_cluster[g] of highest cos(row, centroid) (lowest index on ties), or -1 when group g has
+    no row in that cluster. Vectorised over N (scatter reductions), no loop over rows or groups.
+    """
+    points = _unit_rows(embeddings)
+    n, g = points.shape[0], group_cluster.shape[0]
+    unit_centroids = _unit_rows(centroids)
+    eligible = assignments == group_cluster[groups]
+    score = (points * unit_centroids[assignments]).sum(dim=1).masked_fill(~eligible, float("-inf"))
+    best = torch.full((g,), float("-inf"), device=points.device).scatter_reduce(0, groups, score, "amax")
+    hit = eligible & (score == best[groups])
+    index = torch.where(hit, torch.arange(n, device=points.device), torch.full_like(groups, n))
+    first = torch.full((g,), n, dtype=torch.long, device=points.device).scatter_reduce(0, groups, index, "amin")
+    return torch.where(first == n, torch.full_like(first, -1), first)
+
+
+def task_centres(
+    embeddings: torch.Tensor, centroids: torch.Tensor, assignments: torch.Tensor, tasks: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chen et al. 2023's task centres. -> (centre row long [T], centre cluster long [T]).
+
+    embeddings [N,D], centroids [C,D] and assignments long [N] from k-means; tasks long [N] with
+    ids in [0, T), every id present. A task's distribution centre is the cluster where most of its
+    rows fall (lowest cluster id on ties); its task centre is its own row in that cluster most
+    cosine-similar to the centroid (lowest index on ties). Cost O(N*D + T*C).
+    """
+    n_tasks, n_clusters = int(tasks.max()) + 1, centroids.shape[0]
+    counts = torch.bincount(tasks * n_clusters + assignments, minlength=n_tasks * n_clusters)
+    if bool((counts.view(n_tasks, n_clusters).sum(dim=1) == 0).any()):
+        raise ValueError("every task id in [0, T) needs at least one row")
+    centre_cluster = torch.argmax(counts.view(n_tasks, n_clusters), dim=1)  # first maximal cluster
+    return closest_members(embeddings, centroids, assignments, tasks, centre_cluster), centre_cluster
+
+
+def near_duplicates(
+    embeddings: torch.Tensor, threshold: float, groups: torch.Tensor | None = None, chunk_size: int = 1024
+) -> torch.Tensor:
+    """Near-duplicate rows to drop. embeddings [N,D] -> bool [N] (True: drop).
+
+    Greedy in index order: row i is dropped when cos(i, j) >= threshold for an earlier row j that
+    is KEPT, so every dropped row has a kept near-duplicate and a chain a~b~c with a, c apart keeps
+    a and c. With groups (long [N]) only rows of one group are compared (SemDeDup: within k-means
+    clusters, O(sum of group_size^2 * D) instead of O(N^2 * D)). Memory O(chunk_size * group_size).
+
+    Within a chunk the greedy rule is solved as a fixed point: keep[i] = no kept earlier row within
+    the threshold. Each sweep fixes at least the next undecided row, and the greedy answer is the
+    only fixed point, so sweeping until nothing changes is exact (few sweeps: duplicate chains are
+    short).
+    """
+    points = _unit_rows(embeddings)
+    n = points.shape[0]
+    drop = torch.zeros(n, dtype=torch.bool, device=points.device)
+    if groups is None:
+        members_of = [torch.arange(n, device=points.device)]
+    else:
+        order = torch.argsort(groups, stable=True)  # stable: index order within a group
+        sizes = torch.bincount(groups).tolist()
+        members_of = [m for m in torch.split(order, sizes) if m.numel()]
+    for members in members_of:
+        kept = points[members[:0]]
+        for start in range(0, members.numel(), chunk_size):
+            rows = members[start:start + chunk_size]
+            block = points[rows]
+            clash_before = (block @ kept.T >= threshold).any(dim=1) if kept.shape[0] else torch.zeros(
+                rows.numel(), dtype=torch.bool, device=points.device)
+            earlier = torch.ones(rows.numel(), rows.numel(), device=points.device).tril(-1).bool()
+            clash = (block @ block.T >= threshold) & earlier  # [b, b]: i clashes with an earlier j
+            keep = ~clash_before
+            while True:
+                new_keep = ~clash_before & ~(clash & keep.unsqueeze(0)).any(dim=1)
+                if torch.equal(new_keep, keep):
+                    break
+                keep = new_keep
+            drop[rows] = ~keep
+            kept = torch.cat([kept, block[keep]])
+    return drop
+
+
+def coverage_radius(embeddings: torch.Tensor, selected: list[int] | torch.Tensor, chunk_size: int = 256) -> float:
+    """max over rows of the cosine distance (1 - cos) to the nearest selected row: the k-center
+    objective. embeddings [N,D], selected: S >= 1 indices. O(N*S*D) time, O(N*chunk_size) memory."""
+    points = _unit_rows(embeddings)
+    index = torch.as_tensor(selected, dtype=torch.long, device=points.device)
+    if index.numel() == 0:
+        raise ValueError("coverage_radius needs at least one selected row")
+    nearest = torch.full((points.shape[0],), float("inf"), device=points.device)
+    for start in range(0, index.numel(), chunk_size):
+        distance = 1.0 - points @ points[index[start:start + chunk_size]].T
+        nearest = torch.minimum(nearest, distance.min(dim=1).values)
+    return float(nearest.clamp(min=0.0).max())
+
+
 def best_of_n(rewards: torch.Tensor) -> torch.Tensor:
     """Index of the highest-reward response per prompt. rewards [B,K] -> long [B].
 

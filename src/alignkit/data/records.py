@@ -604,6 +604,19 @@ def _read_task(spec: str) -> tuple[list[tuple[str, Any]], str]:
     return [(f"{spec}#{i}", row) for i, row in enumerate(records, start=1)], kind
 
 
+def read_raw(source: str) -> tuple[list[tuple[str, Any]], str | None]:
+    """(location, record as stored) of every record of one source, unvalidated, and the kind a
+    built-in task declares (None for files and datasets). Empty sources raise DataError. For callers
+    that must write records back in their input format (alignkit select); stages use load_records."""
+    if source.startswith("task:"):
+        got, kind = _read_task(source)
+    else:
+        got, kind = _read_source(source), None
+    if not got:
+        raise DataError(f"{source}: no records (empty file or dataset)")
+    return got, kind
+
+
 def load_records(
     source: str | list[str], kind: str | None = None, errors: list[str] | None = None
 ) -> tuple[list[dict], str]:
@@ -622,13 +635,8 @@ def load_records(
     auto = kind is None
     rows: list[tuple[str, Any]] = []
     for one in [source] if isinstance(source, str) else list(source):
-        if one.startswith("task:"):
-            got, task_kind = _read_task(one)
-            kind = kind or task_kind  # a task says its kind; its records are checked against it
-        else:
-            got = _read_source(one)
-        if not got:
-            raise DataError(f"{one}: no records (empty file or dataset)")
+        got, task_kind = read_raw(one)
+        kind = kind or task_kind  # a task says its kind; its records are checked against it
         rows.extend(got)
     if kind is None:
         kind = _detect_first(*rows[0])
