@@ -1,4 +1,4 @@
-"""`alignkit <stage> [--config FILE] [key=value ...]` and `alignkit data check FILE`.
+"""`alignkit <stage> [--config FILE] [key=value | --key value ...]` and `alignkit data check FILE`.
 
 `python -m alignkit ...` is the same program, so `accelerate launch -m alignkit sft ...` works.
 Stage modules are imported only when a stage runs, so `--help` stays fast.
@@ -38,7 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("alignkit.report_cli", "rebuild report.html (and report.md) of a pipeline or eval run dir: RUN_DIR (no model runs)"),
 }
 
-USAGE = """usage: alignkit <stage> [--config FILE] [key=value ...]
+USAGE = """usage: alignkit <stage> [--config FILE] [key=value | --key value | --key=value ...]
        alignkit <stage> --help
        alignkit data check FILE [--kind KIND] [--model MODEL] [--max-length N]
        alignkit plan tokens=D (params=N | model=NAME) [stage=STAGE] [gpus=8 gpu=h100 mfu=0.4 ...]
@@ -46,7 +46,9 @@ USAGE = """usage: alignkit <stage> [--config FILE] [key=value ...]
 stages:
 {stages}
 
-Keys on the command line override the config file; nested keys use dots (lora.r=8).
+Keys on the command line override the config file, as key=value or, as in HF and TRL, --key value /
+--key=value (dashes for underscores: --max-steps 10); nested keys use dots (lora.r=8, --lora.r 8); a bare
+bool flag is true (--packing).
 """
 
 
@@ -60,7 +62,8 @@ def _usage() -> str:
 
 def stage_help(name: str) -> str:
     _, cls, desc = STAGES[name]
-    out = [f"usage: alignkit {name} [--config FILE] [key=value ...]", "", desc, "", "options (key: type = default):"]
+    out = [f"usage: alignkit {name} [--config FILE] [key=value | --key value | --key=value ...]", "", desc, "",
+           "options (key: type = default; set as key=value, --key value or --key=value, dashes for underscores):"]
     for key, tname, default, help_text in C.field_help(cls):
         out.append(f"  {key}: {tname} = {default!r}")
         out.extend(textwrap.wrap(help_text, width=96, initial_indent="      ", subsequent_indent="      "))

@@ -72,3 +72,15 @@ def test_every_suggestion_is_a_real_key_of_some_config():
     keys = {key for cls in classes + [PlanConfig] for key, _, _, _ in C.field_help(cls)}
     missing = {alias: ours for alias, targets in C._HABITS.items() for ours in targets if ours not in keys}
     assert not missing
+
+
+def test_usage_shows_the_flag_form_beside_key_value(capsys):
+    from alignkit.cli import main, stage_help, parse_stage_args
+
+    main(["--help"])
+    usage = capsys.readouterr().out
+    assert "--key value" in usage and "--max-steps 10" in usage and "key=value" in usage
+    text = stage_help("sft")
+    assert "--key value" in text.splitlines()[0] and "dashes for underscores" in text
+    # the form the usage shows is the one the parser takes
+    assert parse_stage_args(["--max-steps", "10", "--lora.r", "8"], C.SFTConfig)[1] == ["max_steps=10", "lora.r=8"]
