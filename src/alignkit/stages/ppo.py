@@ -53,6 +53,7 @@ from alignkit.rollout import (Rollout, RunningMoments, build_rollout, gold_rewar
 from alignkit.runtime.checkpoint import checkpoint_to_resume, load_checkpoint, save_checkpoint
 from alignkit.runtime.logging import RunLogger
 from alignkit.runtime.setup import BatchPlan, build_optimizer, build_scheduler
+from alignkit.runtime.guards import NonFiniteGuard, StopRequests, injected_nan_factor, send_test_signal
 from alignkit.runtime.stage import finish_run, load_policy, load_train_eval, start_run
 from alignkit.runtime.train_loop import KILL_ENV, save_final
 
@@ -236,9 +237,10 @@ def micro_step(accelerator, cfg, actor, critic, rollout: Rollout, rows: list[int
 
 
 def update(accelerator, cfg, actor, critic, optimizers, rollout: Rollout, step: int, train_actor: bool,
-           kl_coef: float, pad_id: int) -> dict[str, float]:
+           kl_coef: float, pad_id: int, guard: NonFiniteGuard) -> dict[str, float]:
     """`ppo_epochs` passes of mini-batches over the rollout; returns metrics averaged over the updates.
-    optimizers: [actor's, critic's] (the critic's only with a critic)."""
+    optimizers: [actor's, critic's] (the critic's only with a critic). A mini-batch whose gradient norm is
+    not finite is skipped by every model (guard)."""
     n, world, rank = len(rollout), accelerator.num_processes, accelerator.process_index
     mini = cfg.mini_batch_size or n
     totals: dict[str, torch.Tensor] = {}
@@ -266,9 +268,11 @@ def update(accelerator, cfg, actor, critic, optimizers, rollout: Rollout, step: 
                                                  train_actor, kl_coef, pad_id).items():
                         totals[key] = totals.get(key, 0.0) + value.float()
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-            for name, model, optimizer in trained:
-                norms[name] += float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
-                optimizer.step()
+            step_norms = {name: accelerator.clip_grad_norm_(model.parameters(), max_norm) for name, model, _ in trained}
+            if guard.check(accelerator, step + 1, "loss or gradient norm", *step_norms.values()):
+                for name, _, optimizer in trained:  # all models step, or none (a skipped step keeps them in step)
+                    norms[name] += float(step_norms[name])
+                    optimizer.step()
             for optimizer in optimizers:
                 optimizer.zero_grad(set_to_none=True)
             updates += 1
@@ -276,7 +280,7 @@ def update(accelerator, cfg, actor, critic, optimizers, rollout: Rollout, step: 
     reduced = accelerator.reduce(torch.stack([totals[k] for k in names]).to(accelerator.device), "sum").tolist()
     out = {k: v / updates for k, v in zip(names, reduced)}
     out.update({k: v / updates for k, v in norms.items()})
-    return out
+    return out  # (a skipped mini-batch adds 0 to the norms: their mean reads low, the log says why)
 
 
 # ----------------------------------------------------------------------------- stage
@@ -323,6 +327,7 @@ def run(cfg: PPOConfig) -> dict[str, Any]:
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else FixedKLController(cfg.kl_coef))
     running, alarms = RunningMoments(), AlarmWatch(cfg.kl_budget)
+    guard = NonFiniteGuard(cfg.max_nonfinite_steps, "ppo", cfg.lr, accelerator.is_main_process)
     state: dict[str, Any] = {"train_s": 0.0, "samples": 0, "samples_trained": 0, "tokens": 0, "first": {}, "last": {}}
     start_step = 0
     checkpoint = checkpoint_to_resume(cfg.output_dir, cfg.resume, accelerator.is_main_process)
@@ -332,6 +337,7 @@ def run(cfg: PPOConfig) -> dict[str, Any]:
         kl_ctl.load_state_dict(state.pop("kl_controller"))
         running = RunningMoments(**state.pop("running_moments"))
         alarms.load_state_dict(state.pop("alarms"))
+        guard.load_state_dict(state.pop("nonfinite", {}))
     logger = RunLogger(cfg.output_dir, "ppo", steps, accelerator.is_main_process, start_step)
 
     def evaluate(step: int) -> dict[str, float]:
@@ -353,43 +359,54 @@ def run(cfg: PPOConfig) -> dict[str, Any]:
         state["eval_before"] = evaluate(0) if eval_prompts else {}
 
     kill_at = int(os.environ.get(KILL_ENV, "0"))
-    for step in range(start_step, steps):
-        t0 = time.perf_counter()
-        kl_coef = kl_ctl.value
-        rollout, info = collect(accelerator, cfg, actor, ref, critic, tokenizer, prompts, plan, step, kl_coef, proxy,
-                                gold, running)
-        t1 = time.perf_counter()
-        metrics = update(accelerator, cfg, actor, critic, optimizers, rollout, step, step >= cfg.critic_warmup_steps,
-                         kl_coef, tokenizer.pad_token_id)
-        lrs = [s.get_last_lr()[0] for s in schedulers]
-        for scheduler in schedulers:
-            scheduler.step()
-        stats_from_update(info["stats"], metrics, len(rollout), info["tokens"])
-        kl_ctl.update(info["stats"].get("kl", 0.0), len(rollout))
-        elapsed = time.perf_counter() - t0
-        state["train_s"] += elapsed
-        state["samples"] += info["stats"]["sampled"]
-        state["samples_trained"] += len(rollout)
-        state["tokens"] += info["tokens"]
-        done = step + 1
-        record = {**info["stats"], **metrics, "lr": lrs[0], "time_update": time.perf_counter() - t1,
-                  "samples": state["samples"], "samples_per_s": info["stats"]["sampled"] / elapsed,
-                  "tokens_per_s": info["tokens"] / elapsed, **({"critic_lr": lrs[1]} if critic is not None else {})}
-        state["first"] = state["first"] or record
-        state["last"] = record
-        if done % cfg.log_steps == 0 or done == steps:
-            logger.log(done, record)
-        else:
-            logger.advance(done)
-        report(alarms.check("rollout", {"step": done, **info["stats"]}, info["samples"]), done)
-        if cfg.eval_steps > 0 and done % cfg.eval_steps == 0 and done != steps and eval_prompts:
-            evaluate(done)
-        if (cfg.save_steps > 0 and done % cfg.save_steps == 0) or done == steps:
-            save_checkpoint(accelerator, cfg.output_dir, done, {
-                **state, "kl_controller": kl_ctl.state_dict(), "running_moments": asdict(running),
-                "alarms": alarms.state_dict()}, keep=cfg.save_total_limit)
-        if kill_at and done == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
+    with StopRequests("ppo", accelerator.is_main_process) as stops:
+        for step in range(start_step, steps):
+            send_test_signal(step)
+            t0 = time.perf_counter()
+            kl_coef = kl_ctl.value
+            moments = asdict(running)  # restored when the rollout is not finite, so NaN never enters the statistics
+            rollout, info = collect(accelerator, cfg, actor, ref, critic, tokenizer, prompts, plan, step, kl_coef, proxy,
+                                    gold, running)
+            rollout.scores.mul_(injected_nan_factor(step))
+            t1 = time.perf_counter()
+            if guard.check(accelerator, step + 1, "rewards, advantages or value targets", rollout.scores, rollout.rewards,
+                           rollout.advantages, rollout.returns):
+                metrics = update(accelerator, cfg, actor, critic, optimizers, rollout, step,
+                                 step >= cfg.critic_warmup_steps, kl_coef, tokenizer.pad_token_id, guard)
+            else:
+                metrics, running = {}, RunningMoments(**moments)
+            lrs = [s.get_last_lr()[0] for s in schedulers]
+            for scheduler in schedulers:
+                scheduler.step()
+            stats_from_update(info["stats"], metrics, len(rollout), info["tokens"])
+            kl_ctl.update(info["stats"].get("kl", 0.0), len(rollout))
+            elapsed = time.perf_counter() - t0
+            state["train_s"] += elapsed
+            state["samples"] += info["stats"]["sampled"]
+            state["samples_trained"] += len(rollout)
+            state["tokens"] += info["tokens"]
+            done = step + 1
+            record = {**info["stats"], **metrics, "lr": lrs[0], "time_update": time.perf_counter() - t1,
+                      "samples": state["samples"], "samples_per_s": info["stats"]["sampled"] / elapsed,
+                      "tokens_per_s": info["tokens"] / elapsed, **({"critic_lr": lrs[1]} if critic is not None else {})}
+            state["first"] = state["first"] or record
+            state["last"] = record
+            if done % cfg.log_steps == 0 or done == steps:
+                logger.log(done, record)
+            else:
+                logger.advance(done)
+            report(alarms.check("rollout", {"step": done, **info["stats"]}, info["samples"]), done)
+            if cfg.eval_steps > 0 and done % cfg.eval_steps == 0 and done != steps and eval_prompts:
+                evaluate(done)
+            stop = stops.requested(accelerator)
+            if (cfg.save_steps > 0 and done % cfg.save_steps == 0) or done == steps or stop:
+                path = save_checkpoint(accelerator, cfg.output_dir, done, {
+                    **state, "kl_controller": kl_ctl.state_dict(), "running_moments": asdict(running),
+                    "alarms": alarms.state_dict(), "nonfinite": guard.state_dict()}, keep=cfg.save_total_limit)
+            if stop:
+                raise stops.stop(done, path)
+            if kill_at and done == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
 
     after = evaluate(steps) if eval_prompts else {}
     logger.close()
@@ -407,6 +424,7 @@ def run(cfg: PPOConfig) -> dict[str, Any]:
         kl=last.get("kl"), kl_coef=kl_ctl.value, reward=cfg.reward, advantage=cfg.advantage, critic_init=critic_source,
         alarms=alarms.alarms, num_processes=world, n_train_prompts=len(prompts), n_eval_prompts=len(eval_prompts),
         truncated_prompts=truncated, truncated_eval_prompts=eval_truncated, invalid_records=len(invalid),
+        nonfinite_steps=guard.total,
         train_s=state["train_s"], samples=state["samples"], samples_trained=state["samples_trained"],
         samples_per_s=state["samples"] / max(state["train_s"], 1e-9),
         tokens_per_s=state["tokens"] / max(state["train_s"], 1e-9),

@@ -45,6 +45,7 @@ from alignkit.eval import alarms as A
 from alignkit.eval import metrics as M
 from alignkit.runtime.checkpoint import checkpoint_to_resume, load_checkpoint, save_checkpoint
 from alignkit.runtime.lm import forward_loss_sum, supervised_tokens
+from alignkit.runtime.guards import NonFiniteGuard, StopRequests, injected_nan_factor, send_test_signal
 from alignkit.runtime.logging import RunLogger
 from alignkit.runtime.setup import BatchPlan, build_optimizer, build_scheduler
 from alignkit.runtime.stage import finish_run, load_policy, load_train_eval, start_run
@@ -145,6 +146,19 @@ def write_iteration(out_dir: Path, prompts: list, candidates: list[list[dict]], 
     tmp.rename(out_dir)
 
 
+def read_iteration(out_dir: Path) -> tuple[list, list[list[dict]], torch.Tensor]:
+    """(prompts, candidates, mask) as write_iteration wrote them: an iteration interrupted mid-training
+    resumes on its own samples (sampling again from the partly trained policy would draw other ones)."""
+    prompts, candidates, mask = [], [], []
+    for line in (out_dir / "samples.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        prompts.append(row.pop("prompt"))
+        mask.append(row.pop("kept"))
+        row["text"] = row.pop("responses")
+        candidates.append([{key: values[i] for key, values in row.items()} for i in range(len(row["text"]))])
+    return prompts, candidates, torch.tensor(mask, dtype=torch.bool)
+
+
 def kept_rows(tokenizer, prompts: list, candidates: list[list[dict]], mask: torch.Tensor, max_length: int) -> tuple[list[dict], int]:
     """Token rows {input_ids, labels} of the kept responses (loss on the response) and the truncation drops."""
     rows, dropped = [], 0
@@ -161,12 +175,14 @@ def kept_rows(tokenizer, prompts: list, candidates: list[list[dict]], mask: torc
 
 
 def optimizer_step(accelerator: Accelerator, model, optimizer, scheduler, plan: BatchPlan, step: int, rows: list[dict],
-                   pad_id: int, max_grad_norm: float) -> tuple[float, float, float]:
+                   pad_id: int, max_grad_norm: float, guard: NonFiniteGuard, done: int) -> tuple[float, float, float]:
     """One optimizer step on global batch `step` of the plan: (loss per supervised token, grad norm, lr).
 
     As in runtime/train_loop: each process sums the loss over its rows, divides by the GLOBAL batch's
-    supervised tokens and scales by the world size (DDP averages), so N processes train like one.
+    supervised tokens and scales by the world size (DDP averages), so N processes train like one. A
+    non-finite loss or gradient norm skips the update (guard; `done` is the run's step number).
     """
+    nan_factor = injected_nan_factor(done - 1)
     global_weight = max(sum(supervised_tokens(rows[i]) for i in plan.global_rows(step)), 1)
     micro_batches = plan.local_micro_batches(step)
     step_loss = torch.zeros((), device=accelerator.device)
@@ -174,12 +190,13 @@ def optimizer_step(accelerator: Accelerator, model, optimizer, scheduler, plan: 
         sync = nullcontext() if i == len(micro_batches) - 1 else accelerator.no_sync(model)
         with sync:
             batch = collate([rows[j] for j in indices], pad_id, packed=False)
-            loss = forward_loss_sum(model, {k: v.to(accelerator.device) for k, v in batch.items()}) / global_weight
+            loss = forward_loss_sum(model, {k: v.to(accelerator.device) for k, v in batch.items()}) * nan_factor / global_weight
             accelerator.backward(loss * accelerator.num_processes)
         step_loss += loss.detach()
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
     lr = scheduler.get_last_lr()[0]
-    optimizer.step()
+    if guard.check(accelerator, done, "loss or gradient norm", step_loss, grad_norm):
+        optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return accelerator.reduce(step_loss, "sum").item(), float(grad_norm), lr
@@ -218,35 +235,79 @@ def new_alarms(cfg: RAFTConfig, candidates: list[list[dict]], start_step: int, f
 
 
 def run_iteration(accelerator: Accelerator, cfg: RAFTConfig, k: int, model, tokenizer, scorer: Scorer, records: list[dict],
-                  train: dict) -> tuple[dict, list[list[dict]]]:
-    """Sample, score, keep, write iter-<k>/, fine-tune; returns (iteration metrics, candidates)."""
+                  train: dict, partial: dict | None) -> tuple[dict | None, list[list[dict]], dict]:
+    """Sample, score, keep, write iter-<k>/, fine-tune; returns (iteration metrics, candidates, progress).
+
+    partial: {"inner_step", "losses"} of this iteration when a checkpoint was written inside it (Ctrl-C):
+    its samples are read back from iter-<k>/ and training continues at inner_step. When a stop is
+    requested before the last step, metrics is None and progress says where to resume."""
     steps, start_step = train["steps"], k * train["steps"]
-    prompts = [r["prompt"] for r in iteration_prompts(records, k, cfg.prompts_per_iteration, cfg.seed)]
-    candidates = sample_candidates(accelerator, model, tokenizer, prompts, cfg.samples_per_prompt, cfg, cfg.seed,
-                                   FIRST_ITERATION_SPLIT + k)
-    scorer(prompts, candidates)
-    mask = keep_mask(reward_matrix(candidates, "reward"), cfg)
-    if accelerator.is_main_process:
-        write_iteration(Path(cfg.output_dir) / f"iter-{k}", prompts, candidates, mask)
+    if partial:
+        prompts, candidates, mask = read_iteration(Path(cfg.output_dir) / f"iter-{k}")
+    else:
+        prompts = [r["prompt"] for r in iteration_prompts(records, k, cfg.prompts_per_iteration, cfg.seed)]
+        candidates = sample_candidates(accelerator, model, tokenizer, prompts, cfg.samples_per_prompt, cfg, cfg.seed,
+                                       FIRST_ITERATION_SPLIT + k)
+        scorer(prompts, candidates)
+        mask = keep_mask(reward_matrix(candidates, "reward"), cfg)
+        if accelerator.is_main_process:
+            write_iteration(Path(cfg.output_dir) / f"iter-{k}", prompts, candidates, mask)
     rows, dropped = kept_rows(tokenizer, prompts, candidates, mask, cfg.max_length)
     if len(rows) < cfg.batch_size:
         raise DataError(f"iteration {k}: only {len(rows)} kept responses survive truncation at max_length="
                         f"{cfg.max_length} ({dropped} dropped), fewer than batch_size={cfg.batch_size}")
     plan = BatchPlan(len(rows), cfg.batch_size, cfg.micro_batch_size, accelerator.num_processes,
                      accelerator.process_index, seed=cfg.seed * 1009 + k)
-    losses, t0 = [], time.perf_counter()
-    for j in range(steps):
-        loss, grad_norm, lr = optimizer_step(accelerator, model, train["optimizer"], train["scheduler"], plan, j, rows,
-                                             tokenizer.pad_token_id, cfg.max_grad_norm)
-        losses.append(loss)
+    progress = dict(partial or {"inner_step": 0, "losses": [], "train_s": 0.0})
+    losses, t0 = progress["losses"], time.perf_counter()
+    for j in range(progress["inner_step"], steps):
         done = start_step + j + 1
+        send_test_signal(done - 1)
+        loss, grad_norm, lr = optimizer_step(accelerator, model, train["optimizer"], train["scheduler"], plan, j, rows,
+                                             tokenizer.pad_token_id, cfg.max_grad_norm, train["guard"], done)
+        losses.append(loss)
         if done % cfg.log_steps == 0 or j == steps - 1:
-            train["logger"].log(done, {"loss": loss, "lr": lr, "grad_norm": grad_norm, "iteration": k}, show=j == steps - 1)
+            train["logger"].log(done, {"loss": loss, "lr": lr, "grad_norm": grad_norm, "iteration": k,
+                                       "nonfinite_steps": train["guard"].total}, show=j == steps - 1)
+        if j < steps - 1 and train["stops"].requested(accelerator):  # the last step waits for the iteration's end
+            progress.update(inner_step=j + 1, train_s=progress["train_s"] + time.perf_counter() - t0)
+            return None, candidates, progress
         if train["kill_at"] == done and j < steps - 1:  # the last step's kill waits for its checkpoint
             os.kill(os.getpid(), signal.SIGKILL)
     metrics = {"iteration": k, **sample_stats(candidates, mask), "dropped_responses": dropped,
-               "train_loss": sum(losses) / len(losses), "train_s": time.perf_counter() - t0, "sampled_at": start_step}
-    return metrics, candidates
+               "train_loss": sum(losses) / len(losses), "train_s": progress["train_s"] + time.perf_counter() - t0,
+               "sampled_at": start_step}
+    return metrics, candidates, progress
+
+
+def iterate(accelerator: Accelerator, cfg: RAFTConfig, k: int, model, tokenizer, scorer: Scorer, records: list[dict],
+            train: dict, state: dict) -> None:
+    """Iteration k and its bookkeeping: metrics and new alarms logged, the checkpoint at its end (or, when
+    Ctrl-C / SIGTERM came, inside it: then RunStopped says where to resume)."""
+    steps, logger, guard = train["steps"], train["logger"], train["guard"]
+    metrics, candidates, progress = run_iteration(accelerator, cfg, k, model, tokenizer, scorer, records, train,
+                                                  state.pop("partial", None))
+    if metrics is None:
+        done = k * steps + progress["inner_step"]
+        path = save_checkpoint(accelerator, cfg.output_dir, done, {**state, "partial": progress,
+                               "nonfinite": guard.state_dict()}, keep=cfg.save_total_limit)
+        logger.close()
+        raise train["stops"].stop(done, path)
+    state["history"].append(metrics)
+    done = (k + 1) * steps
+    logger.log(done, metrics)
+    for alarm in new_alarms(cfg, candidates, metrics["sampled_at"], state["alarms"]):
+        state["alarms"].append(alarm)
+        logger.log(done, {"alarm": alarm}, show=False)
+        logger.message(f"ALARM {alarm['name']}: {alarm['message']}")
+    state["iteration"] = k + 1
+    path = save_checkpoint(accelerator, cfg.output_dir, done, {**state, "nonfinite": guard.state_dict()},
+                           keep=cfg.save_total_limit)
+    if train["stops"].requested(accelerator) and k + 1 < cfg.iterations:
+        logger.close()
+        raise train["stops"].stop(done, path)
+    if train["kill_at"] == done:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def run(cfg: RAFTConfig) -> dict[str, Any]:
@@ -278,23 +339,17 @@ def run(cfg: RAFTConfig) -> dict[str, Any]:
     else:
         state["eval_before"] = evaluate_policy(accelerator, cfg, model, tokenizer, scorer, eval_records)
         logger.log(0, {f"eval_{k}": v for k, v in state["eval_before"].items()}, show=False)
-    train = {"steps": steps, "optimizer": optimizer, "scheduler": scheduler, "logger": logger,
-             "kill_at": int(os.environ.get(KILL_ENV, "0"))}
+    guard = NonFiniteGuard(cfg.max_nonfinite_steps, "raft", cfg.lr, accelerator.is_main_process)
+    guard.load_state_dict(state.pop("nonfinite", {}))
+    stops = StopRequests("raft", accelerator.is_main_process)
+    train = {"steps": steps, "optimizer": optimizer, "scheduler": scheduler, "logger": logger, "guard": guard,
+             "stops": stops, "kill_at": int(os.environ.get(KILL_ENV, "0"))}
 
     model.train()
-    for k in range(state["iteration"], cfg.iterations):
-        metrics, candidates = run_iteration(accelerator, cfg, k, model, tokenizer, scorer, train_records, train)
-        state["history"].append(metrics)
-        done = (k + 1) * steps
-        logger.log(done, metrics)
-        for alarm in new_alarms(cfg, candidates, metrics["sampled_at"], state["alarms"]):
-            state["alarms"].append(alarm)
-            logger.log(done, {"alarm": alarm}, show=False)
-            logger.message(f"ALARM {alarm['name']}: {alarm['message']}")
-        state["iteration"] = k + 1
-        save_checkpoint(accelerator, cfg.output_dir, done, state, keep=cfg.save_total_limit)
-        if train["kill_at"] == done:
-            os.kill(os.getpid(), signal.SIGKILL)
+    with stops:
+        for k in range(state["iteration"], cfg.iterations):
+            iterate(accelerator, cfg, k, model, tokenizer, scorer, train_records, train, state)
+    state["nonfinite"] = guard.state_dict()
 
     after = evaluate_policy(accelerator, cfg, model, tokenizer, scorer, eval_records)
     logger.log(total, {f"eval_{k}": v for k, v in after.items()}, show=False)
@@ -320,5 +375,6 @@ def summarize(cfg: RAFTConfig, state: dict, after: dict, total: int, n_train: in
     summary.update({f"eval_{k}": v for k, v in after.items()})
     summary.update(alarms=state["alarms"], n_train_prompts=n_train, n_eval_prompts=n_eval, invalid_records=invalid,
                    kept_per_iteration=history[-1]["n_kept"], dropped_responses=sum(h["dropped_responses"] for h in history),
-                   train_s=sum(h["train_s"] for h in history), num_processes=world)
+                   train_s=sum(h["train_s"] for h in history), num_processes=world,
+                   nonfinite_steps=state.get("nonfinite", {}).get("total", 0))
     return summary
