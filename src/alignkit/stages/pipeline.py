@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -83,21 +84,51 @@ def stage_overrides(stage: str, cfg: PipelineConfig, done: dict[str, Path], extr
 
 
 def run_stage_process(stage: str, config_file: Path, args: list[str], launcher: str, log_path: Path) -> None:
+    """Run one stage as `python -m alignkit <stage> ...`, its output shown live and appended to log_path.
+
+    A stage that fails raises RunStopped with the log's last lines and the command that reruns it alone.
+    Ctrl-C reaches the stage too (same process group): the pipeline waits while the stage checkpoints,
+    then stops; SIGTERM sent to the pipeline alone is passed on to the stage. Either way, rerunning the
+    same pipeline command continues (complete stages are skipped, the interrupted one resumes)."""
     from alignkit.cli import STAGES
+    from alignkit.runtime.guards import RunStopped
 
     name = cli_name(stage) if cli_name(stage) in STAGES else stage
     prefix = shlex.split(launcher) if launcher else [sys.executable]
     cmd = [*prefix, "-m", "alignkit", name, "--config", str(config_file), *args]
-    print(f"[pipeline] {' '.join(shlex.quote(c) for c in cmd)}", file=sys.stderr, flush=True)
+    shown = " ".join(shlex.quote(c) for c in cmd)
+    print(f"[pipeline] {shown}", file=sys.stderr, flush=True)
+    interrupted = False
     with open(log_path, "a") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        assert proc.stdout is not None
-        for line in proc.stdout:  # show progress live and keep it in the stage's log
-            sys.stderr.write(line)
-            log.write(line)
-        code = proc.wait()
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))
+        try:
+            while True:
+                try:
+                    _copy_output(proc, log)
+                    break
+                except KeyboardInterrupt:  # the stage got it too: let it finish its step and checkpoint
+                    if interrupted:
+                        raise
+                    interrupted = True
+            code = proc.wait()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    if code in (130, 143) or interrupted:
+        raise RunStopped(f"interrupted in stage {stage} ({log_path.parent}); rerun the same pipeline command to "
+                         "continue: complete stages are skipped, this one resumes", 130 if code != 143 else 143)
     if code != 0:
-        raise RuntimeError(f"stage {stage} failed with exit code {code}; see {log_path}")
+        tail = "\n".join("    " + line for line in log_path.read_text(errors="replace").splitlines()[-12:])
+        raise RunStopped(f"stage {stage} failed with exit code {code}; the end of {log_path}:\n{tail}\n"
+                         f"rerun it alone: {shown}\nthen rerun the pipeline to continue after it")
+
+
+def _copy_output(proc: subprocess.Popen, log) -> None:
+    """Show the stage's output live and keep it in its log."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        sys.stderr.write(line)
+        log.write(line)
 
 
 def run(cfg: PipelineConfig) -> dict:
