@@ -169,7 +169,8 @@ def _tokenizer_for_check(source: str, kind: str | None, model: str | None):
     from alignkit.models.tokenizer import train_bpe_tokenizer
     from alignkit.runtime.stage import record_texts
 
-    records, _ = load_records(source, kind)
+    # bad records are counted and shown by run_data_check, not a reason to stop before it
+    records, _ = load_records(source, kind, errors=[])
     return train_bpe_tokenizer(record_texts(records), vocab_size=1024)
 
 

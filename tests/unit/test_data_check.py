@@ -147,3 +147,17 @@ def test_example_when_every_record_loses_its_supervision(tmp_path, word_tok):
     assert report["example"] == (
         "<|im_start|> user a b c\n(no supervised token left within max_length=5)"
     )
+
+
+def test_cli_data_check_counts_bad_records_instead_of_stopping(tmp_path, capsys):
+    # without --model the check trains a tokenizer on the records first: a bad record must not stop that
+    from alignkit.cli import main
+
+    path = tmp_path / "mixed.jsonl"
+    good = json.dumps({"prompt": "sort 3 1 2", "completion": "1 2 3"})
+    path.write_text("\n".join([good, '{"prompt": 5}', good]) + "\n")
+    with pytest.raises(SystemExit) as done:
+        main(["data", "check", str(path)])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "mixed.jsonl:2" in out
