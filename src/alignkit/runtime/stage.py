@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -196,5 +197,66 @@ def finish_run(accelerator: Accelerator, cfg: Any, summary: dict[str, Any], star
         summary["provenance"] = provenance
     if accelerator.is_main_process:
         write_summary(cfg.output_dir, summary)
+        print("\n".join(closing_lines(stage_name(cfg), cfg.output_dir, summary)), file=sys.stderr, flush=True)
     accelerator.wait_for_everyone()
     return summary
+
+
+# Held-out numbers worth a user's first look, most telling first: the stage's summary has "<key>_before" for the
+# model it started from. RL stages lead with gold reward and KL, the RM and DPO with pair accuracy, SFT with loss.
+HEADLINE_KEYS = ("eval_gold_reward", "eval_kl", "eval_accuracy", "eval_reward_accuracy", "eval_rank_accuracy",
+                 "eval_loss", "eval_proxy_reward", "eval_reward")
+
+
+def stage_name(cfg: Any) -> str:
+    """The CLI's name of the stage a config belongs to: SFTConfig -> sft, BestOfNConfig -> best-of-n."""
+    name = type(cfg).__name__.removesuffix("Config")
+    return "best-of-n" if name == "BestOfN" else name.lower()
+
+
+def _num(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _short(value: float) -> str:
+    return f"{value:.3f}" if abs(value) < 100 else f"{value:.4g}"
+
+
+def headline(summary: dict[str, Any]) -> str:
+    """'eval_loss 6.282 -> 0.781' (held-out, before -> after training) for up to two keys; for best-of-n, the gold
+    reward of all samples -> of the selected ones; '' when the summary has neither."""
+    pairs = [f"{k} {_short(summary[k + '_before'])} -> {_short(summary[k])}" for k in HEADLINE_KEYS
+             if _num(summary.get(k)) and _num(summary.get(k + "_before"))][:2]
+    if pairs:
+        return ", ".join(pairs) + " (held-out, before -> after)"
+    # RAFT without held-out prompts: the mean gold (else proxy) reward of its own samples, first -> last iteration
+    for key in ("gold_reward", "proxy_reward"):
+        first, last = summary.get(f"{key}_first_iteration"), summary.get(f"{key}_last_iteration")
+        if _num(first) and _num(last):
+            return f"sample {key} {_short(first)} -> {_short(last)} (its own samples, first -> last iteration)"
+    for prefix in ("eval_", ""):  # best-of-n: held-out prompts when it had them, else the train prompts
+        all_, best = summary.get(f"{prefix}sample_gold_reward"), summary.get(f"{prefix}gold_reward")
+        if _num(all_) and _num(best):
+            where = "held-out" if prefix else "train"
+            return (f"{prefix}gold_reward {_short(all_)} (all samples) -> {_short(best)} "
+                    f"(best of {summary.get('n')}, {where} prompts)")
+    return ""
+
+
+def closing_lines(stage: str, output_dir: str, summary: dict[str, Any]) -> list[str]:
+    """What a stage prints last: where its model (or, for label / best-of-n, its data) went, and the headline."""
+    out = Path(output_dir)
+    wall = f" in {summary['wall_s']:.0f}s" if _num(summary.get("wall_s")) else ""
+    if (out / "final").is_dir():
+        where = f"model in {out / 'final'}"
+    else:
+        written = sorted(p.name for p in out.glob("*.jsonl") if p.name != "metrics.jsonl")
+        where = f"wrote {', '.join(written)} in {out}" if written else f"results in {out / 'summary.json'}"
+    lines = [f"[{stage}] done{wall}: {where}"]
+    numbers = headline(summary)
+    if not numbers and _num(summary.get("train_pair_label_gold_agreement")):  # label: how good are its labels
+        numbers = (f"{summary.get('train_prompts')} prompts x {summary.get('n')} samples, pairs agree with gold on "
+                   f"{summary['train_pair_label_gold_agreement']:.1%}")
+    if numbers:
+        lines.append(f"[{stage}] {numbers}")
+    return lines
