@@ -147,21 +147,115 @@ def provenance_lines(provenance: dict | None) -> list[str]:
             "- every stage's summary.json and config.yaml hold its own block, with fingerprints of its inputs"]
 
 
+# What each column of report.md's table means (the glossary under it; report.html shows the same columns).
+GLOSSARY = {
+    "gold_reward": "the task's true score (0-1, higher is better) of responses sampled for the held-out prompts, "
+                   "mean ± one standard error",
+    "gold_gain_vs_sft": "gold_reward minus SFT's on the same prompts (paired per prompt), ± SE",
+    "greedy_gold_reward": "gold reward of the greedy (temperature 0) response, one per prompt",
+    "proxy_reward": "the pipeline's reward model's score of the same samples: what PPO, GRPO, RAFT and best-of-n "
+                    "optimise (an RM logit, not on gold's scale)",
+    "kl": "KL(method || SFT) in nats per response, estimated from the method's own samples",
+    "win_rate_vs_sft": "share of prompts where the method's sample has the higher gold reward than SFT's (ties 0.5)",
+    "length": "mean response length in tokens",
+    "distinct_2": "distinct bigrams / all bigrams over the samples (diversity; 1 = no bigram repeats)",
+    "heldout_ppl": "perplexity on held-out pretraining-style text (eval.heldout_text): how far the model moved from "
+                   "plain language modelling",
+    "wall_s": "wall-clock seconds of the method's stage",
+    "peak_rss_mb": "peak resident memory of the stage's process, MB",
+}
+
+
+def verdict_lines(report: dict) -> list[str]:
+    """One sentence per method against the baseline on gold: report.html's (html_report.method_sentence)."""
+    from alignkit.eval.html_report import method_sentence  # html_report imports this module: import it here
+
+    methods, baseline = report.get("methods") or {}, (report.get("eval") or {}).get("baseline")
+    return [f"- {method_sentence(name, row, baseline, methods.get(baseline))[1]}" for name, row in methods.items()]
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(path.read_text()) if path.exists() else None
+    except (OSError, yaml.YAMLError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _count(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def reward_model_lines(report: dict, out: Path) -> list[str]:
+    """Each reward model's pair accuracy on BOTH held-out sets, named: eval's (eval.pairs, the same for every RM)
+    and, for the pipeline's own RM, its stage's split of the labelled samples. They differ because the pairs
+    differ; without the names a reader sees two accuracies of one model and cannot tell which is which."""
+    if not report.get("reward_models"):
+        return []
+    spec = _read_yaml(out / "eval" / "config.yaml").get("pairs")
+    lines = ["", "## Reward models: pair accuracy on two held-out sets", ""]
+    for name, m in report["reward_models"].items():
+        on = f"eval.pairs (`{spec}`)" if spec else "eval.pairs"
+        lines.append(f"- `{name}` on {on}, {_count(m.get('n_pairs'))} pairs no stage trained on: accuracy against their "
+                     f"labels {_fmt(m.get('accuracy'), m.get('accuracy_stderr'))}, against gold "
+                     f"{_fmt(m.get('gold_accuracy'), m.get('gold_accuracy_stderr'))}")
+        own = (report.get("stages") or {}).get(name) or {}
+        if isinstance(own.get("eval_accuracy"), (int, float)):
+            lines.append(f"- `{name}` on its own stage's held-out split (rm eval_data: {_count(own.get('eval_n_pairs'))} pairs "
+                         f"of the labelled samples, rm/summary.json): accuracy against their labels "
+                         f"{_fmt(own.get('eval_accuracy_before'))} before → {_fmt(own.get('eval_accuracy'))} after "
+                         f"training, against gold {_fmt(own.get('eval_gold_accuracy'))}")
+    lines.append("")
+    lines.append("The first is the comparison between reward models; the second is the one `alignkit rm` printed. "
+                 "With n pairs one standard error is about 0.5 / sqrt(n).")
+    return lines
+
+
+def reproduce_lines(report: dict, out: Path) -> list[str]:
+    """The commit and the commands that remake this run and this report."""
+    git = (report.get("provenance") or {}).get("git") or {}
+    commit = git.get("commit")
+    config_dir = _read_yaml(out / "config.yaml").get("config_dir")
+    lines = ["", "## Reproduce", ""]
+    if commit:
+        dirty = " (the run had uncommitted changes: they are not in it)" if git.get("dirty") else ""
+        lines.append(f"- at commit `{commit[:12]}`{dirty}: `git checkout {commit[:12]}`")
+    if (out / "config.yaml").exists():
+        where = f" (stage configs from `{config_dir}`, relative to the repository root)" if config_dir else ""
+        lines.append(f"- `alignkit pipeline --config {out / 'config.yaml'} output_dir=NEW_DIR`: this run's resolved "
+                     f"config, its stages, overrides and seed{where}")
+    lines.append(f"- `alignkit report {out}`: rebuild this report, report.html and plots/ from the run dir (no model runs)")
+    return lines
+
+
+def stage_lines(report: dict) -> list[str]:
+    lines = ["", "## Stages", "", "Each stage's numbers on its OWN held-out split (its eval_data), before → after "
+             "training; the methods' table above is eval's, on the same held-out prompts for all.", "",
+             "| stage | wall_s | peak_rss_mb | key results |", "|---|---|---|---|"]
+    for stage, summary in report["stages"].items():
+        keys = [k for k in summary if k.startswith("eval_") and not k.endswith(("_before", "_stderr"))
+                and isinstance(summary[k], (int, float))][:4]
+        before = [f"{k}: {_fmt(summary.get(k + '_before'))} → {_fmt(summary[k])}" for k in keys]
+        lines.append(f"| {stage} | {_fmt(summary.get('wall_s'))} | {_fmt(summary.get('peak_rss_mb'))} | {'; '.join(before)} |")
+    return lines
+
+
 def render_markdown(report: dict, plots: list[Path], out: Path) -> str:
     ev = report.get("eval", {})
     lines = ["# alignkit pipeline report", ""]
     lines.append(f"Held-out prompts: {ev.get('n_prompts')}, {ev.get('n_samples')} samples each (± is one "
                  f"standard error); task: {ev.get('task')}; KL and win rate against SFT. Best-of-n's KL is "
                  f"estimated from its samples, beside its upper bound log n - (n-1)/n.")
+    if report.get("methods"):
+        lines += ["", "## Verdict", ""] + verdict_lines(report)
     lines += ["", "| method | " + " | ".join(TABLE) + " |", "|---" * (len(TABLE) + 1) + "|"]
     for name, row in report["methods"].items():
         cells = [_cell(row, k) for k in TABLE]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    if report.get("reward_models"):
-        lines += ["", "## Reward models on held-out pairs", ""]
-        for name, metrics in report["reward_models"].items():
-            shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-            lines.append(f"- `{name}`: " + ", ".join(f"{k}={_fmt(v)}" for k, v in shown.items()))
+    lines += ["", "Columns:", ""] + [f"- **{k}**: {GLOSSARY[k]}" for k in TABLE if k in GLOSSARY]
+    lines += reward_model_lines(report, out)
     lines += ["", "## Alarms", ""]
     if report["alarms"]:
         for a in report["alarms"]:
@@ -170,14 +264,11 @@ def render_markdown(report: dict, plots: list[Path], out: Path) -> str:
                          f"Remedy: {a.get('remedy')}")
     else:
         lines.append("None fired.")
-    lines += ["", "## Stages", "", "| stage | wall_s | peak_rss_mb | key results |", "|---|---|---|---|"]
-    for stage, summary in report["stages"].items():
-        keys = [k for k in summary if k.startswith("eval_") and not k.endswith("_before")][:4]
-        before = [f"{k}: {_fmt(summary.get(k + '_before'))} → {_fmt(summary[k])}" for k in keys]
-        lines.append(f"| {stage} | {_fmt(summary.get('wall_s'))} | {_fmt(summary.get('peak_rss_mb'))} | {'; '.join(before)} |")
+    lines += stage_lines(report)
     if report.get("notes"):
         lines += ["", "Notes: " + "; ".join(report["notes"])]
     lines += provenance_lines(report.get("provenance"))
+    lines += reproduce_lines(report, out)
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.relative_to(out)})" for p in plots]
     return "\n".join(lines) + "\n"
 
