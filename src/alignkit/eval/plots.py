@@ -5,7 +5,9 @@ terminal table.
   "<metric>_stderr" when present.
 - `plot_frontier`: one point per method in the plane of two metrics (gold reward against KL), the
   picture of what each method bought and what it cost; a metric known only as an upper bound (best-of-n's
-  KL) is drawn as one.
+  KL) is drawn as one; point labels are staggered (`place_labels`) so none overlaps another.
+- `draw_proxy_gold`: proxy and gold reward over training, the run's own (rollout) samples and its held-out
+  evaluations as separately named series.
 - `print_table`: one row per model, "mean ± stderr" cells (rich).
 """
 
@@ -22,6 +24,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 SKIP_KEYS = {"step", "model"}
+
+# Axis labels with units for the metrics the reports plot; other keys are shown as they are.
+AXIS_LABELS = {
+    "kl": "KL to {reference} (nats per response)",
+    "gold_reward": "gold reward (0-1)",
+    "proxy_reward": "proxy reward (RM score, logit)",
+    "greedy_gold_reward": "greedy gold reward (0-1)",
+    "length": "response length (tokens)",
+    "heldout_ppl": "held-out perplexity",
+}
+
+
+def axis_label(key: str, reference: str = "the reference") -> str:
+    return AXIS_LABELS.get(key, key).format(reference=reference)
 
 
 def _finite(value: Any) -> bool:
@@ -70,8 +86,8 @@ def plot_metrics_over_steps(series: dict[str, list[dict]], out_dir: str | Path,
                 ax.errorbar(steps, values, yerr=errors, marker="o", capsize=3, label=label)
                 drawn += 1
         if drawn:
-            ax.set_xlabel("step")
-            ax.set_ylabel(key)
+            ax.set_xlabel("optimizer step")
+            ax.set_ylabel(axis_label(key))
             ax.set_title(key)
             ax.grid(alpha=0.3)
             ax.legend(fontsize="small")
@@ -83,10 +99,11 @@ def plot_metrics_over_steps(series: dict[str, list[dict]], out_dir: str | Path,
     return written
 
 
-def plot_frontier(methods: dict[str, dict], path: str | Path, x: str = "kl", y: str = "gold_reward") -> Path | None:
+def plot_frontier(methods: dict[str, dict], path: str | Path, x: str = "kl", y: str = "gold_reward",
+                  reference: str = "the reference") -> Path | None:
     """Scatter of methods in the (x, y) plane (draw_frontier) written to `path`; None when no method has a point."""
-    fig, ax = plt.subplots(figsize=(5.5, 4.0))
-    if not draw_frontier(ax, methods, x, y):
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    if not draw_frontier(ax, methods, x, y, reference=reference):
         plt.close(fig)
         return None
     return save_figure(fig, path)
@@ -102,15 +119,52 @@ def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
     return path
 
 
-def draw_frontier(ax, methods: dict[str, dict], x: str = "kl", y: str = "gold_reward") -> int:
-    """Draw methods in the (x, y) plane on `ax`, with stderr bars ("<x>_stderr", "<y>_stderr"), labelled.
+# Offsets (points) tried in turn for a point's label: right-above, right-below, left-above, left-below, then
+# further up and down. A label takes the first that does not overlap a label already placed.
+LABEL_OFFSETS = [(5, 4), (5, -12), (-5, 4), (-5, -12), (5, 14), (5, -22), (-5, 14), (-5, -22), (5, 24), (5, -32)]
+
+
+def _overlaps(box: tuple, boxes: list[tuple]) -> bool:
+    x0, y0, x1, y1 = box
+    return any(x0 < b[2] and b[0] < x1 and y0 < b[3] and b[1] < y1 for b in boxes)
+
+
+def place_labels(ax, points: list[tuple[str, float, float]], fontsize: float = 8.0) -> list[tuple[float, float]]:
+    """Annotate each (text, x, y) beside its point at the first LABEL_OFFSETS offset whose text box (estimated
+    from the character count; no solver, no extra dependency) overlaps no earlier label. Returns the offsets."""
+    ax.autoscale_view()
+    to_px = ax.figure.dpi / 72.0
+    char_w, height = 0.6 * fontsize * to_px, 1.2 * fontsize * to_px
+    boxes: list[tuple] = []
+    chosen = []
+    for text, x, y in points:
+        px, py = ax.transData.transform((x, y))
+        width = char_w * len(text)
+        for dx, dy in LABEL_OFFSETS:
+            left = px + dx * to_px if dx >= 0 else px + dx * to_px - width
+            box = (left, py + dy * to_px, left + width, py + dy * to_px + height)
+            if not _overlaps(box, boxes):
+                break
+        else:
+            dx, dy = LABEL_OFFSETS[0]
+        boxes.append(box)
+        chosen.append((dx, dy))
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=fontsize,
+                    ha="left" if dx >= 0 else "right")
+    return chosen
+
+
+def draw_frontier(ax, methods: dict[str, dict], x: str = "kl", y: str = "gold_reward",
+                  reference: str = "the reference") -> int:
+    """Draw methods in the (x, y) plane on `ax`, with stderr bars ("<x>_stderr", "<y>_stderr"), labelled beside
+    their points (staggered so no two labels overlap) and in a legend; axes named with their units.
 
     A method may know only an upper bound on x ("<x>_upper_bound", e.g. best-of-n's log n - (n-1)/n): it gets
     a left-pointing marker there, labelled "upper bound" (its true x is at or left of it), joined by a
     dotted line to its estimate when it has one. Methods missing y, or both x and its bound, are left out.
     Returns the number of methods drawn.
     """
-    drawn = 0
+    drawn, labels = 0, []
     for name, m in methods.items():
         value, bound = m.get(x), m.get(f"{x}_upper_bound")
         if not _finite(m.get(y)) or not (_finite(value) or _finite(bound)):
@@ -119,21 +173,55 @@ def draw_frontier(ax, methods: dict[str, dict], x: str = "kl", y: str = "gold_re
         color = None
         if _finite(value):
             xerr = m.get(f"{x}_stderr") if _finite(m.get(f"{x}_stderr")) else 0.0
-            color = ax.errorbar([value], [m[y]], xerr=[xerr], yerr=[yerr], marker="o", capsize=3).lines[0].get_color()
+            color = ax.errorbar([value], [m[y]], xerr=[xerr], yerr=[yerr], marker="o", capsize=3,
+                                label=name).lines[0].get_color()
+        labels.append((name, value if _finite(value) else bound, m[y]))
         if _finite(bound):
-            (mark,) = ax.plot([bound], [m[y]], marker="<", markersize=9, linestyle="none", color=color)
+            (mark,) = ax.plot([bound], [m[y]], marker="<", markersize=9, linestyle="none", color=color,
+                              label=f"{name}: {x} upper bound")
             if _finite(value):
                 ax.plot([value, bound], [m[y], m[y]], linestyle=":", color=mark.get_color())
-            ax.annotate("upper bound", (bound, m[y]), textcoords="offset points", xytext=(-6, -13), fontsize="x-small")
-        ax.annotate(name, (value if _finite(value) else bound, m[y]), textcoords="offset points", xytext=(5, 5),
-                    fontsize="small")
+            labels.append(("upper bound", bound, m[y]))
         drawn += 1
     if drawn:
-        ax.set_xlabel(x)
-        ax.set_ylabel(y)
+        place_labels(ax, labels)
+        ax.set_xlabel(axis_label(x, reference))
+        ax.set_ylabel(axis_label(y, reference))
         ax.set_title(f"{y} against {x}")
         ax.grid(alpha=0.3)
+        ax.legend(fontsize="x-small", loc="best")
     return drawn
+
+
+def draw_proxy_gold(ax, curve: dict[str, list], title: str) -> None:
+    """Proxy (left axis, orange) and gold (right axis, blue) reward against optimizer step on `ax`: lines with dots
+    through the run's own samples ("rollout": PPO's rollouts, RAFT's iterations), squares with stderr bars at
+    every held-out evaluation; one legend naming all four series.
+
+    curve: {"train": [(step, proxy, gold)], "eval": [(step, proxy, proxy_se, gold, gold_se)]} (proxy NaN when the
+    run logs gold only), as html_report.stage_curve reads it from a metrics.jsonl."""
+    gold_ax = ax.twinx()
+    train, evals = curve.get("train") or [], curve.get("eval") or []
+    if train:
+        steps = [p[0] for p in train]
+        ax.plot(steps, [p[1] for p in train], marker=".", lw=1, color="tab:orange", label="proxy, rollout samples")
+        gold_ax.plot(steps, [p[2] for p in train], marker=".", lw=1, color="tab:blue", label="gold, rollout samples")
+    if evals:
+        steps = [p[0] for p in evals]
+        if any(_finite(p[1]) for p in evals):
+            ax.errorbar(steps, [p[1] for p in evals], yerr=[p[2] for p in evals], marker="s", ls="--", capsize=3,
+                        color="tab:orange", label="proxy, held-out eval")
+        gold_ax.errorbar(steps, [p[3] for p in evals], yerr=[p[4] for p in evals], marker="s", ls="--", capsize=3,
+                         color="tab:blue", label="gold, held-out eval")
+    ax.set_xlabel("optimizer step")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_ylabel(axis_label("proxy_reward"), color="tab:orange")
+    gold_ax.set_ylabel(axis_label("gold_reward"), color="tab:blue")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    handles = [h for a in (ax, gold_ax) for h in a.get_legend_handles_labels()[0]]
+    if handles:
+        ax.legend(handles=handles, fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2)
 
 
 def _cell(value: Any, stderr: Any) -> str:
@@ -176,7 +264,7 @@ def plot_gold_vs_samples(runs: dict[str, list[dict]], path: str | Path, key: str
             ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=name)
     if reference is not None:
         ax.axhline(reference, color="grey", linestyle="--", label=f"target {reference:g}")
-    ax.set_xlabel("responses sampled")
+    ax.set_xlabel("samples drawn (responses)")
     ax.set_ylabel(f"held-out {key.removeprefix('eval_').replace('_', ' ')} (T=1, ± s.e.)")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -274,56 +274,97 @@ def render_markdown(report: dict, plots: list[Path], out: Path) -> str:
 
 
 def write_plots(out: Path, done: dict[str, Path], report: dict) -> list[Path]:
-    """Training curves per stage, the gold-vs-KL frontier, and proxy vs gold per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from alignkit.eval.plots import plot_frontier
+    """Training curves of every stage that trains, the gold-vs-KL frontier, proxy vs gold per method, and proxy
+    and gold over training (rollout samples and held-out evaluations) of the RL stages."""
+    from alignkit.eval.html_report import stage_curve  # html_report imports this module: import it here
+    from alignkit.eval.plots import draw_proxy_gold, plot_frontier, save_figure
 
     plot_dir = out / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    curves = {s: _train_curve(d / "metrics.jsonl") for s, d in done.items()}
-    curves = {s: c for s, c in curves.items() if len(c) >= 2}
+    curves = {s: train_curves(s, d / "metrics.jsonl") for s, d in done.items()}
+    curves = {s: c for s, c in curves.items() if c}
     if curves:
-        fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 3.0), squeeze=False)
-        for ax, (stage, points) in zip(axes[0], curves.items()):
-            ax.plot([p[0] for p in points], [p[1] for p in points])
-            ax.set_title(stage)
-            ax.set_xlabel("step")
-            ax.set_ylabel("train loss")
-        fig.tight_layout()
-        path = plot_dir / "training_curves.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        written.append(path)
+        fig, axes = _grid(len(curves), 4, (3.6, 3.1))
+        for ax, (stage, series) in zip(axes, curves.items()):
+            draw_train_curves(ax, stage, series)
+        written.append(save_figure(fig, plot_dir / "training_curves.png", dpi=90))
     # The base model is far off both plots' scale (tens of nats from SFT, gold near 0) and not an alignment method.
     aligned = {name: row for name, row in report["methods"].items() if name != "base"}
     for name, (x, y) in {"frontier_gold_vs_kl": ("kl", "gold_reward"), "proxy_vs_gold": ("gold_reward", "proxy_reward")}.items():
-        path = plot_frontier(aligned, plot_dir / f"{name}.png", x=x, y=y)
+        path = plot_frontier(aligned, plot_dir / f"{name}.png", x=x, y=y, reference="SFT")
         if path is not None:
             written.append(Path(path))
-    series = {s: _proxy_gold_series(d / "metrics.jsonl") for s, d in done.items()}
-    series = {s: v for s, v in series.items() if len(v) >= 2}
+    series = {s: stage_curve(d / "metrics.jsonl") for s, d in done.items()}
+    series = {s: c for s, c in series.items() if len(c["train"]) + len(c["eval"]) >= 2}
     if series:
-        fig, axes = plt.subplots(1, len(series), figsize=(4.2 * len(series), 3.2), squeeze=False)
-        for ax, (stage, points) in zip(axes[0], series.items()):
-            steps = [p[0] for p in points]
-            ax.plot(steps, [p[1] for p in points], marker=".", label="proxy (RM)", color="tab:orange")
-            ax.set_xlabel("step")
-            ax.set_ylabel("proxy reward", color="tab:orange")
-            gold_ax = ax.twinx()
-            gold_ax.plot(steps, [p[2] for p in points], marker=".", label="gold", color="tab:blue")
-            gold_ax.set_ylabel("gold reward", color="tab:blue")
-            ax.set_title(f"{stage}: proxy vs gold over training")
-        fig.tight_layout()
-        path = plot_dir / "proxy_gold_over_training.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        written.append(path)
+        fig, axes = _grid(len(series), 3, (4.8, 4.0))
+        for ax, (stage, curve) in zip(axes, series.items()):
+            draw_proxy_gold(ax, curve, f"{stage}: proxy and gold over training")
+        written.append(save_figure(fig, plot_dir / "proxy_gold_over_training.png", dpi=90))
     return written
+
+
+def _grid(n: int, max_cols: int, size: tuple[float, float]):
+    """(figure, the first n axes) of a grid at most max_cols wide; the unused cells are hidden."""
+    import matplotlib.pyplot as plt
+
+    cols = min(n, max_cols)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False)
+    cells = [ax for row in axes for ax in row]
+    for ax in cells[n:]:
+        ax.set_visible(False)
+    return fig, cells[:n]
+
+
+# stage -> (its training loss key in metrics.jsonl, what that loss is: the y axis). Held-out eval_loss is drawn
+# beside it only where it is the same quantity (HELD_OUT_LOSS): DPO's train loss adds sft_weight x NLL, RRHF's
+# eval splits rank and SFT terms, so theirs would not compare.
+TRAIN_LOSS = {
+    "pretrain": ("loss", "cross-entropy (nats/token)"),
+    "sft": ("loss", "cross-entropy (nats/token)"),
+    "rm": ("loss", "reward-model loss (nats/pair)"),
+    "dpo": ("loss", "DPO loss + sft_weight x NLL"),
+    "rrhf": ("loss", "rank loss + sft_weight x NLL"),
+    "ppo": ("policy_loss", "clipped policy loss"),
+    "grpo": ("policy_loss", "clipped policy loss"),
+    "raft": ("loss", "cross-entropy on kept samples (nats/token)"),
+    "best_of_n": ("loss", "cross-entropy on best samples (nats/token)"),
+}
+HELD_OUT_LOSS = {"pretrain", "sft", "rm", "best_of_n"}
+
+
+def train_curves(stage: str, metrics_path: Path) -> dict[str, list[tuple[int, float]]]:
+    """{series label: [(step, value)]} of a stage's training loss (and its held-out eval_loss where comparable);
+    {} for a stage that logged no loss (label: it trains nothing)."""
+    key, _ = TRAIN_LOSS.get(stage, ("loss", "loss"))
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] if metrics_path.exists() else []
+    train = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+    if not train:
+        return {}
+    what = "rollouts" if key == "policy_loss" else "training batches"
+    series = {f"train ({what})": train}
+    held = [(r["step"], r["eval_loss"]) for r in rows if isinstance(r.get("eval_loss"), (int, float))]
+    if held and stage in HELD_OUT_LOSS:
+        series["held-out eval"] = held
+    return series
+
+
+def draw_train_curves(ax, stage: str, series: dict[str, list[tuple[int, float]]]) -> None:
+    """A stage's loss series against optimizer step, markers on every logged point (a short run may log one)."""
+    for label, points in series.items():
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o" if "held-out" in label else ".",
+                ls="--" if "held-out" in label else "-", label=label)
+    ax.set_title(stage)
+    ax.set_xlabel("optimizer step")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    steps = {p[0] for points in series.values() for p in points}
+    if len(steps) == 1:  # one logged step: autoscale would show fractions of a step around it
+        ax.set_xlim(min(steps) - 1, min(steps) + 1)
+    ax.set_ylabel(TRAIN_LOSS.get(stage, ("loss", "loss"))[1], fontsize="small")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="x-small")
 
 
 # (proxy key, gold key) pairs RL-style stages log on their own samples, most specific first.
@@ -341,15 +382,4 @@ def _proxy_gold_series(metrics_path: Path) -> list[tuple[int, float, float]]:
             if isinstance(record.get(proxy), (int, float)) and isinstance(record.get(gold), (int, float)):
                 points.append((record["step"], record[proxy], record[gold]))
                 break
-    return points
-
-
-def _train_curve(metrics_path: Path) -> list[tuple[int, float]]:
-    if not metrics_path.exists():
-        return []
-    points = []
-    for line in metrics_path.read_text().splitlines():
-        record = json.loads(line)
-        if isinstance(record.get("loss"), (int, float)):
-            points.append((record["step"], record["loss"]))
     return points
