@@ -27,6 +27,8 @@ from typing import Any
 
 from accelerate import Accelerator
 
+from alignkit.runtime.guards import any_process
+
 STEP_DIR = re.compile(r"^step-(\d+)$")
 KILL_IN_CHECKPOINT_ENV = "ALIGNKIT_KILL_IN_CHECKPOINT"  # test hook: SIGKILL while writing checkpoint step-N
 
@@ -69,21 +71,27 @@ def save_checkpoint(
     root = Path(output_dir) / "checkpoints"
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}"
+    if accelerator.is_main_process:
+        for stale in root.glob(".tmp-step-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    failure: OSError | None = None
     try:
-        if accelerator.is_main_process:
-            for stale in root.glob(".tmp-step-*"):
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp.mkdir(parents=True, exist_ok=True)
-        accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp), safe_serialization=True)
         if os.environ.get(KILL_IN_CHECKPOINT_ENV) == str(step):
             os.kill(os.getpid(), signal.SIGKILL)  # between accelerate's files and trainer_state.json
         if accelerator.is_main_process:
             (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=1))
     except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise write_failed(f"checkpoint {final}", err, output_dir) from None
-    accelerator.wait_for_everyone()
+        failure = err
+    # every process learns of a failed write on any of them, so none waits at a barrier for the others
+    if any_process(accelerator, failure is not None):
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        reason = failure or OSError("a write failed on another process")
+        raise write_failed(f"checkpoint {final}", reason, output_dir) from None
     if accelerator.is_main_process:
         if final.exists():  # a rerun of the same step: replace it whole
             shutil.rmtree(final)
