@@ -120,11 +120,30 @@ class TrainConfig:
     )
 
 
+# Weighted sources (pretrain and sft): data.records.data_sources / mix_records read them.
+MIXTURE_HELP = TRAIN_DATA_HELP + (
+    "; or weighted sources [{path: domain.jsonl, weight: 0.3}, {path: general.jsonl, weight: 0.7}] (optional name): "
+    "the training set then holds each source in its weight's share (a small one repeated, a big one subsampled, "
+    "seeded), so every batch samples the sources by weight"
+)
+EVAL_SETS_HELP = (
+    "held-out data: a path/spec like train_data, or a fraction split off train_data, or null for none; or a list "
+    "of held-out sets (specs, or {path, name} mappings), each also reported on its own as eval_loss/<name>"
+)
+REPLAY_HELP = (
+    "with weighted train_data: this share of the training set (so of every batch, in expectation) comes from the "
+    "LAST source, the general data replayed against forgetting, on top of its weighted share of the rest; 0: off"
+)
+SOURCE_KEYS = ("path", "weight", "name")
+
+
 @dataclass
 class PretrainConfig(TrainConfig):
     """`alignkit pretrain`: next-token prediction on documents (kind 'text')."""
 
-    train_data: Union[str, list[str]] = opt("task:sort/pretrain?n=20000", TRAIN_DATA_HELP)
+    train_data: Union[str, list[str], list[dict]] = opt("task:sort/pretrain?n=20000", MIXTURE_HELP)
+    eval_data: Union[str, float, None, list[str], list[dict]] = opt(0.05, EVAL_SETS_HELP)
+    replay: float = opt(0.0, REPLAY_HELP)
     output_dir: str = opt("runs/pretrain", "the run directory")
 
 
@@ -132,7 +151,9 @@ class PretrainConfig(TrainConfig):
 class SFTConfig(TrainConfig):
     """`alignkit sft`: supervised fine-tuning on prompt/completion or chat records, loss on assistant tokens."""
 
-    train_data: Union[str, list[str]] = opt("task:sort/sft?n=4000", TRAIN_DATA_HELP)
+    train_data: Union[str, list[str], list[dict]] = opt("task:sort/sft?n=4000", MIXTURE_HELP)
+    eval_data: Union[str, float, None, list[str], list[dict]] = opt(0.05, EVAL_SETS_HELP)
+    replay: float = opt(0.0, REPLAY_HELP)
     output_dir: str = opt("runs/sft", "the run directory")
     packing: bool = opt(True, "pack several samples per row (isolated by position-id resets; no cross-attention)")
     lr: float = opt(5e-4, "peak learning rate (AdamW)")
@@ -195,6 +216,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key}: {value!r} is not a list")
         (item_tp,) = typing.get_args(tp)
         return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if tp is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"{key}: {value!r} is not a mapping")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -615,6 +640,37 @@ def validate(cfg: Any) -> None:
         raise ConfigError("train_data: required (a file, a dataset name or task:<name>/<part>)")
     if isinstance(cfg.eval_data, float) and not 0.0 < cfg.eval_data < 1.0:
         raise ConfigError(f"eval_data: a fraction must be in (0, 1), got {cfg.eval_data}")
+    for key in ("train_data", "eval_data"):
+        _check_sources(key, getattr(cfg, key))
+    replay = getattr(cfg, "replay", 0.0)
+    if not 0.0 <= replay < 1.0:
+        raise ConfigError(f"replay: must be in [0, 1), got {replay}")
+    if replay > 0 and not (isinstance(cfg.train_data, list) and len(cfg.train_data) >= 2
+                           and all(isinstance(s, dict) for s in cfg.train_data)):
+        raise ConfigError("replay: needs weighted train_data with >= 2 sources, the last one the general data "
+                          "([{path: domain.jsonl, weight: 1}, {path: general.jsonl, weight: 0}])")
+
+
+def _check_sources(key: str, value: Any) -> None:
+    """A list of source mappings: path (a non-empty string), weight (a finite number >= 0, default 1), name."""
+    if not isinstance(value, list) or not any(isinstance(s, dict) for s in value):
+        return
+    for i, source in enumerate(value):
+        where = f"{key}[{i}]"
+        if not isinstance(source, dict):
+            raise ConfigError(f"{where}: {source!r} is not a mapping; give every source as {{path, weight}}")
+        for name in source:
+            if name not in SOURCE_KEYS:
+                raise ConfigError(f"{where}: unknown key {name!r}{_suggest(str(name), list(SOURCE_KEYS))}")
+        path, weight, label = source.get("path"), source.get("weight", 1.0), source.get("name")
+        if not isinstance(path, str) or not path:
+            raise ConfigError(f"{where}.path: required, a file, dataset name or task:<name>/<part>")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight < float("inf"):
+            raise ConfigError(f"{where}.weight: {weight!r} is not a finite number >= 0")
+        if label is not None and (not isinstance(label, str) or not label):
+            raise ConfigError(f"{where}.name: {label!r} is not a non-empty string")
+    if key == "train_data" and sum(float(s.get("weight", 1.0)) for s in value) <= 0:
+        raise ConfigError("train_data: the source weights sum to 0; give at least one a positive weight")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

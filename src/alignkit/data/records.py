@@ -45,6 +45,7 @@ import random
 import re
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -694,3 +695,87 @@ def split_records(
     train = [r for i, r in enumerate(records) if i not in eval_ids]
     evals = [r for i, r in enumerate(records) if i in eval_ids]
     return train, evals
+
+
+# ------------------------------------------------------------------------- weighted sources
+
+
+@dataclass
+class Source:
+    """One entry of train_data / eval_data: where its records come from, its mixture weight, its report name."""
+
+    name: str
+    path: str
+    weight: float = 1.0
+
+
+def source_name(spec: str) -> str:
+    """A short name for a data source: a task spec's task ('task:sort/sft?n=9' -> 'sort'), a file's stem
+    ('data/general.jsonl.gz' -> 'general'), a dataset's last path part ('org/set:train' -> 'set')."""
+    if spec.startswith("task:"):
+        return spec[len("task:"):].split("/", 1)[0]
+    name = Path(spec.split(":", 1)[0] if not Path(spec).exists() else spec).name
+    for suffix in (".jsonl.gz", *_FILE_SUFFIXES):
+        name = name.removesuffix(suffix)
+    return name or spec
+
+
+def data_sources(value: str | list) -> list[Source]:
+    """train_data / eval_data -> sources: a string or list of strings (weight 1 each), or a list of
+    {path, weight, name} mappings (checked by config.validate). Names are unique: a repeated one gets
+    its part or position appended ('sort', 'sort_sft', or 'sort_2')."""
+    items = [value] if isinstance(value, str) else list(value)
+    sources: list[Source] = []
+    for item in items:
+        spec = item if isinstance(item, str) else item["path"]
+        name = item.get("name") if isinstance(item, dict) else None
+        weight = float(item.get("weight", 1.0)) if isinstance(item, dict) else 1.0
+        base = name or source_name(spec)
+        taken = {s.name for s in sources}
+        if base in taken and not name and spec.startswith("task:"):
+            base = f"{base}_{spec.split('/', 1)[-1].split('?', 1)[0]}"
+        unique, n = base, 2
+        while unique in taken:
+            unique, n = f"{base}_{n}", n + 1
+        sources.append(Source(unique, spec, weight))
+    return sources
+
+
+def mixture_shares(weights: list[float], replay: float = 0.0) -> list[float]:
+    """Share of each source in the mixture: weights normalised; with replay r, the LAST source (the
+    general data) gets r on top of its own weighted share of the rest: r + (1 - r) * w_last / sum(w)."""
+    total = sum(weights)
+    if total <= 0 or any(w < 0 for w in weights):
+        raise ValueError(f"weights must be >= 0 with a positive sum, got {weights}")
+    shares = [(1.0 - replay) * w / total for w in weights]
+    shares[-1] += replay
+    return shares
+
+
+def mix_records(parts: list[list[dict]], shares: list[float], seed: int, size: int | None = None) -> tuple[list[dict], list[int]]:
+    """A training set of `size` records (default: all parts together) holding each part in its share:
+    part i contributes round(shares[i] * size) records (largest remainder, so the counts add up exactly),
+    drawn without replacement from a seeded shuffle of the part, reshuffled each time it runs out (so a
+    small domain is repeated, a big one subsampled). Deterministic from the seed on any process count.
+    Returns (records, the part index of each record)."""
+    size = sum(len(p) for p in parts) if size is None else size
+    exact = [s * size for s in shares]
+    counts = [math.floor(x) for x in exact]
+    by_remainder = sorted(range(len(parts)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in by_remainder[: size - sum(counts)]:
+        counts[i] += 1
+    records: list[dict] = []
+    source_ids: list[int] = []
+    for i, (part, count) in enumerate(zip(parts, counts)):
+        if count and not part:
+            raise DataError(f"mixture part {i} has no records but a share of {shares[i]:.3f}")
+        drawn: list[dict] = []
+        cycle = 0
+        while len(drawn) < count:
+            order = list(range(len(part)))
+            random.Random(f"alignkit-mix/{seed}/{i}/{cycle}").shuffle(order)
+            drawn.extend(part[j] for j in order[: count - len(drawn)])
+            cycle += 1
+        records.extend(drawn)
+        source_ids.extend([i] * count)
+    return records, source_ids

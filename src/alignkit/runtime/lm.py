@@ -52,13 +52,27 @@ def train_lm(
     eval_rows: list[dict],
     packed: bool,
     stage: str,
+    eval_sets: dict[str, list[dict]] | None = None,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Next-token training on rows; the loss is normalised by supervised tokens of the global batch."""
-    eval_rows = eval_rows[: cfg.max_eval_rows] if cfg.max_eval_rows > 0 else eval_rows
+    """Next-token training on rows; the loss is normalised by supervised tokens of the global batch.
+
+    eval_sets: name -> rows of each held-out set when there are several (eval_data as a list); each is
+    then also evaluated on its own and logged as eval_loss/<name>, eval_ppl/<name>, so forgetting one
+    domain while learning another shows in the run's metrics."""
+    cap = (lambda rows: rows[: cfg.max_eval_rows]) if cfg.max_eval_rows > 0 else (lambda rows: rows)
+    eval_rows = cap(eval_rows)
+    sets = {name: cap(rows) for name, rows in (eval_sets or {}).items() if rows}
 
     def micro_loss(model, indices: list[int]):
         batch = collate([train_rows[i] for i in indices], pad_id, packed)
         return forward_loss_sum(model, {k: v.to(accelerator.device) for k, v in batch.items()}), {}
+
+    def evaluate(m) -> dict:
+        out = evaluate_lm(accelerator, m, eval_rows, cfg.micro_batch_size, pad_id, packed)
+        for name, rows in sets.items():
+            for key, value in evaluate_lm(accelerator, m, rows, cfg.micro_batch_size, pad_id, packed).items():
+                out[f"{key}/{name}"] = value
+        return out
 
     model, summary = train(
         cfg,
@@ -66,7 +80,7 @@ def train_lm(
         model,
         row_weights=[supervised_tokens(r) for r in train_rows],
         micro_loss=micro_loss,
-        evaluate=lambda m: evaluate_lm(accelerator, m, eval_rows, cfg.micro_batch_size, pad_id, packed),
+        evaluate=evaluate,
         stage=stage,
         input_tokens=[len(r["input_ids"]) for r in train_rows],
     )

@@ -127,24 +127,51 @@ def start_run(cfg: Any) -> Accelerator:
 def load_train_eval(cfg: Any, kind: str) -> tuple[list[dict], list[dict], list[str]]:
     """(train, held-out, invalid-record messages) of `kind`.
 
-    eval_data is a path/spec, a fraction split off train_data, or None. Invalid records stop the run
-    with file:line and field, unless cfg.skip_invalid, where they are skipped and returned as messages
-    (stages count them in summary.json).
+    eval_data is a path/spec, a fraction split off train_data, None, or several held-out sets (a list),
+    which are concatenated; the sets by name are kept on the returned list as `.sets` (a HeldOut). A
+    weighted train_data ([{path, weight}, ...]) becomes one training set holding each source in its
+    share (data.records.mix_records; `replay` adds to the last source's share); a fraction eval_data is
+    then split off each source before mixing, so no held-out record is trained on. Invalid records stop
+    the run with file:line and field, unless cfg.skip_invalid, where they are skipped and returned as
+    messages (stages count them in summary.json).
     """
-    from alignkit.data.records import load_records, split_records
+    from alignkit.data.records import data_sources, load_records, mix_records, mixture_shares, split_records
 
     invalid: list[str] | None = [] if cfg.skip_invalid else None
-    records, _ = load_records(cfg.train_data, cfg.data_kind or kind, errors=invalid)
-    if isinstance(cfg.eval_data, float):
-        train, held_out = split_records(records, cfg.eval_data, cfg.seed)
-    elif cfg.eval_data:
-        held_out, _ = load_records(cfg.eval_data, cfg.data_kind or kind, errors=invalid)
-        train = records
+    load = lambda spec: load_records(spec, cfg.data_kind or kind, errors=invalid)[0]  # noqa: E731
+    weighted = isinstance(cfg.train_data, list) and any(isinstance(s, dict) for s in cfg.train_data)
+    if weighted:
+        sources = data_sources(cfg.train_data)
+        parts, split_off = [load(s.path) for s in sources], []
+        if isinstance(cfg.eval_data, float):
+            pairs = [split_records(part, cfg.eval_data, cfg.seed) for part in parts]
+            parts, split_off = [p[0] for p in pairs], [p[1] for p in pairs]
+        shares = mixture_shares([s.weight for s in sources], getattr(cfg, "replay", 0.0))
+        train, _ = mix_records(parts, shares, cfg.seed)
+        held_out = HeldOut(sum(split_off, []), {s.name: part for s, part in zip(sources, split_off)})
+        counts = ", ".join(f"{s.name} {share:.0%} ({len(p)} records)" for s, share, p in zip(sources, shares, parts))
+        print(f"training mixture of {len(train)} records: {counts}", flush=True)
     else:
-        train, held_out = records, []
+        records = load(cfg.train_data)
+        train, held_out = records, HeldOut([], {})
+        if isinstance(cfg.eval_data, float):
+            train, split = split_records(records, cfg.eval_data, cfg.seed)
+            held_out = HeldOut(split, {})
+    if cfg.eval_data and not isinstance(cfg.eval_data, float):
+        sets = {s.name: load(s.path) for s in data_sources(cfg.eval_data)}
+        held_out = HeldOut(sum(sets.values(), []), sets if len(sets) > 1 else {})
     if invalid:
         print(f"skipped {len(invalid)} invalid records; first: " + " | ".join(invalid[:3]), flush=True)
     return train, held_out, invalid or []
+
+
+class HeldOut(list):
+    """The held-out records (a plain list for every stage) with `sets`: name -> records when eval_data named
+    several sets (or a weighted train_data was split by a fraction), so each can be reported on its own."""
+
+    def __init__(self, records: list[dict], sets: dict[str, list[dict]]):
+        super().__init__(records)
+        self.sets = sets
 
 
 def record_texts(records: list[dict]) -> list[str]:
