@@ -112,3 +112,30 @@ def test_sft_runs_on_a_weighted_mixture(pretrained_tiny: Path, tmp_path: Path):
     assert summary["n_train_records"] == 400 and summary["eval_loss"] < summary["eval_loss_before"]
     saved = C.load_config(C.SFTConfig, out / "config.yaml")  # the resolved config loads back
     assert saved.train_data[0] == {"path": "task:reverse/sft?n=200&seed=0", "weight": 0.5}
+
+
+def test_train_lm_reports_each_held_out_set(pretrained_tiny: Path, tmp_path: Path):
+    # The hook sft/pretrain pass several held-out sets through: eval_loss/<name> before and after, beside the
+    # overall eval_loss, each a real loss over its own rows (the sets differ, so their losses differ).
+    from alignkit.models.loading import load_causal_lm
+    from alignkit.runtime.lm import train_lm
+    from alignkit.runtime.setup import make_accelerator
+    from alignkit.stages.sft import token_rows
+
+    cfg = C.load_config(C.SFTConfig, None, sft_overrides(pretrained_tiny / "final", output_dir=tmp_path / "run", max_steps=4))
+    (tmp_path / "run").mkdir()
+    accelerator = make_accelerator("no")
+    model, tokenizer = load_causal_lm(str(pretrained_tiny / "final"))
+    train, _, _ = load_train_eval(cfg, "sft")
+    cfg2 = C.load_config(C.SFTConfig, None, ["eval_data=['task:sort/sft?n=30&seed=9', 'task:reverse/sft?n=30&seed=9']"])
+    _, held_out, _ = load_train_eval(cfg2, "sft")
+    rows = lambda records: token_rows(tokenizer, records, cfg.max_length, cfg.packing)[0]  # noqa: E731
+    sets = {name: rows(records) for name, records in held_out.sets.items()}
+    _, summary = train_lm(cfg, accelerator, model, tokenizer.pad_token_id, rows(train), rows(held_out), True, "sft",
+                          eval_sets=sets)
+    for name in ("sort", "reverse"):
+        assert 0 < summary[f"eval_loss/{name}"] < summary[f"eval_loss/{name}_before"] + 1.0
+        assert f"eval_ppl/{name}" in summary
+    assert summary["eval_loss/sort"] != summary["eval_loss/reverse"]
+    low, high = sorted([summary["eval_loss/sort"], summary["eval_loss/reverse"]])
+    assert low <= summary["eval_loss"] <= high  # the overall loss is the token-weighted mix of the two
