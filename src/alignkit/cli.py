@@ -165,12 +165,12 @@ def _tokenizer_for_check(source: str, kind: str | None, model: str | None):
         from alignkit.models.loading import load_tokenizer, resolve_model_path
 
         return load_tokenizer(resolve_model_path(model))
-    from alignkit.data.records import load_records
+    from alignkit.data.check import load_for_check
     from alignkit.models.tokenizer import train_bpe_tokenizer
     from alignkit.runtime.stage import record_texts
 
     # bad records are counted and shown by run_data_check, not a reason to stop before it
-    records, _ = load_records(source, kind, errors=[])
+    records, _, _ = load_for_check(source, kind)
     return train_bpe_tokenizer(record_texts(records), vocab_size=1024)
 
 

@@ -441,10 +441,12 @@ def _one_line_stderr(res: subprocess.CompletedProcess) -> str:
 
 def test_cli_data_check_fails_in_one_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_bytes(b'{"prompt": "q", "completion": "c"}\n{"prompt": "q", "completion": "\\ud800"}\n')
+    # (a file with some valid records is reported with the bad ones counted: test_data_check)
+    bad.write_bytes(b'{"prompt": "q", "completion": "\\ud800"}\n{"prompt": "q", "completion": "\\udcff"}\n')
     res = subprocess.run([sys.executable, "-m", "alignkit", "data", "check", str(bad)], capture_output=True, text=True,
                          cwd=REPO, timeout=300)
-    assert f"{bad}:2: 'completion' holds a lone surrogate" in _one_line_stderr(res)
+    line = _one_line_stderr(res)
+    assert "no valid" in line and f"{bad}:1: 'completion' holds a lone surrogate" in line, line
 
 
 @pytest.mark.parametrize("stage, row", [

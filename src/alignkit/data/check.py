@@ -29,7 +29,7 @@ from alignkit.data.chat import (
     tokenize_prompt_completion,
     tokenize_text,
 )
-from alignkit.data.records import load_records
+from alignkit.data.records import DataError, load_records
 
 _UNLIMITED = 10**9
 _MAX_INVALID_SHOWN = 5
@@ -110,10 +110,22 @@ def _example(tokenizer: Any, record: dict, kind: str, max_length: int) -> str:
     return f"{kept}\n(no supervised token left within max_length={max_length})"
 
 
+def load_for_check(source: str, kind: str | None) -> tuple[list[dict], str, list[str]]:
+    """(valid records, kind, messages of the invalid ones): bad records are counted, not fatal; a source with
+    no valid record at all is one DataError that also quotes the first bad record's file:line message."""
+    errors: list[str] = []
+    try:
+        records, kind = load_records(source, kind, errors=errors)
+    except DataError as err:
+        if errors:
+            raise DataError(f"{err}; first: {errors[0]}") from None
+        raise
+    return records, kind, errors
+
+
 def run_data_check(source: str, kind: str | None, tokenizer: Any, max_length: int) -> dict:
     """Load `source` as a stage would and measure it with `tokenizer` at `max_length`."""
-    errors: list[str] = []
-    records, kind = load_records(source, kind, errors=errors)
+    records, kind, errors = load_for_check(source, kind)
     measured = [_measure(tokenizer, record, kind, max_length) for record in records]
     lengths = sorted(length for length, _, _ in measured)
     report: dict[str, Any] = {
