@@ -175,10 +175,10 @@ def test_output_dir_is_never_clobbered_by_accident(pretrained_tiny: Path, tmp_pa
 def test_a_run_that_fails_on_bad_input_leaves_nothing_behind(pretrained_tiny: Path, tmp_path: Path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": "not a list"}\n')
-    fresh = tmp_path / "fresh"
+    fresh = tmp_path / "runs" / "fresh"
     res = run_cli(["sft", *sft_overrides(pretrained_tiny / "final", train_data=bad, output_dir=fresh)])
     assert res.returncode == 1 and "bad.jsonl:1" in res.stderr
-    assert not fresh.exists()  # the run created it, so it removed it
+    assert not (tmp_path / "runs").exists()  # the run created it and its parent, so it removed both
 
     kept = tmp_path / "kept"
     kept.mkdir()
@@ -186,3 +186,32 @@ def test_a_run_that_fails_on_bad_input_leaves_nothing_behind(pretrained_tiny: Pa
     res = run_cli(["sft", *sft_overrides(pretrained_tiny / "final", train_data=bad, output_dir=kept)])
     assert res.returncode == 1
     assert (kept / "config.yaml").read_text() == "lr: 0.5\n"  # restored, not replaced by the failed run's
+
+
+def _stage_overrides(stage: str, model_dir: Path) -> list[str]:
+    from tests.stages.test_dpo import dpo_overrides
+    from tests.stages.test_rm import rm_overrides
+    from tests.stages.test_rrhf import rrhf_overrides
+
+    if stage == "dpo":
+        return dpo_overrides(model_dir, max_steps=6, log_steps=2)
+    if stage == "rm":
+        return rm_overrides(model_dir, "task:sort/prefs?n=200&seed=5", batch_size=8, micro_batch_size=4,
+                            max_steps=6, log_steps=2, eval_data=0.1)
+    return rrhf_overrides(model_dir, max_steps=6, log_steps=2, reward="gold", policy_samples=1, max_new_tokens=12,
+                          train_data="task:sort/ranked?n=60&seed=4")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["rm", "dpo", "rrhf"])
+def test_every_train_loop_stage_resumes_exactly_after_ctrl_c(pretrained_tiny: Path, tmp_path: Path, stage: str):
+    common = _stage_overrides(stage, pretrained_tiny / "final")
+    env = {"OMP_NUM_THREADS": "1"}  # the rm's packed forwards sum in thread-dependent order otherwise
+    full = run_cli([stage, *common, f"output_dir={tmp_path / 'full'}"], env=env)
+    assert full.returncode == 0, full.stderr[-3000:]
+    out = tmp_path / "stopped"
+    res = run_cli([stage, *common, f"output_dir={out}"], env={**env, "ALIGNKIT_SIGNAL_AT_STEP": "2"})
+    assert res.returncode == 130 and "interrupted at step 3" in res.stderr, res.stderr[-3000:]
+    resumed = run_cli([stage, *common, f"output_dir={out}", "resume=true"], env=env)
+    assert resumed.returncode == 0 and "step 3/6" in resumed.stderr, resumed.stderr[-3000:]
+    assert max_weight_diff(tmp_path / "full" / "final", out / "final") < 1e-5

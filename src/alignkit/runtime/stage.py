@@ -19,15 +19,20 @@ from alignkit.runtime.setup import make_accelerator, peak_rss_mb, seed_everythin
 _PROVENANCE: dict[str, dict] = {}
 
 
-def prepare_output_dir(output_dir: str) -> bool:
-    """Create output_dir; a ConfigError (one line) when it is a file or cannot be written. True when it was
-    created now (so a run that fails on bad input can remove it again: undo_failed_start)."""
+def prepare_output_dir(output_dir: str) -> Path | None:
+    """Create output_dir; a ConfigError (one line) when it is a file or cannot be written. Returns the
+    outermost directory created now (output_dir or an ancestor; None when it existed), so a run that fails
+    on bad input can remove what it made (undo_failed_start)."""
     from alignkit.config import ConfigError
 
     path = Path(output_dir)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"output_dir {output_dir!r} is a file, not a directory: choose another output_dir")
-    created = not path.exists()
+    created = None
+    for candidate in [path, *path.parents]:
+        if candidate.exists():
+            break
+        created = candidate
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".alignkit-write-test"
@@ -80,8 +85,8 @@ def check_output_dir(cfg: Any) -> None:
                           "replaces it, or choose another output_dir")
 
 
-# output_dir -> (created by this run, the config.yaml text it replaced or None) while a run is starting
-_STARTS: dict[str, tuple[bool, str | None]] = {}
+# output_dir -> (the outermost directory this run created or None, the config.yaml text it replaced or None)
+_STARTS: dict[str, tuple[Path | None, str | None]] = {}
 
 
 def undo_failed_start() -> None:
@@ -99,8 +104,8 @@ def undo_failed_start() -> None:
             config.unlink(missing_ok=True)
         else:
             config.write_text(previous)
-        if created:
-            shutil.rmtree(path, ignore_errors=True)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
     _STARTS.clear()
 
 
