@@ -286,6 +286,11 @@ def run(cfg: SelectConfig) -> dict:
     if cfg.dedup is not None:
         keep = torch.nonzero(~S.near_duplicates(points, cfg.dedup, groups=assignments)).flatten()
     timings["dedup_s"] = time.time() - t0
+    if cfg.dedup is not None and len(keep) < n / 2:
+        # A causal LM's mean-pooled states are anisotropic (every pair at cosine ~0.9+), so a threshold
+        # meant for sentence embeddings removes most of the data: say so rather than select from the rest.
+        print(f"[select] warning: dedup={cfg.dedup} removed {n - len(keep)} of {n} samples; with embed_model="
+              f"{cfg.embed_model} most pairs are that similar: raise dedup or use all-minilm-l6-v2", flush=True)
     kept_points, kept_assign = points[keep], assignments[keep]
     task_names = sorted({samples.tasks[i] for i in keep.tolist()})
     task_ids = torch.tensor([task_names.index(samples.tasks[i]) for i in keep.tolist()], device=device)
