@@ -13,6 +13,7 @@ and a pad token, and `save_model` writes it back in Hugging Face format.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import logging
@@ -356,16 +357,58 @@ def load_causal_lm(
     return model, tok
 
 
+# A full state dict gathered from a sharded (FSDP) model for save_model: (root module, {name: tensor}).
+_GATHERED: list[tuple[torch.nn.Module, dict[str, torch.Tensor]]] = []
+
+
+@contextlib.contextmanager
+def gathered_weights(root: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None):
+    """Within it, save_model(m) writes m's weights from `state_dict`, the full state dict of `root` (gathered by
+    accelerator.get_state_dict under FSDP), where m is `root` or one of its submodules (the rm stage saves
+    `wrapper.rm`). None: no sharding, save_model reads the module itself."""
+    if state_dict is None:
+        yield
+        return
+    _GATHERED.append((root, state_dict))
+    try:
+        yield
+    finally:
+        _GATHERED.pop()
+
+
+def _gathered_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    if not _GATHERED:
+        return None
+    root, full = _GATHERED[-1]
+    for name, module in root.named_modules():
+        if module is model:
+            prefix = f"{name}." if name else ""
+            state_dict = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+            # tied weights (lm_head = embed_tokens) come back gathered as two tensors: alias them again, so
+            # save_pretrained drops the tied copy as it does for a plain model
+            first: dict[int, str] = {}
+            for pname, param in model.named_parameters(remove_duplicate=False):
+                if pname in state_dict:
+                    state_dict[pname] = state_dict[first.setdefault(id(param), pname)]
+            return state_dict
+    raise ValueError("save_model: the model is not part of the gathered (sharded) model")
+
+
 def save_model(model: Any, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
     """Write `model` + `tokenizer` as a plain HF directory (safetensors).
 
     A peft model is exported merged (LoRA folded into the base weights) from a copy, so the
     caller's adapted model keeps training unchanged. Unwrap DDP/FSDP first
-    (`accelerator.unwrap_model`). The result loads with AutoModelForCausalLM/AutoTokenizer.
+    (`accelerator.unwrap_model`); under FSDP the weights come from the full state dict that
+    `gathered_weights` holds. The result loads with AutoModelForCausalLM/AutoTokenizer.
     """
     from alignkit.models.lora import is_peft_model, merge_lora
 
+    state_dict = _gathered_state_dict(model)
     if is_peft_model(model):
+        if state_dict is not None:
+            raise NotImplementedError("saving a LoRA model trained under FSDP (merging sharded adapters) is not "
+                                      "supported; train LoRA with DDP (configs/accelerate/ddp.yaml)")
         model = merge_lora(copy.deepcopy(model))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -373,7 +416,7 @@ def save_model(model: Any, tokenizer: PreTrainedTokenizerBase, out_dir: Path) ->
     bar_was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model.save_pretrained(out_dir)  # v5 always writes safetensors
+        model.save_pretrained(out_dir, state_dict=state_dict)  # v5 always writes safetensors
     finally:
         if bar_was_on:
             hf_logging.enable_progress_bar()

@@ -33,7 +33,41 @@ def make_accelerator(mixed_precision: str = "no") -> Accelerator:
     GradientState._reset_state()
     # cpu=True on a machine without a GPU makes processes started by `accelerate launch
     # --num_processes N` (torchrun underneath) join one gloo group instead of N lone runs.
-    return Accelerator(mixed_precision=mixed_precision, cpu=not has_gpu)
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not has_gpu)
+    if not has_gpu:
+        _sharding_on_cpu(accelerator, mixed_precision)
+    return accelerator
+
+
+def _sharding_on_cpu(accelerator: Accelerator, mixed_precision: str) -> None:
+    """FSDP or DeepSpeed asked for (`accelerate launch --config_file configs/accelerate/fsdp.yaml`) on CPU.
+
+    accelerate (1.15) turns FSDP on only for GPU-like process groups: with cpu=True it silently wraps the
+    model in DDP instead. FSDP2 itself runs on a CPU device mesh over gloo, so the accelerator is switched
+    to accelerate's own FSDP mode with the plugin it reads from launch's environment; prepare(),
+    save_state/load_state and get_state_dict then take accelerate's FSDP2 paths (torch's fully_shard,
+    distributed checkpoint). DeepSpeed has no such path here: it is refused rather than run as DDP."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    # FSDP too: a later stage of the pipeline (one process) finds the type this function left in PartialState
+    if accelerator.distributed_type not in (DistributedType.MULTI_CPU, DistributedType.FSDP) or \
+            getattr(accelerator.state, "fsdp_plugin", None) is not None:
+        return
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise ConfigError("DeepSpeed needs GPUs (accelerate runs it only on CUDA-like devices); on CPU use "
+                          "--config_file configs/accelerate/fsdp.yaml (FSDP2 over gloo) or ddp.yaml")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return
+    plugin = FullyShardedDataParallelPlugin()  # from FSDP_* variables, as Accelerator() reads them on GPUs
+    if plugin.fsdp_version != 2:
+        raise ConfigError("FSDP on CPU needs fsdp_version: 2 in the accelerate config (FSDP1 is GPU-only here); "
+                          "see configs/accelerate/fsdp.yaml")
+    if mixed_precision != "no":
+        plugin.set_mixed_precision(mixed_precision)
+    accelerator.state.fsdp_plugin = plugin
+    accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
 def seed_everything(seed: int) -> None:

@@ -20,12 +20,13 @@ import os
 import shutil
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 
 from alignkit.config import ConfigError
 from alignkit.runtime.checkpoint import write_failed, checkpoint_to_resume, load_checkpoint, save_checkpoint
@@ -189,23 +190,56 @@ def _train_step(cfg, accelerator, model, optimizer, scheduler, plan, row_weights
 
 def _evaluate(model: torch.nn.Module, evaluate: Evaluate) -> dict[str, float]:
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), whole_weights(model):
         out = evaluate(model)
     model.train()
     return out
 
 
+@contextmanager
+def whole_weights(model: torch.nn.Module):
+    """Under FSDP2, every process holds the whole weights inside (gathered once, on entry, by FSDP's own
+    unshard), so forwards in it communicate nothing. Needed wherever processes run different numbers of
+    forwards: held-out rows split unevenly over them, generation of different lengths; otherwise every
+    forward is an all-gather that one process would wait for in vain. This is torch's documented eval
+    recipe (FSDPModule.set_reshard_after_forward(False) for evals, back for training). Not sharded: a no-op."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not units:
+        yield
+        return
+    for unit in units:  # the same modules in the same order on every process: the all-gathers pair up
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            # FSDP2 keeps the root gathered between forward and backward (its default); the others reshard
+            unit.set_reshard_after_forward(unit is not units[0], recurse=False)
+
+
 def save_final(accelerator: Accelerator, model, tokenizer, output_dir: str | Path, save: Callable | None = None) -> Path:
-    """Write `output_dir/final/` (Hugging Face format, LoRA merged) atomically on the main process."""
-    from alignkit.models.loading import save_model
+    """Write `output_dir/final/` (Hugging Face format, LoRA merged) atomically on the main process.
+
+    Under FSDP (or DeepSpeed ZeRO-3) each process holds a shard: accelerate's get_state_dict gathers the
+    full state dict (a collective, so every process calls it; the main process gets it on CPU) and the
+    save writes from it."""
+    from alignkit.models.loading import gathered_weights, save_model
 
     final = Path(output_dir) / "final"
     accelerator.wait_for_everyone()
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    full = accelerator.get_state_dict(model) if sharded else None
     if accelerator.is_main_process:
         tmp = Path(output_dir) / ".tmp-final"
         shutil.rmtree(tmp, ignore_errors=True)
+        unwrapped = accelerator.unwrap_model(model)
         try:
-            (save or save_model)(accelerator.unwrap_model(model), tokenizer, tmp)
+            with gathered_weights(unwrapped, full):
+                (save or save_model)(unwrapped, tokenizer, tmp)
         except OSError as err:  # a full disk: no final/ that looks complete but is not
             shutil.rmtree(tmp, ignore_errors=True)
             raise write_failed(f"the final model {final}", err, output_dir) from None
