@@ -77,3 +77,45 @@ def test_sft_fsdp_equals_one_process_and_resumes_after_kill(pretrained_tiny: Pat
     # final/ is gathered from the two shards: every weight, tied lm_head dropped as in a plain save
     assert max_weight_diff(tmp_path / "one" / "final", killed_dir / "final") < 1e-4
     assert_plain_transformers_loads(killed_dir / "final")
+
+
+@pytest.mark.slow
+def test_dpo_fsdp_equals_one_process(pretrained_tiny: Path, tmp_path: Path):
+    from tests.stages.test_dpo import dpo_overrides
+
+    # the reference model stays a plain frozen copy on every process; only the trained policy is sharded
+    common = dpo_overrides(pretrained_tiny / "final", max_steps=4, batch_size=8, micro_batch_size=2,
+                           precompute_ref=False, lr=5e-4)
+    one = run_cli(["dpo", *common, "micro_batch_size=4", f"output_dir={tmp_path / 'one'}"])
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = fsdp_run("dpo", [*common, f"output_dir={tmp_path / 'two'}"])
+    assert two.returncode == 0, two.stderr[-3000:]
+    s1, s2 = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
+    assert s2["num_processes"] == 2 and s2["train_pairs"] == s1["train_pairs"]
+    for key in ("eval_loss_before", "eval_loss", "eval_reward_margin", "eval_reward_accuracy"):
+        assert s2[key] == pytest.approx(s1[key], abs=1e-4), key
+    assert_sharded_checkpoint(tmp_path / "two")
+    assert max_weight_diff(tmp_path / "one" / "final", tmp_path / "two" / "final") < 1e-4  # measured 1.5e-6
+    assert_plain_transformers_loads(tmp_path / "two" / "final")
+
+
+@pytest.mark.slow
+def test_rm_fsdp_equals_one_process(pretrained_tiny: Path, tmp_path: Path):
+    # the whole PackedRewardModel wrapper is prepared; final/ is its .rm, cut out of the gathered state dict
+    common = [
+        f"model={pretrained_tiny / 'final'}", "train_data=task:sort/prefs?n=200&seed=5", "eval_data=0.1",
+        "max_length=64", "batch_size=8", "micro_batch_size=2", "lr=2e-3", "max_steps=5", "warmup_steps=1",
+        "log_steps=1",
+    ]
+    one = run_cli(["rm", *common, "micro_batch_size=4", f"output_dir={tmp_path / 'one'}"], env=ONE_THREAD)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = fsdp_run("rm", [*common, f"output_dir={tmp_path / 'two'}"])
+    assert two.returncode == 0, two.stderr[-3000:]
+    s1, s2 = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
+    assert s2["num_processes"] == 2 and s2["eval_n_pairs"] == s1["eval_n_pairs"] == 20
+    for key in ("eval_loss_before", "eval_loss", "eval_margin", "eval_chosen_reward"):
+        assert s2[key] == pytest.approx(s1[key], abs=1e-4), key
+    assert s2["eval_accuracy"] == s1["eval_accuracy"]
+    assert_sharded_checkpoint(tmp_path / "two")
+    assert max_weight_diff(tmp_path / "one" / "final", tmp_path / "two" / "final") < 1e-4  # measured 4.2e-5
+    assert_plain_transformers_loads(tmp_path / "two" / "final", "AutoModelForSequenceClassification")
