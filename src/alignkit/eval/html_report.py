@@ -203,37 +203,18 @@ def frontier_figure(methods: dict[str, dict]) -> bytes | None:
 
 
 def curve_figure(title: str, curve: dict[str, list], alarms: list[dict]) -> bytes:
-    """Proxy (left axis, orange) and gold (right axis, blue) against step: thin lines through the stage's own
-    samples, squares with stderr bars at every held-out evaluation, and a red dashed line with the alarm's
-    name at each alarm's step."""
+    """report.md's proxy-and-gold-over-training panel (plots.draw_proxy_gold: the run's own samples, every
+    held-out evaluation with stderr bars), plus a red dashed line with the alarm's name at each alarm's step."""
     import matplotlib.pyplot as plt
 
+    from alignkit.eval.plots import draw_proxy_gold
+
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    gold_ax = ax.twinx()
-    train, evals = curve["train"], curve["eval"]
-    if train:
-        steps = [p[0] for p in train]
-        ax.plot(steps, [p[1] for p in train], marker=".", lw=1, color="tab:orange", label="proxy (own samples)")
-        gold_ax.plot(steps, [p[2] for p in train], marker=".", lw=1, color="tab:blue", label="gold (own samples)")
-    if evals:
-        steps = [p[0] for p in evals]
-        if any(_finite(p[1]) for p in evals):
-            ax.errorbar(steps, [p[1] for p in evals], yerr=[p[2] for p in evals], marker="s", ls="--", capsize=3,
-                        color="tab:orange", label="proxy (held-out eval)")
-        gold_ax.errorbar(steps, [p[3] for p in evals], yerr=[p[4] for p in evals], marker="s", ls="--", capsize=3,
-                         color="tab:blue", label="gold (held-out eval)")
+    draw_proxy_gold(ax, curve, f"{title}: proxy and gold over training")
     for alarm in alarms:
         ax.axvline(alarm["step"], color=ALARM_COLOR, ls="--", lw=1.5)
         ax.text(alarm["step"], 0.98, f" {alarm.get('name')}", transform=ax.get_xaxis_transform(), color=ALARM_COLOR,
                 fontsize="x-small", va="top", rotation=90)
-    ax.set_xlabel("step")
-    ax.set_ylabel("proxy reward", color="tab:orange")
-    gold_ax.set_ylabel("gold reward", color="tab:blue")
-    ax.set_title(f"{title}: proxy and gold over training")
-    ax.grid(alpha=0.3)
-    handles = [h for a in (ax, gold_ax) for h in a.get_legend_handles_labels()[0]]
-    if handles:
-        ax.legend(handles=handles, fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     return png_bytes(fig)
 
 
