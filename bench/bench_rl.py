@@ -274,12 +274,12 @@ def alignkit_worker(spec: dict) -> dict:
         "model": spec["model"], "reward": "gold", "train_data": PROMPTS, "eval_data": None,
         "output_dir": spec["output_dir"], "advantage": spec["algo"], "samples_per_prompt": spec["group"],
         "rollout_batch_size": spec["prompts"], "mini_batch_size": spec["completions"],
-        "micro_batch_size": spec["micro"], "ppo_epochs": 1, "max_new_tokens": spec["max_new_tokens"],
+        "micro_batch_size": spec["micro"], "ppo_epochs": 1, "sampling.max_new_tokens": spec["max_new_tokens"],
         "max_length": spec["max_length"], "max_steps": spec["steps"], "lr": spec["lr"], "lr_schedule": "constant",
-        "warmup_steps": 0, "adam_beta2": 0.95, "weight_decay": 0.0, "max_grad_norm": 1.0, "temperature": 1.0,
+        "warmup_steps": 0, "adam_beta2": 0.95, "weight_decay": 0.0, "max_grad_norm": 1.0, "sampling.temperature": 1.0,
         "clip_eps": 0.2, "log_steps": 1, "save_steps": 0, "seed": 0,
         # one generate call per rollout (as TRL's generation batch); no-grad forwards in micro-sized chunks
-        "sample_chunk": spec["prompts"], "forward_batch_size": spec["micro"],
+        "sampling.chunk": spec["prompts"], "forward_batch_size": spec["micro"],
     }
     if gae:
         overrides.update(critic_lr=spec["lr"])  # PPO's own KL default (0.05, in the reward); the forwards run anyway

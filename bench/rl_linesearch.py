@@ -39,7 +39,7 @@ def main() -> None:
     from alignkit.runtime.setup import BatchPlan
 
     cfg = load_config(GRPOConfig, None, [f"model={args.model}", "reward=gold", "max_length=128", "rollout_batch_size=64",
-                                         "samples_per_prompt=8", "kl_coef=0", "sample_chunk=64", "forward_batch_size=256",
+                                         "samples_per_prompt=8", "kl_coef=0", "sampling.chunk=64", "forward_batch_size=256",
                                          f"advantage={args.advantage}", f"loss_agg={args.loss_agg}"])
     accelerator = Accelerator(cpu=True)
     actor, tokenizer = load_causal_lm(cfg.model)

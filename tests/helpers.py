@@ -25,7 +25,7 @@ def sft_overrides(model_dir: str | Path, **extra: object) -> list[str]:
         "warmup_steps": 2, "log_steps": 2,
     }
     base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+    return [f"{k.replace('__', '.')}={v}" for k, v in base.items()]  # sampling__chunk=4: sampling.chunk=4
 
 
 def run_cli(args: list[str], env: dict | None = None, launcher: list[str] | None = None) -> subprocess.CompletedProcess:

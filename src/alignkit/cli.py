@@ -64,9 +64,15 @@ def stage_help(name: str) -> str:
     _, cls, desc = STAGES[name]
     out = [f"usage: alignkit {name} [--config FILE] [key=value | --key value | --key=value ...]", "", desc, "",
            "options (key: type = default; set as key=value, --key value or --key=value, dashes for underscores):"]
-    for key, tname, default, help_text in C.field_help(cls):
-        out.append(f"  {key}: {tname} = {default!r}")
-        out.extend(textwrap.wrap(help_text, width=96, initial_indent="      ", subsequent_indent="      "))
+    rows = C.field_help(cls)
+    groups = dict(C.groups_of(cls))
+    for group in ["", *groups]:  # the stage's own keys, then one block per group (sampling.*, reward.*, lora.*)
+        if group:
+            out += ["", f"{group}.* ({groups[group]}):"]
+        for key, tname, default, help_text in rows:
+            if (key.split(".")[0] if "." in key else "") == group:
+                out.append(f"  {key}: {tname} = {default!r}")
+                out.extend(textwrap.wrap(help_text, width=96, initial_indent="      ", subsequent_indent="      "))
     return "\n".join(out)
 
 

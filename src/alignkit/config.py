@@ -13,6 +13,7 @@ Past 400 lines because every stage's documented fields live here, beside the one
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import re
@@ -20,7 +21,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, ClassVar, Union
 
 import yaml
 
@@ -36,8 +37,8 @@ def opt(default: Any, help: str, **kwargs: Any) -> Any:
     """A dataclass field with a documented meaning (mutable defaults go through a factory)."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
-    if dataclasses.is_dataclass(default):
-        return field(default_factory=type(default), metadata={"help": help}, **kwargs)
+    if dataclasses.is_dataclass(default):  # a group: this stage's defaults of it (a copy per config)
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help}, **kwargs)
     return field(default=default, metadata={"help": help}, **kwargs)
 
 
@@ -60,8 +61,68 @@ TRAIN_DATA_HELP = (
 
 
 @dataclass
-class TrainConfig:
-    """Keys shared by every stage that trains (DESIGN.md, 'Common config keys')."""
+class SamplingConfig:
+    """`sampling.*`: how every stage that samples from a policy draws its responses."""
+
+    temperature: float = opt(1.0, "sampling temperature (0: greedy; log-probs and KL are those of the sampling distribution)")
+    max_new_tokens: int = opt(
+        32, "length cap of a sampled response; a longer prompt keeps its last max_length - max_new_tokens tokens"
+    )
+    chunk: int = opt(32, "prompts per generation call (chunks are seeded by index, so any process count samples alike)")
+
+
+@dataclass
+class EvalSamplingConfig(SamplingConfig):
+    """`sampling.*` of `alignkit eval`: the stages' sampling, plus nucleus truncation (eval only measures)."""
+
+    top_p: float = opt(1.0, "nucleus sampling threshold (1.0: off; KL then ignores the truncation)")
+
+
+@dataclass
+class ScorerConfig:
+    """`reward.*` without a choice of source: the reward model and the gold task a stage scores with."""
+
+    model: Union[str, None] = opt(None, "reward model directory (alignkit rm output) when the reward model scores")
+    task: Union[str, None] = opt(
+        None, "built-in task of the gold reward (and of the gold metrics logged beside a reward model); "
+        "null: the task of a task: spec in train_data"
+    )
+    batch_size: int = opt(32, "responses per reward-model forward")
+
+
+@dataclass
+class RewardConfig(ScorerConfig):
+    """`reward.*`: what scores the responses a stage samples or ranks. `reward: gold` sets reward.source."""
+
+    SCALAR_KEY: ClassVar[str] = "source"  # `reward=gold` means reward.source=gold
+    SOURCES: ClassVar[tuple[str, ...]] = ("rm", "gold")
+    source: str = opt("rm", "what scores responses: rm (the reward model reward.model) or gold (the task's gold reward)")
+
+
+@dataclass
+class RankingRewardConfig(RewardConfig):
+    """`reward.*` of a stage that ranks given responses: the data's own scores are a source too."""
+
+    SOURCES: ClassVar[tuple[str, ...]] = ("given", "gold", "rm")
+    source: str = opt(
+        "given", "what ranks the responses: given (the data's scores), gold (the task's gold reward) or rm (reward.model)"
+    )
+
+
+@dataclass
+class EvalRewardConfig:
+    """`reward.*` of `alignkit eval`: the proxy reward models and the gold task measured."""
+
+    models: list[str] = opt([], "proxy reward models (paths); >= 2 also gives ensemble disagreement")
+    task: Union[str, None] = opt(
+        "auto", "built-in task of the gold reward: auto (from a task: prompts spec), a task name, or null (no gold)"
+    )
+    batch_size: int = opt(64, "sequences per reward-model forward")
+
+
+@dataclass
+class RunConfig:
+    """Keys of every stage that loads a model and data and writes a run directory (DESIGN.md, 'Common config keys')."""
 
     model: str = opt(
         "scratch:tiny",
@@ -81,6 +142,21 @@ class TrainConfig:
         False, "skip records that fail validation (counted in summary.json, first ones printed) instead of stopping"
     )
     output_dir: str = opt("runs/run", "the run directory (config, metrics, summary, checkpoints, final model)")
+    max_length: int = opt(256, "tokens per sequence (prompt + response, or a packed row)")
+    seed: int = opt(0, "every random choice derives from it: same seed, same result")
+    resume: bool = opt(False, "continue from the newest checkpoint in output_dir")
+    overwrite: bool = opt(
+        False, "start afresh in an output_dir that holds a finished run (its final/, summary.json, metrics and "
+        "checkpoints are removed first) or files alignkit did not write (they are left alone); without it such an "
+        "output_dir is refused"
+    )
+    mixed_precision: str = opt("no", "no, bf16 or fp16 (autocast through accelerate; fp16 needs a GPU)")
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """Keys shared by every stage that trains (DESIGN.md, 'Common config keys')."""
+
     max_steps: int = opt(0, "optimizer steps to train; 0: derive from epochs")
     epochs: float = opt(1.0, "passes over the training rows when max_steps is 0")
     batch_size: int = opt(32, "GLOBAL rows per optimizer step, over all processes and accumulation steps")
@@ -93,26 +169,17 @@ class TrainConfig:
     adam_beta1: float = opt(0.9, "AdamW beta1")
     adam_beta2: float = opt(0.95, "AdamW beta2")
     max_grad_norm: float = opt(1.0, "gradient clipping by global norm; 0 disables")
-    max_length: int = opt(256, "tokens per sequence (prompt + response, or a packed row)")
-    seed: int = opt(0, "every random choice derives from it: same seed, same result")
     log_steps: int = opt(10, "log metrics every N optimizer steps")
     eval_steps: int = opt(0, "evaluate every N steps (0: only before and after training)")
     save_steps: int = opt(0, "write a resumable checkpoint every N steps (0: only at the end)")
     save_total_limit: int = opt(2, "keep at most this many checkpoints (newest first)")
-    resume: bool = opt(False, "continue from the newest checkpoint in output_dir")
-    overwrite: bool = opt(
-        False, "start afresh in an output_dir that holds a finished run (its final/, summary.json, metrics and "
-        "checkpoints are removed first) or files alignkit did not write (they are left alone); without it such an "
-        "output_dir is refused"
-    )
     max_nonfinite_steps: int = opt(
         3, "a NaN/inf loss or gradient norm skips that optimizer step (counted as nonfinite_steps); this many in a "
         "row stop the run, leaving the last checkpoint intact"
     )
-    mixed_precision: str = opt("no", "no, bf16 or fp16 (autocast through accelerate; fp16 needs a GPU)")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
     max_eval_rows: int = opt(512, "cap on held-out rows evaluated (0: all)")
-    lora: LoraConfig = opt(LoraConfig(), "LoRA options (lora.r, lora.alpha, lora.dropout, lora.target_modules)")
+    lora: LoraConfig = opt(LoraConfig(), "LoRA adapters (peft); lora.r=0 trains the full model")
     trainable: Union[str, None] = opt(
         None, "freeze tuning: train only the parameters whose name matches this regular expression (re.search), the "
         "rest frozen (after LoRA: adapters too must match); null trains all. E.g. '^model\\.norm\\.' trains a Llama's "
@@ -163,18 +230,27 @@ class SFTConfig(TrainConfig):
 # Loading, overrides and validation
 
 
-def field_help(cls: type) -> list[tuple[str, str, Any, str]]:
-    """(dotted key, type name, default, help) for every field, nested sections flattened."""
+def field_help(cls: Any) -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type name, default, help) for every field, nested groups flattened (`sampling.temperature`).
+
+    `cls` is a config class or a group instance (a stage's own defaults of a group, e.g. label's sampling.chunk)."""
     rows = []
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls if isinstance(cls, type) else type(cls))
     for f in dataclasses.fields(cls):
-        default = _default_of(f)
+        default = _default_of(f) if isinstance(cls, type) else getattr(cls, f.name)
         if dataclasses.is_dataclass(default):
-            for key, tname, d, h in field_help(type(default)):
-                rows.append((f"{f.name}.{key}", tname, d, h))
+            inner = field_help(default)
+            inner.sort(key=lambda row: row[0] != getattr(default, "SCALAR_KEY", None))  # reward.source first
+            rows.extend((f"{f.name}.{key}", tname, d, h) for key, tname, d, h in inner)
             continue
         rows.append((f.name, _type_name(hints[f.name]), default, f.metadata.get("help", "")))
     return rows
+
+
+def groups_of(cls: type) -> list[tuple[str, str]]:
+    """(group name, its help) of every nested group of config class `cls` (`--help` heads them)."""
+    return [(f.name, f.metadata.get("help", "")) for f in dataclasses.fields(cls)
+            if dataclasses.is_dataclass(_default_of(f))]
 
 
 def _default_of(f: dataclasses.Field) -> Any:
@@ -287,9 +363,18 @@ _HABITS: dict[str, tuple[str, ...]] = {
     "context_length": ("max_length",),
     "prompt_max_len": ("max_length",),
     "max_prompt_length": ("max_length",),
-    "max_completion_length": ("max_new_tokens",),
-    "response_length": ("max_new_tokens",),
-    "generate_max_len": ("max_new_tokens",),
+    "max_completion_length": ("sampling.max_new_tokens",),
+    "response_length": ("sampling.max_new_tokens",),
+    "generate_max_len": ("sampling.max_new_tokens",),
+    "max_new_tokens": ("sampling.max_new_tokens",),  # alignkit's own flat keys before the groups
+    "temperature": ("sampling.temperature",),
+    "top_p": ("sampling.top_p",),
+    "sample_chunk": ("sampling.chunk",),
+    "reward_model": ("reward.model", "reward.models"),
+    "reward_models": ("reward.models", "reward.model"),
+    "reward_batch_size": ("reward.batch_size",),
+    "task": ("reward.task",),
+    "gold_task": ("reward.task",),
     # models, data, outputs
     "model_name_or_path": ("model",),
     "model_name": ("model",),
@@ -299,8 +384,8 @@ _HABITS: dict[str, tuple[str, ...]] = {
     "tokenizer_name": ("tokenizer",),
     "tokenizer_name_or_path": ("tokenizer",),
     "ref_model_name_or_path": ("ref_model",),
-    "reward_model_path": ("reward_model", "reward_models"),
-    "reward_pretrain": ("reward_model", "reward_models"),
+    "reward_model_path": ("reward.model", "reward.models"),
+    "reward_pretrain": ("reward.model", "reward.models"),
     "critic_pretrain": ("critic_model",),
     "dataset": ("train_data", "data", "prompts"),
     "dataset_name": ("train_data", "data", "prompts"),
@@ -368,7 +453,8 @@ _HABITS: dict[str, tuple[str, ...]] = {
     "ppo_score_norm": ("reward_norm",),
     "loss_type": ("loss_agg",),
     "local_rollout_forward_batch_size": ("forward_batch_size",),
-    "reward_funcs": ("reward",),
+    "reward_funcs": ("reward.source",),
+    "reward_source": ("reward.source",),
     # alignkit plan's keys
     "zero": ("sharding",),
     "zero_stage": ("sharding",),
@@ -390,6 +476,9 @@ _HABIT_NOTES = {
     "max_prompt_length": "max_length counts prompt + response",
     "kl_coef": "DPO's beta is its KL coefficient",
     "beta": "the KL coefficient",
+    **{key: "sampling and reward options live in the sampling.* and reward.* groups"
+       for key in ("max_new_tokens", "temperature", "top_p", "sample_chunk", "reward_model", "reward_models",
+                   "reward_batch_size", "task")},
 }
 
 
@@ -436,37 +525,53 @@ def _suggest(key: str, valid: list[str]) -> str:
     return f"; did you mean '{ours}'?" + ("" if close[0] in valid else f" (alignkit's name for {close[0]})")
 
 
-def _build(cls: type, values: dict[str, Any], prefix: str = "", where: dict[str, str] | None = None) -> Any:
+def _build(cls: Any, values: dict[str, Any], prefix: str = "", where: dict[str, str] | None = None,
+           valid: list[str] | None = None) -> Any:
     """Instantiate dataclass `cls` from a nested dict, checking keys and types.
 
+    `cls` is a config class, or a group instance whose values are the defaults (a stage's own group defaults).
+    A group given a scalar sets the group's SCALAR_KEY field (`reward: gold` is reward.source=gold).
     where: dotted key -> "file:line" of the keys read from a config file; their errors start with it.
+    valid: every dotted key of the whole config (did-you-mean hints look across groups).
     """
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    klass = cls if isinstance(cls, type) else type(cls)
+    hints = typing.get_type_hints(klass)
+    fields = {f.name: f for f in dataclasses.fields(klass)}
+    if valid is None:
+        valid = [k for k, _, _, _ in field_help(cls)]
     kwargs = {}
     for key, value in values.items():
         full = f"{prefix}{key}"
         default = _default_of(fields[key]) if key in fields else None
+        scalar_key = getattr(default, "SCALAR_KEY", None)
+        if dataclasses.is_dataclass(default) and scalar_key and not isinstance(value, dict):
+            value = {scalar_key: value}
+            if where and full in where:
+                where = {**where, f"{full}.{scalar_key}": where[full]}
         if dataclasses.is_dataclass(default) and isinstance(value, dict):
-            kwargs[key] = _build(type(default), value, prefix=f"{full}.", where=where)
+            kwargs[key] = _build(default, value, prefix=f"{full}.", where=where, valid=valid)
             continue
         try:
             if key not in fields:
-                valid = [f"{prefix}{k}" for k, _, _, _ in field_help(cls)]
                 raise ConfigError(f"unknown config key {full!r}{_suggest(full, valid)}")
             if dataclasses.is_dataclass(default):
-                raise ConfigError(f"{full}: expected a mapping of {type(default).__name__} keys")
+                raise ConfigError(f"{full}: expected a mapping of {full}.* keys "
+                                  f"({', '.join(f.name for f in dataclasses.fields(default))})")
             kwargs[key] = _coerce(full, value, hints[key])
         except ConfigError as err:
             if where and full in where:
                 raise ConfigError(f"{where[full]}: {err}") from None
             raise
-    return cls(**kwargs)
+    return klass(**kwargs) if isinstance(cls, type) else dataclasses.replace(cls, **kwargs)
 
 
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """['lora.r=8', 'lr=1e-4'] -> {'lora': {'r': 8}, 'lr': 0.0001} (values parsed as YAML)."""
+def parse_overrides(overrides: list[str], cls: type | None = None) -> dict[str, Any]:
+    """['lora.r=8', 'lr=1e-4'] -> {'lora': {'r': 8}, 'lr': 0.0001} (values parsed as YAML).
+
+    With the config class `cls`, a scalar given to a group sets its SCALAR_KEY field ('reward=gold' ->
+    {'reward': {'source': 'gold'}}), so 'reward=gold reward.task=sort' combine."""
     nested: dict[str, Any] = {}
+    scalars = _scalar_groups(cls) if cls is not None else {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")
@@ -482,6 +587,8 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             raise ConfigError(f"override {item!r}: the value cannot be read ({str(e).splitlines()[0]})") from None
         node = nested
         parts = key.strip().split(".")
+        if ".".join(parts) in scalars and not isinstance(value, dict):
+            parts, value = [*parts, scalars[".".join(parts)]], value
         for i, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
             if not isinstance(node, dict):  # 'lr=1 lr.x=2'
@@ -489,6 +596,30 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
                 raise ConfigError(f"override {item!r}: {section!r} is set to a value, not a section of keys")
         node[parts[-1]] = value
     return nested
+
+
+def _scalar_groups(cls: Any, prefix: str = "") -> dict[str, str]:
+    """Dotted group name -> its SCALAR_KEY, for every group of config class `cls` that takes a scalar."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        default = _default_of(f)
+        if dataclasses.is_dataclass(default):
+            if getattr(default, "SCALAR_KEY", None):
+                out[f"{prefix}{f.name}"] = default.SCALAR_KEY
+            out.update(_scalar_groups(type(default), prefix=f"{prefix}{f.name}."))
+    return out
+
+
+def _expand_scalars(values: dict[str, Any], scalars: dict[str, str], where: dict[str, str], prefix: str = "") -> None:
+    """In place: a file's `reward: gold` becomes {'source': 'gold'} (and its line is the key's line)."""
+    for key, value in list(values.items()):
+        full = f"{prefix}{key}"
+        if full in scalars and not isinstance(value, dict):
+            values[key] = {scalars[full]: value}
+            if full in where:
+                where[f"{full}.{scalars[full]}"] = where[full]
+        elif isinstance(value, dict):
+            _expand_scalars(value, scalars, where, prefix=f"{full}.")
 
 
 def _looks_like_float(raw: str) -> bool:
@@ -557,7 +688,8 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
                               f"got {type(loaded).__name__}")
         loaded.pop(PROVENANCE_KEY, None)  # a run's config.yaml: where it came from, not a setting
         values = _fix_yaml_floats(loaded)
-    extra = parse_overrides(overrides or [])
+        _expand_scalars(values, _scalar_groups(cls), where)
+    extra = parse_overrides(overrides or [], cls)
     for key in _dotted_keys(extra):  # an override's value, and what it replaces, is not the file's
         sections = {key.rsplit(".", i)[0] for i in range(1, key.count(".") + 1)}  # 'lr.x' replaces a file's 'lr'
         where = {k: v for k, v in where.items() if k != key and k not in sections and not k.startswith(key + ".")}
@@ -626,20 +758,46 @@ def _dotted_keys(values: dict[str, Any], prefix: str = "") -> list[str]:
     return keys
 
 
+def check_groups(cfg: Any) -> None:
+    """The sampling.* and reward.* groups, checked once for every stage that has them (stages call it too, for
+    configs built in Python)."""
+    sampling = getattr(cfg, "sampling", None)
+    if isinstance(sampling, SamplingConfig):
+        if sampling.temperature < 0:
+            raise ConfigError(f"sampling.temperature must be >= 0, got {sampling.temperature}")
+        for key in ("max_new_tokens", "chunk"):
+            if getattr(sampling, key) < 1:
+                raise ConfigError(f"sampling.{key} must be >= 1, got {getattr(sampling, key)}")
+        if not 0.0 < getattr(sampling, "top_p", 1.0) <= 1.0:
+            raise ConfigError(f"sampling.top_p must be in (0, 1], got {sampling.top_p}")
+    reward = getattr(cfg, "reward", None)
+    if isinstance(reward, (ScorerConfig, EvalRewardConfig)) and reward.batch_size < 1:
+        raise ConfigError(f"reward.batch_size must be >= 1, got {reward.batch_size}")
+    if isinstance(reward, RewardConfig):
+        if reward.source not in reward.SOURCES:
+            raise ConfigError(f"reward.source must be one of {', '.join(reward.SOURCES)}, got {reward.source!r}")
+        if reward.source == "rm" and not reward.model:
+            raise ConfigError("reward=rm needs reward.model (an alignkit rm run's final/); or use reward=gold "
+                              "with a built-in task")
+
+
 def validate(cfg: Any) -> None:
-    """Cross-field checks every training stage relies on."""
+    """Cross-field checks every stage relies on: its groups, its data keys, and the training keys."""
+    check_groups(cfg)
+    if not isinstance(cfg, RunConfig):
+        return
+    if not cfg.train_data:
+        raise ConfigError("train_data: required (a file, a dataset name or task:<name>/<part>)")
+    if isinstance(cfg.eval_data, float) and not 0.0 < cfg.eval_data < 1.0:
+        raise ConfigError(f"eval_data: a fraction must be in (0, 1), got {cfg.eval_data}")
+    if cfg.mixed_precision not in ("no", "bf16", "fp16"):
+        raise ConfigError(f"mixed_precision: {cfg.mixed_precision!r} is not one of no, bf16, fp16")
     if not isinstance(cfg, TrainConfig):
         return
     if cfg.batch_size <= 0 or cfg.micro_batch_size <= 0:
         raise ConfigError("batch_size and micro_batch_size must be positive")
     if cfg.lr_schedule not in ("cosine", "linear", "constant"):
         raise ConfigError(f"lr_schedule: {cfg.lr_schedule!r} is not one of cosine, linear, constant")
-    if cfg.mixed_precision not in ("no", "bf16", "fp16"):
-        raise ConfigError(f"mixed_precision: {cfg.mixed_precision!r} is not one of no, bf16, fp16")
-    if not cfg.train_data:
-        raise ConfigError("train_data: required (a file, a dataset name or task:<name>/<part>)")
-    if isinstance(cfg.eval_data, float) and not 0.0 < cfg.eval_data < 1.0:
-        raise ConfigError(f"eval_data: a fraction must be in (0, 1), got {cfg.eval_data}")
     for key in ("train_data", "eval_data"):
         _check_sources(key, getattr(cfg, key))
     replay = getattr(cfg, "replay", 0.0)
@@ -755,23 +913,14 @@ class RRHFConfig(TrainConfig):
     train_data: Union[str, list[str]] = opt("task:sort/ranked?n=2000&seed=4", TRAIN_DATA_HELP)
     output_dir: str = opt("runs/rrhf", "the run directory")
     lr: float = opt(1e-4, "peak learning rate (AdamW)")
-    reward: str = opt(
-        "given", "what ranks the responses: given (the data's scores), gold (the built-in task's gold reward), rm (reward_model)"
+    reward: RankingRewardConfig = opt(
+        RankingRewardConfig(), "what ranks the responses (`reward: gold` is short for reward.source=gold)"
     )
-    reward_model: Union[str, None] = opt(None, "reward model path when reward=rm")
+    sampling: SamplingConfig = opt(SamplingConfig(), "how policy_samples are drawn from the starting policy")
     policy_samples: int = opt(0, "extra responses per prompt sampled from the starting policy (then scored)")
-    temperature: float = opt(1.0, "sampling temperature for policy_samples")
-    max_new_tokens: int = opt(32, "length cap of sampled responses")
     rank_weight: float = opt(1.0, "weight of the ranking loss")
     sft_weight: float = opt(1.0, "weight of the cross-entropy on the best response")
     row_tokens: int = opt(0, "tokens per packed forward row (0: max_length * responses per prompt)")
-    task: Union[str, None] = opt(
-        None, "built-in task whose gold reward ranks responses when reward=gold; null: the task of a task: spec in train_data"
-    )
-    sample_chunk: int = opt(
-        32, "prompts per generation call for policy_samples (chunks are seeded by index, so any process count samples alike)"
-    )
-    reward_batch_size: int = opt(32, "responses per reward-model forward when reward=rm")
 
 
 # --------------------------------------------------------------------------------------------
@@ -779,26 +928,23 @@ class RRHFConfig(TrainConfig):
 
 
 @dataclass
-class LabelConfig(TrainConfig):
+class LabelConfig(RunConfig):
     """`alignkit label`: sample responses of a model to prompts and have an annotator rank them (comparison data)."""
 
     train_data: Union[str, list[str]] = opt("task:sort/prompts?n=1000&seed=11", TRAIN_DATA_HELP)
     eval_data: Union[str, float, None] = opt(None, "prompts to label into separate *_eval files; null: none")
     output_dir: str = opt("runs/label", "the run directory: ranked.jsonl, pairs.jsonl, summary.json")
     n: int = opt(4, "responses sampled per prompt (duplicates and empty responses are dropped before ranking)")
-    temperature: float = opt(1.0, "sampling temperature")
-    max_new_tokens: int = opt(32, "length cap of sampled responses")
+    sampling: SamplingConfig = opt(SamplingConfig(chunk=64), "how responses are sampled from the policy")
+    reward: ScorerConfig = opt(ScorerConfig(batch_size=64), "the gold task (gold reward, simulated annotator) and the "
+                               "judging reward model of annotator=rm")
     annotator: str = opt(
         "task",
         "who ranks: task (the built-in task's simulated annotator: gold + length_bias * items + noise * Gumbel), "
-        "gold (the gold reward itself), rm (a reward model as AI judge: reward_model)",
+        "gold (the gold reward itself), rm (a reward model as AI judge: reward.model)",
     )
     noise: float = opt(0.1, "annotator=task: Gumbel noise scale (annotators disagree; 0: always by gold)")
     length_bias: float = opt(0.05, "annotator=task: utility added per item of the response (a bias gold does not share)")
-    reward_model: Union[str, None] = opt(None, "annotator=rm: the judging reward model")
-    task: Union[str, None] = opt(None, "built-in task (gold reward, simulated annotator); null: the task of a task: spec in train_data")
-    sample_chunk: int = opt(64, "prompts per generation call (chunks are seeded by index: any process count samples alike)")
-    reward_batch_size: int = opt(64, "responses per reward-model forward when annotator=rm")
 
 
 @dataclass
@@ -809,17 +955,9 @@ class BestOfNConfig(TrainConfig):
     output_dir: str = opt("runs/best_of_n", "the run directory")
     lr: float = opt(1e-4, "peak learning rate (AdamW) when finetune=true")
     n: int = opt(8, "responses sampled per prompt; the highest-reward one is kept (KL to the sampler <= log n - (n-1)/n)")
-    temperature: float = opt(1.0, "sampling temperature (0: greedy, every candidate identical)")
-    max_new_tokens: int = opt(32, "length cap of sampled responses")
-    reward: str = opt("rm", "what picks the best response: rm (reward_model) or gold (the built-in task's gold reward)")
-    reward_model: Union[str, None] = opt(None, "reward model path when reward=rm")
-    task: Union[str, None] = opt(
-        None, "built-in task for the gold reward (reward=gold, and gold metrics with reward=rm); null: the task of a task: spec in train_data"
-    )
-    sample_chunk: int = opt(
-        32, "prompts per generation call (chunks are seeded by index, so any process count samples alike)"
-    )
-    reward_batch_size: int = opt(32, "responses per reward-model forward when reward=rm")
+    sampling: SamplingConfig = opt(SamplingConfig(), "how responses are sampled from the policy")
+    reward: RewardConfig = opt(RewardConfig(), "what picks the best response (`reward: gold` is short for "
+                               "reward.source=gold)")
     finetune: bool = opt(
         False, "rejection-sampling fine-tuning: SFT of model on the best responses (writes final/); false: inference only"
     )
@@ -839,19 +977,10 @@ class RAFTConfig(TrainConfig):
     keep_top_k: int = opt(1, "responses kept per prompt when keep=per_prompt")
     keep_fraction: float = opt(0.125, "share of all the iteration's samples kept when keep=global")
     steps_per_iteration: int = opt(0, "optimizer steps on each iteration's kept responses (0: one pass over them)")
-    temperature: float = opt(1.0, "sampling temperature")
-    max_new_tokens: int = opt(32, "length cap of sampled responses")
-    reward: str = opt("rm", "what ranks the samples: rm (reward_model) or gold (the built-in task's gold reward)")
-    reward_model: Union[str, None] = opt(None, "reward model path when reward=rm")
-    task: Union[str, None] = opt(
-        None, "built-in task for the gold reward (reward=gold, and gold metrics with reward=rm); null: the task of a task: spec in train_data"
-    )
+    sampling: SamplingConfig = opt(SamplingConfig(), "how responses are sampled from the policy")
+    reward: RewardConfig = opt(RewardConfig(), "what ranks the samples (`reward: gold` is short for reward.source=gold)")
     eval_samples: int = opt(1, "samples per eval_data prompt for eval_gold_reward before/after (same seeds both times)")
-    eval_temperature: float = opt(1.0, "sampling temperature of the eval_data samples (independent of temperature)")
-    sample_chunk: int = opt(
-        32, "prompts per generation call (chunks are seeded by index, so any process count samples alike)"
-    )
-    reward_batch_size: int = opt(32, "responses per reward-model forward when reward=rm")
+    eval_temperature: float = opt(1.0, "sampling temperature of the eval_data samples (independent of sampling.temperature)")
 
 
 @dataclass
@@ -866,15 +995,12 @@ class PPOConfig(TrainConfig):
     lr: float = opt(1e-5, "actor peak learning rate (AdamW); the schedule advances once per PPO step")
     warmup_steps: int = opt(0, "linear warm-up, in PPO steps (actor and critic)")
     lr_schedule: str = opt("constant", "learning-rate schedule over PPO steps after warm-up: cosine, linear or constant")
-    reward: str = opt("rm", "the proxy reward optimised: rm (reward_model scores the text) or gold (the task's gold reward)")
-    reward_model: Union[str, None] = opt(None, "reward model directory (alignkit rm output) when reward=rm")
-    task: Union[str, None] = opt(
-        None, "built-in task for the gold reward (optimised when reward=gold, always logged when known); "
-        "null: the task of a task: spec in train_data"
-    )
+    sampling: SamplingConfig = opt(SamplingConfig(), "how responses are sampled from the policy")
+    reward: RewardConfig = opt(RewardConfig(), "the proxy reward optimised (`reward: gold` is short for "
+                               "reward.source=gold); gold is always logged when reward.task is known")
     ref_model: Union[str, None] = opt(None, "frozen reference policy for the KL penalty; null: the starting policy")
     critic_model: Union[str, None] = opt(
-        None, "critic initialisation; null: the reward model when reward=rm and it shares the policy's tokenizer "
+        None, "critic initialisation; null: the reward model when reward.source=rm and it shares the policy's tokenizer "
         "(InstructGPT), else the policy with a fresh scalar head"
     )
     critic_lr: float = opt(1e-5, "critic peak learning rate (its own AdamW, same schedule)")
@@ -883,11 +1009,7 @@ class PPOConfig(TrainConfig):
     samples_per_prompt: int = opt(1, "responses sampled per prompt in a rollout")
     mini_batch_size: int = opt(0, "GLOBAL sequences per optimizer update (0: the whole rollout)")
     ppo_epochs: int = opt(4, "passes over the rollout per PPO step (mini-batches reshuffled from (seed, step))")
-    temperature: float = opt(1.0, "sampling temperature (log-probs and KL are those of the sampling distribution)")
-    max_new_tokens: int = opt(32, "length cap of a response; a longer prompt keeps its last max_length - max_new_tokens tokens")
-    sample_chunk: int = opt(32, "prompts per generation call (chunks are seeded by index: any process count samples alike)")
     forward_batch_size: int = opt(32, "sequences per no-grad forward (old/reference log-probs, values) in a rollout")
-    reward_batch_size: int = opt(32, "responses per reward-model forward")
     advantage: str = opt(
         "gae", "advantage estimator: gae (critic + GAE, PPO), grpo (group-normalised rewards), dr_grpo (group "
         "mean baseline, no std), rloo (leave-one-out baseline), reinforce_pp (global-batch-normalised returns); "
@@ -1006,17 +1128,12 @@ class EvalConfig:
     names: list[str] = opt([], "labels of the models in the report, one per entry of models (default: derived from paths)")
     baseline: Union[str, None] = opt(None, "model (a label or a path) that win rates compare against; null: the first model")
     reference: Union[str, None] = opt(None, "model (a label or a path) for KL(policy || reference); null: the baseline")
-    reward_models: list[str] = opt([], "proxy reward models (paths); >= 2 also gives ensemble disagreement")
     prompts: str = opt("task:sort/prompts_eval?n=500", "held-out prompts: a path/spec of prompt records")
     max_prompts: int = opt(0, "use at most this many prompts (0: all)")
-    task: Union[str, None] = opt(
-        "auto", "built-in task for the gold reward: auto (from a task: prompts spec), a task name, or null (no gold)"
-    )
     n_samples: int = opt(4, "sampled responses per prompt")
-    temperature: float = opt(1.0, "sampling temperature (KL is that of the sampling distribution)")
-    top_p: float = opt(1.0, "nucleus sampling threshold (1.0: off; KL then ignores the truncation)")
+    sampling: EvalSamplingConfig = opt(EvalSamplingConfig(chunk=16), "how held-out responses are sampled")
+    reward: EvalRewardConfig = opt(EvalRewardConfig(), "what scores the samples: proxy reward models and the gold task")
     greedy: bool = opt(True, "also decode greedily and report greedy_gold_reward")
-    max_new_tokens: int = opt(32, "length cap of responses")
     heldout_text: Union[str, None] = opt(
         "task:sort/pretrain?n=200&seed=99", "pretraining-style text for held-out perplexity (null: skip)"
     )
@@ -1025,7 +1142,6 @@ class EvalConfig:
     )
     checkpoints: bool = opt(True, "for run dirs, also evaluate every checkpoints/step-N (plots each metric over steps)")
     max_length: int = opt(256, "token cap of a scored sequence (prompt + response, a text, an RM input)")
-    batch_size: int = opt(64, "sequences per generation / reward-model batch")
     score_tokens: int = opt(4096, "tokens per packed forward when scoring log-probs and perplexity")
     kl_budget: Union[float, None] = opt(None, "alarm when KL(policy || reference) exceeds this many nats (null: off)")
     alarm_gold_tolerance: float = opt(0.02, "proxy-up-gold-down alarm: gold drop below its best that counts")

@@ -57,8 +57,8 @@ def sample_scored(accelerator, cfg, actor, tokenizer, prompts: list, split: int,
     """One sampling round: samples (prompt-major), their raw proxy [N], gold [N] or None, and `penalised` [P,G]:
     the proxy after the missing-EOS and overlong penalties (what dynamic sampling compares)."""
     n = cfg.samples_per_prompt
-    samples = sample_responses(accelerator, actor, tokenizer, prompts, n, cfg.temperature, cfg.max_new_tokens,
-                               cfg.sample_chunk, cfg.seed, split=split, max_prompt_tokens=max_prompt_tokens)
+    samples = sample_responses(accelerator, actor, tokenizer, prompts, n, cfg.sampling.temperature, cfg.sampling.max_new_tokens,
+                               cfg.sampling.chunk, cfg.seed, split=split, max_prompt_tokens=max_prompt_tokens)
     texts = grouped([s.text for s in samples], n)
     raw = torch.tensor([r for rs in proxy(prompts, texts) for r in rs], dtype=torch.float32)
     golds = torch.tensor([g for gs in gold(prompts, texts) for g in gs]) if gold is not None else None
@@ -66,7 +66,7 @@ def sample_scored(accelerator, cfg, actor, tokenizer, prompts: list, split: int,
     penalised = raw - cfg.missing_eos_penalty * (~finished).float()
     if cfg.overlong_buffer > 0:
         lengths = torch.tensor([len(s.response_ids) for s in samples])
-        penalised = penalised + overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
+        penalised = penalised + overlong_penalty(lengths, cfg.sampling.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
     return {"samples": samples, "raw": raw, "gold": golds, "penalised": penalised.view(-1, n)}
 
 
@@ -211,7 +211,7 @@ def grouped(values: list[float], n: int) -> list[list[float]]:
 
 def evaluate_policy(accelerator: Accelerator, actor, ref, tokenizer, prompts: list, cfg: Any, proxy: RewardFn,
                     gold: RewardFn | None) -> dict[str, float]:
-    """Held-out metrics of the current policy on `prompts`, sampled at cfg.temperature with a FIXED seed
+    """Held-out metrics of the current policy on `prompts`, sampled at cfg.sampling.temperature with a FIXED seed
     (common random numbers across evaluations): reward, gold_reward (+ _stderr over prompts), kl (mean
     per-sequence sum of log pi - log pi_ref, an unbiased KL estimate; + _stderr), length, eos_fraction."""
     from alignkit.eval.metrics import grouped_mean_and_stderr
@@ -219,10 +219,10 @@ def evaluate_policy(accelerator: Accelerator, actor, ref, tokenizer, prompts: li
     if not prompts:
         return {}
     n = cfg.eval_samples_per_prompt
-    samples = sample_responses(accelerator, actor, tokenizer, prompts, n, cfg.temperature, cfg.max_new_tokens,
-                               cfg.sample_chunk, cfg.seed, split=1, max_prompt_tokens=cfg.max_length - cfg.max_new_tokens)
+    samples = sample_responses(accelerator, actor, tokenizer, prompts, n, cfg.sampling.temperature, cfg.sampling.max_new_tokens,
+                               cfg.sampling.chunk, cfg.seed, split=1, max_prompt_tokens=cfg.max_length - cfg.sampling.max_new_tokens)
     texts = grouped([s.text for s in samples], n)
-    forwards = rollout_forwards(accelerator, actor, ref, None, samples, tokenizer.pad_token_id, cfg.temperature,
+    forwards = rollout_forwards(accelerator, actor, ref, None, samples, tokenizer.pad_token_id, cfg.sampling.temperature,
                                 cfg.forward_batch_size)
     kl = [float((lp - ref_lp).sum()) for lp, ref_lp, _, _ in forwards]
     out: dict[str, float] = {}
@@ -271,7 +271,7 @@ def load_critic(cfg: Any, tokenizer, log) -> tuple[torch.nn.Module, Any, str]:
     from alignkit.models.loading import is_scratch
     from alignkit.models.value import load_value_model, same_vocabulary
 
-    source = cfg.critic_model or (cfg.reward_model if cfg.reward == "rm" else cfg.model)
+    source = cfg.critic_model or (cfg.reward.model if cfg.reward.source == "rm" else cfg.model)
     if is_scratch(source):
         from alignkit.models.reward import load_reward_model
         from alignkit.models.value import ValueModel

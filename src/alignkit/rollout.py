@@ -104,7 +104,7 @@ def task_name_for(task: str | None, train_data: Any) -> str:
     for spec in specs:
         if str(spec).startswith("task:"):
             return parse_task_spec(str(spec))[0]
-    raise ConfigError("a gold reward needs a built-in task: set task=sort (or reverse), or train on a task: spec")
+    raise ConfigError("a gold reward needs a built-in task: set reward.task=sort (or reverse), or train on a task: spec")
 
 
 def gold_rewards(task_name: str, prompts: list, responses: list[list[str]]) -> list[list[float]]:
@@ -185,7 +185,7 @@ def rewards_for(
         return gold_rewards(task, prompts, responses)
     if source == "rm":
         if not reward_model:
-            raise ConfigError("reward=rm needs reward_model (a reward model directory)")
+            raise ConfigError("reward=rm needs reward.model (a reward model directory)")
         return reward_model_rewards(accelerator, reward_model, prompts, responses, batch_size, max_length)
     raise ConfigError(f"reward must be one of {', '.join(REWARD_SOURCES)}, got {source!r}")
 

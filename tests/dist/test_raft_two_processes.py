@@ -20,7 +20,7 @@ def test_raft_two_processes_equal_one(pretrained_tiny: Path, tmp_path: Path):
         f"model={pretrained_tiny / 'final'}", "train_data=task:sort/prompts?n=30&seed=2",
         "eval_data=task:sort/prompts_eval?n=6", "reward=gold", "iterations=2", "prompts_per_iteration=8",
         "samples_per_prompt=3", "steps_per_iteration=2", "batch_size=4", "micro_batch_size=1", "lr=1e-3",
-        "warmup_steps=1", "max_new_tokens=10", "max_length=64", "sample_chunk=3", "log_steps=1",
+        "warmup_steps=1", "sampling.max_new_tokens=10", "max_length=64", "sampling.chunk=3", "log_steps=1",
     ]
     s1, s2 = one_and_two_processes("raft", common, tmp_path, one_extra=["micro_batch_size=2"])
 
@@ -39,7 +39,7 @@ def test_raft_two_processes_equal_one(pretrained_tiny: Path, tmp_path: Path):
 def test_best_of_n_two_processes_equal_one(pretrained_tiny: Path, tmp_path: Path):
     common = [
         f"model={pretrained_tiny / 'final'}", "train_data=task:sort/prompts?n=10&seed=3", "eval_data=null",
-        "reward=gold", "n=3", "max_new_tokens=10", "max_length=64", "sample_chunk=3",
+        "reward=gold", "n=3", "sampling.max_new_tokens=10", "max_length=64", "sampling.chunk=3",
     ]
     s1, s2 = one_and_two_processes("best-of-n", common, tmp_path)
     for name in ("samples.jsonl", "best.jsonl"):

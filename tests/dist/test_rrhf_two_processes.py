@@ -18,7 +18,7 @@ def test_rrhf_two_processes_equal_one(pretrained_tiny: Path, tmp_path: Path):
     # against 1 process x 2 micro-batches x 4 lists.
     common = [
         f"model={pretrained_tiny / 'final'}", "train_data=task:sort/ranked?n=80&seed=4", "eval_data=0.2",
-        "reward=gold", "policy_samples=2", "max_new_tokens=12", "sample_chunk=5", "max_length=64",
+        "reward=gold", "policy_samples=2", "sampling.max_new_tokens=12", "sampling.chunk=5", "max_length=64",
         "batch_size=8", "micro_batch_size=2", "lr=1e-3", "max_steps=5", "warmup_steps=1", "log_steps=1",
     ]
     s1, s2 = one_and_two_processes("rrhf", common, tmp_path, one_extra=["micro_batch_size=4"])

@@ -31,7 +31,7 @@ def pipeline_models() -> tuple[Path, Path]:
 
 def ppo_run(tmp_path: Path, *overrides: str) -> dict:
     sft, rm = pipeline_models()
-    return run_stage("ppo", ["--config", str(REPO / "configs/tiny/ppo.yaml"), f"model={sft}", f"reward_model={rm}",
+    return run_stage("ppo", ["--config", str(REPO / "configs/tiny/ppo.yaml"), f"model={sft}", f"reward.model={rm}",
                              f"output_dir={tmp_path / 'run'}", "eval_data=task:sort/prompts_eval?n=200",
                              "eval_steps=5", "max_steps=30", "kl_budget=null", *overrides])
 

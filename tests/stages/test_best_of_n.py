@@ -20,10 +20,10 @@ def read_jsonl(path: Path) -> list[dict]:
 def bon_overrides(model_dir: Path, **extra: object) -> list[str]:
     base = {
         "model": str(model_dir), "train_data": "task:sort/prompts?n=12&seed=3", "eval_data": "null",
-        "n": 4, "reward": "gold", "max_new_tokens": 10, "max_length": 64, "sample_chunk": 5,
+        "n": 4, "reward": "gold", "sampling.max_new_tokens": 10, "max_length": 64, "sampling.chunk": 5,
     }
     base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+    return [f"{k.replace('__', '.')}={v}" for k, v in base.items()]  # sampling__chunk=4: sampling.chunk=4
 
 
 def test_best_is_the_argmax_of_reward_and_best_jsonl_is_sft_data(pretrained_tiny: Path, tmp_path: Path):
@@ -101,9 +101,9 @@ def test_finetune_on_best_writes_final_and_eval_split(pretrained_tiny: Path, tmp
     "extra, message",
     [
         ({"n": 0}, "n (samples per prompt) must be >= 1"),
-        ({"reward": "rm"}, "reward=rm needs reward_model"),
-        ({"reward": "judge"}, "reward must be one of gold, rm"),
-        ({"temperature": -1}, "temperature must be >= 0"),
+        ({"reward": "rm"}, "reward=rm needs reward.model"),
+        ({"reward": "judge"}, "reward.source must be one of rm, gold"),
+        ({"sampling.temperature": -1}, "sampling.temperature must be >= 0"),
     ],
 )
 def test_bad_config_is_a_clear_error(tmp_path: Path, extra: dict, message: str):

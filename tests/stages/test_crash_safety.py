@@ -198,7 +198,7 @@ def _stage_overrides(stage: str, model_dir: Path) -> list[str]:
     if stage == "rm":
         return rm_overrides(model_dir, "task:sort/prefs?n=200&seed=5", batch_size=8, micro_batch_size=4,
                             max_steps=6, log_steps=2, eval_data=0.1)
-    return rrhf_overrides(model_dir, max_steps=6, log_steps=2, reward="gold", policy_samples=1, max_new_tokens=12,
+    return rrhf_overrides(model_dir, max_steps=6, log_steps=2, reward="gold", policy_samples=1, sampling__max_new_tokens=12,
                           train_data="task:sort/ranked?n=60&seed=4")
 
 

@@ -21,7 +21,7 @@ def dpo_overrides(model_dir: str | Path, **extra: object) -> list[str]:
         "warmup_steps": 0, "lr_schedule": "constant", "log_steps": 1, "beta": 0.1,
     }
     base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+    return [f"{k.replace('__', '.')}={v}" for k, v in base.items()]  # sampling__chunk=4: sampling.chunk=4
 
 
 def read_jsonl(path: Path) -> list[dict]:

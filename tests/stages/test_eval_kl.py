@@ -18,7 +18,7 @@ T = 0.7
 def test_baseline_against_itself_is_zero_at_temperature_07(pretrained_tiny: Path, tmp_path: Path):
     out = tmp_path / "eval"
     run_stage("eval", [f"models=[{pretrained_tiny / 'final'}]", "names=[base]", "prompts=task:sort/prompts_eval?n=8",
-                       "n_samples=2", "max_new_tokens=12", f"temperature={T}", "greedy=false", "heldout_text=null",
+                       "n_samples=2", "sampling.max_new_tokens=12", f"sampling.temperature={T}", "greedy=false", "heldout_text=null",
                        "checkpoints=false", f"output_dir={out}"])
     base = json.loads((out / "summary.json").read_text())["models"]["base"]
     # The reference is the baseline: its samples score the same under both sides, whatever the temperature.
@@ -34,7 +34,7 @@ def _tempered_logp(model, prompt_ids: list[int], response_ids: list[int], temper
 
 
 def test_kl_uses_the_temperature_on_both_sides_and_groups_by_prompt(pretrained_tiny: Path):
-    from alignkit.config import EvalConfig
+    from alignkit.config import EvalConfig, EvalSamplingConfig
     from alignkit.data.tasks import load_task_records
     from alignkit.generation import generate
     from alignkit.models.loading import load_causal_lm
@@ -49,7 +49,7 @@ def test_kl_uses_the_temperature_on_both_sides_and_groups_by_prompt(pretrained_t
     policy.eval()
     prompts = [r["prompt"] for r in load_task_records("task:sort/prompts_eval?n=6")[0]]
     k = 3
-    cfg = EvalConfig(models=["x"], n_samples=k, temperature=T, max_length=256)
+    cfg = EvalConfig(models=["x"], n_samples=k, sampling=EvalSamplingConfig(temperature=T), max_length=256)
     flat = [g for per in generate(policy, tok, prompts, n=k, temperature=T, max_new_tokens=10, seed=0) for g in per]
     ctx = Context(cfg, prompts, None, [], (reference, tok), [])
     got = kl_metrics(ctx, policy, tok, flat)

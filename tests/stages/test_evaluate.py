@@ -16,8 +16,8 @@ from alignkit.config import ConfigError
 from tests.helpers import sft_overrides, untrained_rm
 
 # Small enough for seconds: 16 held-out prompts x 2 samples, short responses, 20 held-out texts.
-FAST = ["prompts=task:sort/prompts_eval?n=16", "n_samples=2", "max_new_tokens=16",
-        "heldout_text=task:sort/pretrain?n=20&seed=99", "pairs=task:sort/prefs?n=40&seed=99", "batch_size=32"]
+FAST = ["prompts=task:sort/prompts_eval?n=16", "n_samples=2", "sampling.max_new_tokens=16",
+        "heldout_text=task:sort/pretrain?n=20&seed=99", "pairs=task:sort/prefs?n=40&seed=99", "reward.batch_size=32"]
 METRIC_KEYS = {"gold_reward", "gold_reward_stderr", "greedy_gold_reward", "kl", "kl_stderr", "kl_k3", "length",
                "eos_fraction", "distinct_1", "distinct_2", "heldout_ppl", "heldout_nll", "gold_perfect", "eval_s"}
 
@@ -145,7 +145,7 @@ def test_proxy_rewards_ensemble_and_length_alarm_with_stub_rms(pretrained_tiny: 
     monkeypatch.setattr(evaluate_stage, "check_all", spy)
     out = tmp_path / "eval_rm"
     summary = run_stage("eval", FAST + [f"models=[{pretrained_tiny / 'final'},{sft_run}]", "names=[base,sft]",
-                                        "reward_models=[rm1,rm3]", "checkpoints=false", f"output_dir={out}"])
+                                        "reward.models=[rm1,rm3]", "checkpoints=false", f"output_dir={out}"])
     rows = read_jsonl(out / "samples" / "sft.jsonl")
     words = np.array([len(r["text"].split()) for r in rows])
     sft = summary["models"]["sft"]
@@ -179,7 +179,7 @@ def test_real_reward_model_scores_samples(pretrained_tiny: Path, tmp_path: Path)
         pytest.skip(f"alignkit.models.reward not available yet: {err}")
     rm_dir = untrained_rm(pretrained_tiny / "final", tmp_path / "rm")
     summary = run_stage("eval", FAST + [f"models=[{pretrained_tiny / 'final'}]",
-                                        f"reward_models=[{rm_dir}]", f"output_dir={tmp_path / 'eval'}"])
+                                        f"reward.models=[{rm_dir}]", f"output_dir={tmp_path / 'eval'}"])
     (metrics,) = summary["models"].values()
     assert np.isfinite(metrics["proxy_reward"]) and np.isfinite(metrics["proxy_reward_stderr"])
     (rm_metrics,) = summary["reward_models"].values()
@@ -192,7 +192,7 @@ def test_bad_input_is_a_clear_error(pretrained_tiny: Path, tmp_path: Path):
     with pytest.raises(ConfigError, match="names"):
         run_stage("eval", [f"models=[{pretrained_tiny / 'final'}]", "names=[a,b]", f"output_dir={tmp_path}"])
     with pytest.raises(ConfigError, match="temperature"):
-        run_stage("eval", [f"models=[{pretrained_tiny / 'final'}]", "temperature=0", f"output_dir={tmp_path}"])
+        run_stage("eval", [f"models=[{pretrained_tiny / 'final'}]", "sampling.temperature=0", f"output_dir={tmp_path}"])
     from alignkit.models.loading import ModelError
 
     with pytest.raises(ModelError, match="no/such/model"):

@@ -66,7 +66,7 @@ def test_dynamic_sampling_refills_equal_reward_groups(pretrained_tiny: Path, tmp
     # so dynamic sampling must sample more prompts than one round and count every sampled response.
     out = tmp_path / "dapo"
     summary = run_stage("grpo", grpo_overrides(pretrained_tiny / "final", output_dir=out, dynamic_sampling="true",
-                                               max_refills=2, max_steps=2, max_new_tokens=1, samples_per_prompt=2,
+                                               max_refills=2, max_steps=2, sampling__max_new_tokens=1, samples_per_prompt=2,
                                                mini_batch_size=8, overlong_buffer=0))
     rows = train_rows(out)
     assert all("sampling_rounds" in r and "trained_varied_fraction" in r for r in rows)
@@ -138,7 +138,7 @@ def test_long_prompts_are_cut_from_the_left(pretrained_tiny: Path, tmp_path: Pat
     path.write_text("\n".join(json.dumps({"prompt": long_prompt if i % 2 else [long_prompt[-1]]}) for i in range(8)))
     out = tmp_path / "long"
     summary = run_stage("grpo", grpo_overrides(pretrained_tiny / "final", output_dir=out, train_data=str(path),
-                                               eval_data="null", task="sort", max_length=48, max_steps=1))
+                                               eval_data="null", reward__task="sort", max_length=48, max_steps=1))
     assert summary["truncated_prompts"] == 4 and summary["steps"] == 1
 
 
@@ -152,7 +152,7 @@ def test_critic_free_config_errors(tmp_path: Path):
         (["loss_agg=sum"], "loss_agg"),
         (["ratio_level=word"], "ratio_level"),
         (["kl_in=both"], "kl_in"),
-        (["overlong_buffer=99", "max_new_tokens=8"], "overlong_buffer"),
+        (["overlong_buffer=99", "sampling.max_new_tokens=8"], "overlong_buffer"),
     ]
     for overrides, message in cases:
         with pytest.raises(ConfigError, match=message):

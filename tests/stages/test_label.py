@@ -15,7 +15,7 @@ from alignkit.data.tasks import get_task
 
 def _label(model: Path, out: Path, *extra: str) -> dict:
     return run_stage("label", [f"model={model}", "train_data=task:sort/prompts?n=24&seed=3", f"output_dir={out}",
-                               "n=4", "max_new_tokens=16", "sample_chunk=8", *extra])
+                               "n=4", "sampling.max_new_tokens=16", "sampling.chunk=8", *extra])
 
 
 def _rows(path: Path) -> list[dict]:
@@ -53,7 +53,7 @@ def test_simulated_annotator_is_noisy_and_seeded(pretrained_tiny: Path, tmp_path
 @pytest.mark.parametrize("args, message", [
     (["n=1"], "n must be >= 2"),
     (["annotator=judge"], "annotator must be one of"),
-    (["annotator=rm"], "needs reward_model"),
+    (["annotator=rm"], "needs reward.model"),
 ])
 def test_bad_config(tmp_path: Path, args: list[str], message: str):
     with pytest.raises(ConfigError, match=message):

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
 
 from alignkit.cli import run_stage
 
@@ -15,21 +16,21 @@ QUICK = [
     "pretrain.max_steps=30", "pretrain.train_data=task:sort/pretrain?n=1500", "pretrain.batch_size=16",
     "pretrain.max_length=64", "pretrain.save_steps=0",
     "sft.max_steps=30", "sft.train_data=task:sort/sft?n=600", "sft.batch_size=16", "sft.max_length=64", "sft.save_steps=0",
-    "label.train_data=task:sort/prompts?n=48", "label.max_new_tokens=16",
+    "label.train_data=task:sort/prompts?n=48", "label.sampling.max_new_tokens=16",
     "rm.max_steps=6", "rm.batch_size=8", "rm.save_steps=0",
     "dpo.max_steps=4", "dpo.batch_size=8", "dpo.save_steps=0",
     "rrhf.max_steps=4", "rrhf.train_data=task:sort/ranked?n=100", "rrhf.batch_size=8", "rrhf.save_steps=0",
     "ppo.max_steps=2", "ppo.rollout_batch_size=8", "ppo.samples_per_prompt=1", "ppo.mini_batch_size=8",
     "ppo.micro_batch_size=8", "ppo.eval_data=task:sort/prompts_eval?n=8", "ppo.eval_steps=1", "ppo.save_steps=0",
-    "ppo.max_new_tokens=16",
+    "ppo.sampling.max_new_tokens=16",
     "grpo.max_steps=2", "grpo.rollout_batch_size=4", "grpo.samples_per_prompt=2", "grpo.mini_batch_size=8",
     "grpo.micro_batch_size=8", "grpo.eval_data=task:sort/prompts_eval?n=8", "grpo.eval_steps=1", "grpo.save_steps=0",
-    "grpo.max_new_tokens=16",
+    "grpo.sampling.max_new_tokens=16",
     "raft.iterations=2", "raft.prompts_per_iteration=8", "raft.samples_per_prompt=2", "raft.keep_top_k=1",
-    "raft.batch_size=8", "raft.micro_batch_size=8", "raft.max_new_tokens=16",
-    "best_of_n.train_data=task:sort/prompts_eval?n=16", "best_of_n.n=2", "best_of_n.max_new_tokens=16",
+    "raft.batch_size=8", "raft.micro_batch_size=8", "raft.sampling.max_new_tokens=16",
+    "best_of_n.train_data=task:sort/prompts_eval?n=16", "best_of_n.n=2", "best_of_n.sampling.max_new_tokens=16",
     "eval.n_samples=2", "eval.prompts=task:sort/prompts_eval?n=40", "eval.heldout_text=task:sort/pretrain?n=20&seed=99",
-    "eval.pairs=task:sort/prefs?n=40&seed=99", "eval.max_new_tokens=16",
+    "eval.pairs=task:sort/prefs?n=40&seed=99", "eval.sampling.max_new_tokens=16",
 ]
 
 
@@ -48,7 +49,7 @@ def test_pipeline_runs_every_available_stage_and_reports(tmp_path: Path):
     assert f"model: {out / 'sft' / 'final'}" in rm_cfg and f"train_data: {out / 'label' / 'ranked.jsonl'}" in rm_cfg
     assert f"train_data: {out / 'label' / 'pairs.jsonl'}" in (out / "dpo" / "config.yaml").read_text()
     for stage in ("ppo", "grpo", "raft", "best_of_n"):
-        assert f"reward_model: {out / 'rm' / 'final'}" in (out / stage / "config.yaml").read_text()
+        assert yaml.safe_load((out / stage / "config.yaml").read_text())["reward"]["model"] == str(out / "rm" / "final")
 
     saved = json.loads((out / "report.json").read_text())
     assert set(saved) >= {"stages", "methods", "alarms"}

@@ -19,12 +19,12 @@ def read_jsonl(path: Path) -> list[dict]:
 def ppo_overrides(model_dir: Path, **extra: object) -> list[str]:
     base = {
         "model": str(model_dir), "reward": "gold", "train_data": "task:sort/prompts?n=64&seed=0",
-        "eval_data": "task:sort/prompts_eval?n=8", "max_length": 64, "max_new_tokens": 8, "rollout_batch_size": 4,
+        "eval_data": "task:sort/prompts_eval?n=8", "max_length": 64, "sampling.max_new_tokens": 8, "rollout_batch_size": 4,
         "samples_per_prompt": 2, "mini_batch_size": 4, "micro_batch_size": 2, "ppo_epochs": 2, "lr": 1e-3,
-        "critic_lr": 1e-3, "max_steps": 3, "log_steps": 1, "sample_chunk": 3, "forward_batch_size": 3,
+        "critic_lr": 1e-3, "max_steps": 3, "log_steps": 1, "sampling.chunk": 3, "forward_batch_size": 3,
     }
     base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+    return [f"{k.replace('__', '.')}={v}" for k, v in base.items()]  # sampling__chunk=4: sampling.chunk=4
 
 
 TRAIN_KEYS = ("reward", "gold_reward", "kl", "kl_coef", "entropy", "policy_loss", "value_loss", "clipfrac", "approx_kl",
@@ -78,7 +78,7 @@ def test_reward_model_proxy_and_critic_from_it(pretrained_tiny: Path, tmp_path: 
     rm_tok.save_pretrained(rm_dir)
     out = tmp_path / "run"
     summary = run_stage("ppo", ppo_overrides(pretrained_tiny / "final", output_dir=out, reward="rm",
-                                             reward_model=rm_dir, max_steps=1))
+                                             reward__model=rm_dir, max_steps=1))
     assert summary["critic_init"] == str(rm_dir)
     # The critic's saved head is the RM's head after one update: close to it, not equal.
     from safetensors.torch import load_file
@@ -141,12 +141,12 @@ def test_config_errors_before_any_work(tmp_path: Path):
     from alignkit.config import ConfigError
 
     cases = [
-        (["reward=rm"], "reward_model"),
-        (["reward=gold", f"train_data={tmp_path / 'prompts.jsonl'}"], "task=sort"),
+        (["reward=rm"], "reward.model"),
+        (["reward=gold", f"train_data={tmp_path / 'prompts.jsonl'}"], "reward.task=sort"),
         (["reward=best"], "rm, gold"),
         (["reward=gold", "kl_estimator=k9"], "kl_estimator"),
         (["reward=gold", "reward_norm=whiten"], "reward_norm"),
-        (["reward=gold", "temperature=0"], "temperature"),
+        (["reward=gold", "sampling.temperature=0"], "temperature"),
         (["reward=gold", "rollout_batch_size=6", "samples_per_prompt=1", "mini_batch_size=4"], "must divide"),
     ]
     for overrides, message in cases:
@@ -154,7 +154,7 @@ def test_config_errors_before_any_work(tmp_path: Path):
             run_stage("ppo", [f"output_dir={tmp_path / 'o'}", *overrides])
     assert not (tmp_path / "o").exists()  # nothing was started
     res = run_cli(["ppo", f"output_dir={tmp_path / 'o'}", "reward=rm"])
-    assert res.returncode == 2 and "reward_model" in res.stderr and "Traceback" not in res.stderr
+    assert res.returncode == 2 and "reward.model" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_bad_inputs_get_clear_errors(pretrained_tiny: Path, tmp_path: Path):
@@ -170,4 +170,4 @@ def test_bad_inputs_get_clear_errors(pretrained_tiny: Path, tmp_path: Path):
                                        train_data="task:sort/prompts?n=3&seed=0"))
     with pytest.raises(ModelError, match="no_such_rm"):
         run_stage("ppo", ppo_overrides(pretrained_tiny / "final", output_dir=tmp_path / "b", reward="rm",
-                                       reward_model=tmp_path / "no_such_rm"))
+                                       reward__model=tmp_path / "no_such_rm"))

@@ -23,10 +23,10 @@ def raft_overrides(model_dir: Path, **extra: object) -> list[str]:
         "model": str(model_dir), "train_data": "task:sort/prompts?n=40&seed=2", "eval_data": "null",
         "reward": "gold", "iterations": 2, "prompts_per_iteration": 8, "samples_per_prompt": 4,
         "steps_per_iteration": 2, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-3, "warmup_steps": 1,
-        "max_new_tokens": 10, "max_length": 64, "sample_chunk": 4, "log_steps": 1,
+        "sampling.max_new_tokens": 10, "max_length": 64, "sampling.chunk": 4, "log_steps": 1,
     }
     base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+    return [f"{k.replace('__', '.')}={v}" for k, v in base.items()]  # sampling__chunk=4: sampling.chunk=4
 
 
 def iteration_lines(out: Path) -> list[dict]:
@@ -102,7 +102,7 @@ def mean_nll(model_dir: Path, pairs: list[tuple[list, str]]) -> float:
 def test_fine_tuning_moves_the_policy_toward_the_kept_responses(pretrained_tiny: Path, tmp_path: Path):
     # RAFT's mechanism: after fine-tuning, the kept (top-reward) responses gained likelihood, and gained more
     # of it than the responses the filter dropped for the same prompts. (Whether that raises gold reward
-    # depends on the model and the reward: see configs/tiny/raft.yaml for measurements.) Measured (seeds 0, 1):
+    # depends on the model and the reward: see docs/configs.md for measurements.) Measured (seeds 0, 1):
     # kept +0.60 / +0.58 nats per token, dropped +0.25 / +0.16.
     out = tmp_path / "run"
     run_stage("raft", raft_overrides(pretrained_tiny / "final", output_dir=out, iterations=1, steps_per_iteration=6))
@@ -141,7 +141,7 @@ def test_resume_after_kill_equals_uninterrupted(pretrained_tiny: Path, tmp_path:
     "extra, message",
     [
         ({"samples_per_prompt": 0}, "samples_per_prompt (samples per prompt) must be >= 1"),
-        ({"reward": "rm"}, "reward=rm needs reward_model"),
+        ({"reward": "rm"}, "reward=rm needs reward.model"),
         ({"keep": "best"}, "keep must be one of per_prompt, global"),
         ({"keep_top_k": 5}, "keep_top_k must be in [1, samples_per_prompt=4]"),
         ({"batch_size": 16}, "each iteration keeps 8 responses, fewer than batch_size=16"),

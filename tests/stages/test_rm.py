@@ -19,7 +19,7 @@ def rm_overrides(model_dir: Path, train_data: str, **extra: object) -> list[str]
     base = {"model": str(model_dir), "train_data": train_data, "eval_data": 0.2, "max_length": 64,
             "batch_size": 16, "micro_batch_size": 16, "lr": 2e-3, "max_steps": 16, "warmup_steps": 3, "log_steps": 4}
     base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+    return [f"{k.replace('__', '.')}={v}" for k, v in base.items()]  # sampling__chunk=4: sampling.chunk=4
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:

@@ -24,7 +24,7 @@ def rrhf_overrides(model_dir: Path, **extra: object) -> list[str]:
         "warmup_steps": 1, "log_steps": 1, "reward": "given",
     }
     base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+    return [f"{k.replace('__', '.')}={v}" for k, v in base.items()]  # sampling__chunk=4: sampling.chunk=4
 
 
 def ragged_file(path: Path, n: int) -> Path:
@@ -118,7 +118,7 @@ def test_gold_rewards_and_policy_samples(pretrained_tiny: Path, tmp_path: Path):
     out = tmp_path / "run"
     summary = run_stage("rrhf", rrhf_overrides(
         pretrained_tiny / "final", output_dir=out, train_data="task:sort/ranked?n=30&seed=4", eval_data=0.2,
-        reward="gold", policy_samples=3, sample_chunk=7, max_new_tokens=12, max_steps=1,
+        reward="gold", policy_samples=3, sampling__chunk=7, sampling__max_new_tokens=12, max_steps=1,
     ))
     task = get_task("sort")
     records, _ = load_task_records("task:sort/ranked?n=30&seed=4")
@@ -153,7 +153,7 @@ def test_reward_model_scores_the_responses(pretrained_tiny: Path, tmp_path: Path
     rm_dir = untrained_rm(pretrained_tiny / "final", tmp_path / "rm")
     run_stage("rrhf", rrhf_overrides(
         pretrained_tiny / "final", output_dir=out, train_data="task:sort/ranked?n=20&seed=4", eval_data="null",
-        reward="rm", reward_model=rm_dir, policy_samples=1, max_steps=1,
+        reward="rm", reward__model=rm_dir, policy_samples=1, max_steps=1,
     ))
     rm, rm_tok = load_reward_model(str(rm_dir))
     lists = read_jsonl(out / "lists.jsonl")
@@ -169,7 +169,7 @@ def test_resume_after_kill_equals_uninterrupted(pretrained_tiny: Path, tmp_path:
     # With policy samples: the resumed run must sample the same responses from the starting policy.
     common = rrhf_overrides(
         pretrained_tiny / "final", max_steps=8, save_steps=3, log_steps=2, reward="gold", policy_samples=1,
-        max_new_tokens=12, train_data="task:sort/ranked?n=60&seed=4",
+        sampling__max_new_tokens=12, train_data="task:sort/ranked?n=60&seed=4",
     )
     full = run_cli(["rrhf", *common, f"output_dir={tmp_path / 'full'}"])
     assert full.returncode == 0, full.stderr[-3000:]
@@ -212,8 +212,8 @@ def test_config_errors_before_any_work(tmp_path: Path):
 
     cases = [
         (["reward=given", "policy_samples=2"], "policy_samples"),
-        (["reward=rm"], "reward_model"),
-        (["reward=gold", f"train_data={tmp_path / 'x.jsonl'}"], "task=sort"),
+        (["reward=rm"], "reward.model"),
+        (["reward=gold", f"train_data={tmp_path / 'x.jsonl'}"], "reward.task=sort"),
         (["reward=best"], "given, gold, rm"),
         (["rank_weight=0", "sft_weight=0"], "not both 0"),
     ]

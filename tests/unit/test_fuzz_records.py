@@ -464,7 +464,7 @@ def test_each_kind_through_a_stage_fails_in_one_line(tmp_path, capsys, stage, ro
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
         main([stage, f"train_data={bad}", f"output_dir={out}", "max_steps=1", "eval_data=null",
-              *(["reward=gold", "task=sort"] if stage == "ppo" else [])])
+              *(["reward=gold", "reward.task=sort"] if stage == "ppo" else [])])
     assert exit_info.value.code != 0
     err_lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err_lines) == 1 and f"{bad}:1" in err_lines[0] and "DataError" in err_lines[0], err_lines

@@ -39,7 +39,7 @@ def hint(cls: type, key: str) -> str:
         (C.SFTConfig, "max_seq_length", "max_length"),
         (C.SFTConfig, "lora_rank", "lora.r"),
         (C.PPOConfig, "eps_clip", "clip_eps"),
-        (C.PPOConfig, "generate_max_len", "max_new_tokens"),
+        (C.PPOConfig, "generate_max_len", "sampling.max_new_tokens"),
         (C.DPOConfig, "pref_beta", "beta"),
         # cut short or misspelt peer names
         (C.SFTConfig, "learnig_rate", "lr"),

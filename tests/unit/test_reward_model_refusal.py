@@ -73,7 +73,7 @@ def test_starting_a_reward_model_from_a_causal_lm_still_works_and_its_save_loads
     assert again.score.weight.tolist() == rm.score.weight.tolist()
 
 
-TINY_RUN = {"max_length": 64, "max_new_tokens": 8, "sample_chunk": 4}
+TINY_RUN = {"max_length": 64, "sampling.max_new_tokens": 8, "sampling.chunk": 4}
 STAGES = {
     "best-of-n": {"train_data": "task:sort/prompts?n=4&seed=3", "eval_data": "null", "n": 2, "reward": "rm"},
     "ppo": {"train_data": "task:sort/prompts?n=8&seed=0", "eval_data": "null", "reward": "rm", "max_steps": 1,
@@ -84,7 +84,7 @@ STAGES = {
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_stages_refuse_a_causal_lm_as_reward_model(stage: str, causal_lm_dir: Path, tmp_path: Path):
-    args = {"model": causal_lm_dir, **TINY_RUN, **STAGES[stage], "reward_model": causal_lm_dir,
+    args = {"model": causal_lm_dir, **TINY_RUN, **STAGES[stage], "reward.model": causal_lm_dir,
             "output_dir": tmp_path / "run"}
     with pytest.raises(ModelError, match=refusal(causal_lm_dir)):
         run_stage(stage, [f"{k}={v}" for k, v in args.items()])
@@ -93,8 +93,8 @@ def test_stages_refuse_a_causal_lm_as_reward_model(stage: str, causal_lm_dir: Pa
 
 def test_eval_refuses_a_causal_lm_as_reward_model(causal_lm_dir: Path, tmp_path: Path):
     with pytest.raises(ModelError, match=refusal(causal_lm_dir)):
-        run_stage("eval", [f"models=[{causal_lm_dir}]", f"reward_models=[{causal_lm_dir}]",
-                           "prompts=task:sort/prompts_eval?n=2", "n_samples=1", "max_new_tokens=4",
+        run_stage("eval", [f"models=[{causal_lm_dir}]", f"reward.models=[{causal_lm_dir}]",
+                           "prompts=task:sort/prompts_eval?n=2", "n_samples=1", "sampling.max_new_tokens=4",
                            f"output_dir={tmp_path / 'run'}"])
     assert not (tmp_path / "run" / "summary.json").exists()
 

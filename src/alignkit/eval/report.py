@@ -48,7 +48,7 @@ def evaluate_and_report(cfg: Any, done: dict[str, Path], stage_summaries: dict, 
     if "sft" in policies:
         args += ["baseline=sft", "reference=sft"]
     if "rm" in done:
-        args.append(f"reward_models={json.dumps([str(done['rm'] / 'final')])}")
+        args.append(f"reward.models={json.dumps([str(done['rm'] / 'final')])}")
     eval_summary_path = out / "eval" / "summary.json"
     config_file = Path(cfg.config_dir) / "eval.yaml"
     if not eval_summary_path.exists():

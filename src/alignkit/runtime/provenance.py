@@ -17,8 +17,8 @@ from typing import Any
 
 PACKAGES = ("alignkit", "torch", "transformers", "accelerate", "peft", "datasets", "tokenizers", "safetensors")
 # config fields naming inputs (those a stage does not have are skipped)
-INPUT_FIELDS = ("model", "tokenizer", "train_data", "eval_data", "reward_model", "critic_model", "ref_model",
-                "reference", "reward_models", "models")
+INPUT_FIELDS = ("model", "tokenizer", "train_data", "eval_data", "reward.model", "critic_model", "ref_model",
+                "reference", "reward.models", "models")
 SKIPPED_DIRS = {"checkpoints", "tb", "__pycache__"}
 _CHUNK = 1 << 20
 
@@ -81,10 +81,17 @@ def describe_input(value: Any) -> Any:
     return value
 
 
+def _field(cfg: Any, dotted: str) -> Any:
+    """cfg's value at a dotted key ('reward.model'), None where the stage has no such key."""
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part, None)
+    return cfg
+
+
 def run_provenance(cfg: Any, num_processes: int, device_type: str) -> dict[str, Any]:
     """The provenance block of one run of `cfg` (a stage config dataclass)."""
-    inputs = {name: describe_input(getattr(cfg, name)) for name in INPUT_FIELDS
-              if getattr(cfg, name, None) not in (None, "", [])}
+    inputs = {name: describe_input(_field(cfg, name)) for name in INPUT_FIELDS
+              if _field(cfg, name) not in (None, "", [])}
     return {"versions": package_versions(), "git": git_state(), "num_processes": num_processes,
             "mixed_precision": getattr(cfg, "mixed_precision", None), "device": device_type,
             "seed": getattr(cfg, "seed", None), "inputs": inputs}

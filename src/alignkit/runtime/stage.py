@@ -211,6 +211,8 @@ def load_policy(accelerator: Accelerator, cfg: Any, train_records: list[dict]):
         vocab_size=cfg.vocab_size,
         seed=cfg.seed,
     )
+    if not hasattr(cfg, "lora"):  # a stage that trains nothing (label): the model as it is
+        return model, tokenizer
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     lora = cfg.lora

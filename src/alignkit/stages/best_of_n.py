@@ -30,11 +30,11 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from alignkit.config import BestOfNConfig, ConfigError
+from alignkit.config import BestOfNConfig, ConfigError, check_groups
 from alignkit.data.chat import tokenize_prompt_completion
 from alignkit.data.records import DataError
 from alignkit.eval import metrics as M
-from alignkit.rollout import REWARD_SOURCES, load_scorer, rewards_for, sample_generations, score_with, task_name_for
+from alignkit.rollout import load_scorer, rewards_for, sample_generations, score_with, task_name_for
 from alignkit.runtime.stage import finish_run, load_policy, load_train_eval, start_run
 
 TRAIN_SPLIT, EVAL_SPLIT = 0, 1  # sampling seeds of train_data and eval_data prompts
@@ -44,22 +44,15 @@ def check_sampling_config(cfg: Any, n: int, n_key: str = "n") -> None:
     """Errors shared by best-of-n and RAFT that would otherwise surface after minutes of sampling."""
     if n < 1:
         raise ConfigError(f"{n_key} (samples per prompt) must be >= 1, got {n}")
-    if cfg.temperature < 0:
-        raise ConfigError(f"temperature must be >= 0, got {cfg.temperature}")
-    if cfg.max_new_tokens < 1 or cfg.sample_chunk < 1 or cfg.reward_batch_size < 1:
-        raise ConfigError("max_new_tokens, sample_chunk and reward_batch_size must be >= 1")
-    if cfg.reward not in REWARD_SOURCES:
-        raise ConfigError(f"reward must be one of {', '.join(REWARD_SOURCES)}, got {cfg.reward!r}")
-    if cfg.reward == "rm" and not cfg.reward_model:
-        raise ConfigError("reward=rm needs reward_model (a reward model directory)")
-    if cfg.reward == "gold":
-        task_name_for(cfg.task, cfg.train_data)  # raises a ConfigError naming the fix
+    check_groups(cfg)
+    if cfg.reward.source == "gold":
+        task_name_for(cfg.reward.task, cfg.train_data)  # raises a ConfigError naming the fix
 
 
 def gold_task(cfg: Any) -> str | None:
     """The built-in task whose gold reward can score responses, or None (no gold metrics)."""
     try:
-        return task_name_for(cfg.task, cfg.train_data)
+        return task_name_for(cfg.reward.task, cfg.train_data)
     except ConfigError:
         return None
 
@@ -77,9 +70,9 @@ def sample_candidates(
 
     cfg gives max_new_tokens, sample_chunk, max_length (a longer prompt keeps its last max_length -
     max_new_tokens tokens) and (unless `temperature` is given) the temperature."""
-    temperature = cfg.temperature if temperature is None else temperature
-    per_prompt = sample_generations(accelerator, model, tokenizer, prompts, n, temperature, cfg.max_new_tokens,
-                                    cfg.sample_chunk, seed, split, max(1, cfg.max_length - cfg.max_new_tokens))
+    temperature = cfg.sampling.temperature if temperature is None else temperature
+    per_prompt = sample_generations(accelerator, model, tokenizer, prompts, n, temperature, cfg.sampling.max_new_tokens,
+                                    cfg.sampling.chunk, seed, split, max(1, cfg.max_length - cfg.sampling.max_new_tokens))
     return [[{"text": g.text, "length": len(g.response_ids), "finished": g.finished} for g in gens] for gens in per_prompt]
 
 
@@ -89,14 +82,14 @@ class Scorer:
     def __init__(self, accelerator: Accelerator, cfg: Any):
         self.accelerator, self.cfg = accelerator, cfg
         self.task = gold_task(cfg)
-        self.rm = load_scorer(accelerator, cfg.reward_model) if cfg.reward == "rm" else None
+        self.rm = load_scorer(accelerator, cfg.reward.model) if cfg.reward.source == "rm" else None
 
     def __call__(self, prompts: list, candidates: list[list[dict]]) -> None:
         """Set "reward" (the proxy that selects) and "gold" (when a task exists) on every candidate."""
         texts = [[c["text"] for c in per] for per in candidates]
         gold = rewards_for(self.accelerator, "gold", prompts, texts, self.task) if self.task else None
         if self.rm is not None:
-            proxy = score_with(self.accelerator, *self.rm, prompts, texts, self.cfg.reward_batch_size, self.cfg.max_length)
+            proxy = score_with(self.accelerator, *self.rm, prompts, texts, self.cfg.reward.batch_size, self.cfg.max_length)
         else:
             proxy = gold
         for i, per in enumerate(candidates):
@@ -208,7 +201,7 @@ def run(cfg: BestOfNConfig) -> dict[str, Any]:
     scorer = Scorer(accelerator, cfg)
     if accelerator.is_main_process:
         print(f"best-of-n: {cfg.n} samples for each of {len(train_records)} prompts (+{len(eval_records)} eval), "
-              f"reward={cfg.reward}", file=sys.stderr, flush=True)
+              f"reward={cfg.reward.source}", file=sys.stderr, flush=True)
     splits = {"train": (train_records, *best_of(accelerator, cfg, model, tokenizer, scorer, train_records, TRAIN_SPLIT))}
     if eval_records:
         splits["eval"] = (eval_records, *best_of(accelerator, cfg, model, tokenizer, scorer, eval_records, EVAL_SPLIT))
@@ -216,7 +209,7 @@ def run(cfg: BestOfNConfig) -> dict[str, Any]:
     if accelerator.is_main_process:
         write_outputs(Path(cfg.output_dir), cfg.n, splits)
 
-    summary: dict[str, Any] = {"n": cfg.n, "kl_upper_bound": kl_upper_bound(cfg.n), "reward": cfg.reward,
+    summary: dict[str, Any] = {"n": cfg.n, "kl_upper_bound": kl_upper_bound(cfg.n), "reward": cfg.reward.source,
                                "task": scorer.task}
     summary.update(selection_stats(*splits["train"][1:]))
     if "eval" in splits:

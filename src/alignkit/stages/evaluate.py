@@ -24,7 +24,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from alignkit.config import ConfigError, EvalConfig, save_config
+from alignkit.config import ConfigError, EvalConfig, check_groups, save_config
 from alignkit.eval import metrics as M
 from alignkit.eval.alarms import AlarmConfig, check_all
 from alignkit.eval.plots import print_table, safe_name
@@ -263,7 +263,7 @@ def reward_metrics(ctx: Context, flat_prompts: list, texts: list[str], k: int) -
     if ctx.reward_models:
         from alignkit.models.reward import score_texts
 
-        per_rm = np.stack([_grouped(score_texts(rm, tok, flat_prompts, texts, cfg.batch_size, cfg.max_length), k)
+        per_rm = np.stack([_grouped(score_texts(rm, tok, flat_prompts, texts, cfg.reward.batch_size, cfg.max_length), k)
                            for _, rm, tok in ctx.reward_models])  # [M, P, K]
         scores["proxy"] = per_rm.mean(axis=0)
         _with_stderr(out, "proxy_reward", M.grouped_mean_and_stderr(scores["proxy"]))
@@ -289,8 +289,8 @@ def kl_metrics(ctx: Context, model, tokenizer, generations: list) -> dict:
         return {}
     examples = response_examples(generations, ctx.cfg.max_length)
     pad, rows, budget, k = tokenizer.pad_token_id, SCORE_ROW_TOKENS, ctx.cfg.score_tokens, ctx.cfg.n_samples
-    pol = token_logps(model, examples, pad, rows, budget, ctx.cfg.temperature)
-    ref = token_logps(ref_model, examples, pad, rows, budget, ctx.cfg.temperature)
+    pol = token_logps(model, examples, pad, rows, budget, ctx.cfg.sampling.temperature)
+    ref = token_logps(ref_model, examples, pad, rows, budget, ctx.cfg.sampling.temperature)
     out: dict[str, float] = {}
     _with_stderr(out, "kl", M.kl_from_samples(_grouped([p.sum().item() for p in pol], k),
                                               _grouped([r.sum().item() for r in ref], k)))
@@ -303,15 +303,15 @@ def evaluate_policy(model, tokenizer, ctx: Context) -> tuple[dict, dict[str, Any
     from alignkit.generation import generate
 
     cfg, k = ctx.cfg, ctx.cfg.n_samples
-    sampled = generate(model, tokenizer, ctx.prompts, n=k, temperature=cfg.temperature, top_p=cfg.top_p,
-                       max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed)
+    sampled = generate(model, tokenizer, ctx.prompts, n=k, temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
+                       max_new_tokens=cfg.sampling.max_new_tokens, batch_size=cfg.sampling.chunk * k, seed=cfg.seed)
     flat = [g for per_prompt in sampled for g in per_prompt]
     flat_prompts = [p for p in ctx.prompts for _ in range(k)]
     texts = [g.text for g in flat]
     out, scores = reward_metrics(ctx, flat_prompts, texts, k)
     if cfg.greedy and ctx.task is not None:
         greedy = [g[0].text for g in generate(model, tokenizer, ctx.prompts, n=1, do_sample=False,
-                                                max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)]
+                                                max_new_tokens=cfg.sampling.max_new_tokens, batch_size=cfg.sampling.chunk * k)]
         _with_stderr(out, "greedy_gold_reward", M.mean_and_stderr(ctx.task.gold_rewards(ctx.prompts, greedy)))
     out.update(kl_metrics(ctx, model, tokenizer, flat))
     for key, name in (("gold", "win_rate_gold"), ("proxy", "win_rate_rm")):
@@ -343,7 +343,7 @@ def rm_pair_metrics(ctx: Context, pairs: list[dict]) -> dict[str, dict]:
     meta = [p.get("meta") or {} for p in pairs]
     gold_margins = [m.get("gold_chosen", np.nan) - m.get("gold_rejected", np.nan) for m in meta]
     for name, rm, tok in ctx.reward_models:
-        chosen, rejected = (score_texts(rm, tok, prompts, [p[side] for p in pairs], cfg.batch_size, cfg.max_length)
+        chosen, rejected = (score_texts(rm, tok, prompts, [p[side] for p in pairs], cfg.reward.batch_size, cfg.max_length)
                             for side in ("chosen", "rejected"))
         acc = {"n_pairs": len(pairs)}
         _with_stderr(acc, "accuracy", M.rm_accuracy(chosen, rejected))
@@ -360,10 +360,11 @@ def rm_pair_metrics(ctx: Context, pairs: list[dict]) -> dict[str, dict]:
 def check_config(cfg: EvalConfig) -> None:
     if not cfg.models:
         raise ConfigError("models: give at least one model dir, run dir or model id")
-    if cfg.n_samples < 1 or cfg.max_new_tokens < 1 or cfg.batch_size < 1 or cfg.score_tokens < 1:
-        raise ConfigError("n_samples, max_new_tokens, batch_size and score_tokens must be positive")
-    if cfg.temperature <= 0:
-        raise ConfigError("temperature must be > 0 (greedy decoding is greedy=true)")
+    check_groups(cfg)
+    if cfg.n_samples < 1 or cfg.score_tokens < 1:
+        raise ConfigError("n_samples and score_tokens must be positive")
+    if cfg.sampling.temperature <= 0:
+        raise ConfigError("sampling.temperature must be > 0 (greedy decoding is greedy=true)")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device: {cfg.device!r} is not one of auto, cpu, cuda")
 
@@ -371,11 +372,11 @@ def check_config(cfg: EvalConfig) -> None:
 def _task(cfg: EvalConfig):
     from alignkit.data.tasks import get_task, parse_task_spec
 
-    if cfg.task in (None, "none", "null"):
+    if cfg.reward.task in (None, "none", "null"):
         return None
-    if cfg.task == "auto":
+    if cfg.reward.task == "auto":
         return get_task(parse_task_spec(cfg.prompts)[0]) if cfg.prompts.startswith("task:") else None
-    return get_task(cfg.task)
+    return get_task(cfg.reward.task)
 
 
 def rm_label(path: str, taken: list[str]) -> str:
@@ -392,7 +393,7 @@ def build_context(cfg: EvalConfig, reference: Target, device: torch.device) -> t
     prompts = [r["prompt"] for r in records][: cfg.max_prompts or None]
     heldout = [r["text"] for r in load_records(cfg.heldout_text, "text")[0]] if cfg.heldout_text else []
     rms = []
-    for path in cfg.reward_models:
+    for path in cfg.reward.models:
         from alignkit.models.reward import load_reward_model
 
         rm, tok = load_reward_model(path, seed=cfg.seed)

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from alignkit.config import ConfigError, LabelConfig
+from alignkit.config import ConfigError, LabelConfig, check_groups
 from alignkit.data.records import DataError
 from alignkit.rollout import rewards_for, sample_texts, task_name_for
 from alignkit.runtime.stage import finish_run, load_policy, load_train_eval, start_run
@@ -32,19 +32,20 @@ ANNOTATORS = ("task", "gold", "rm")
 
 def check_config(cfg: LabelConfig) -> str | None:
     """Errors before any model loads; returns the task name (None when there is no task and none is needed)."""
+    check_groups(cfg)
     if cfg.annotator not in ANNOTATORS:
         raise ConfigError(f"annotator must be one of {', '.join(ANNOTATORS)}, got {cfg.annotator!r}")
     if cfg.n < 2:
         raise ConfigError(f"n must be >= 2 responses per prompt to rank, got {cfg.n}")
-    if cfg.annotator == "rm" and not cfg.reward_model:
-        raise ConfigError("annotator=rm needs reward_model (the judging reward model)")
-    if cfg.noise < 0 or cfg.temperature < 0:
-        raise ConfigError("noise and temperature must be >= 0")
+    if cfg.annotator == "rm" and not cfg.reward.model:
+        raise ConfigError("annotator=rm needs reward.model (the judging reward model)")
+    if cfg.noise < 0:
+        raise ConfigError(f"noise must be >= 0, got {cfg.noise}")
     try:
-        return task_name_for(cfg.task, cfg.train_data)
+        return task_name_for(cfg.reward.task, cfg.train_data)
     except ConfigError:
         if cfg.annotator in ("task", "gold"):
-            raise ConfigError(f"annotator={cfg.annotator} needs a built-in task: set task=sort, or label task: prompts") from None
+            raise ConfigError(f"annotator={cfg.annotator} needs a built-in task: set reward.task=sort, or label task: prompts") from None
         return None
 
 
@@ -55,7 +56,7 @@ def annotate(cfg: LabelConfig, accelerator, task: str | None, prompts: list, tex
     if cfg.annotator == "gold":
         return golds, golds
     if cfg.annotator == "rm":
-        return rewards_for(accelerator, "rm", prompts, texts, None, cfg.reward_model, cfg.reward_batch_size, cfg.max_length), golds
+        return rewards_for(accelerator, "rm", prompts, texts, None, cfg.reward.model, cfg.reward.batch_size, cfg.max_length), golds
     from alignkit.data.tasks import annotator_utility
 
     scores = []
@@ -78,8 +79,8 @@ def unique_responses(texts: list[str]) -> list[int]:
 def label_split(cfg: LabelConfig, accelerator, model, tokenizer, task: str | None, records: list[dict], split: int) -> tuple[list, list, dict]:
     """(ranked records, pair records, counts) for one split's prompts."""
     prompts = [r["prompt"] for r in records]
-    texts = sample_texts(accelerator, model, tokenizer, prompts, cfg.n, cfg.temperature, cfg.max_new_tokens,
-                         cfg.sample_chunk, cfg.seed, split, max(1, cfg.max_length - cfg.max_new_tokens))
+    texts = sample_texts(accelerator, model, tokenizer, prompts, cfg.n, cfg.sampling.temperature, cfg.sampling.max_new_tokens,
+                         cfg.sampling.chunk, cfg.seed, split, max(1, cfg.max_length - cfg.sampling.max_new_tokens))
     scores, golds = annotate(cfg, accelerator, task, prompts, texts, split)
     ranked, pairs, counts = [], [], {"samples": 0, "dropped_responses": 0, "dropped_prompts": 0, "label_agrees_with_gold": 0, "gold_pairs": 0}
     for i, prompt in enumerate(prompts):

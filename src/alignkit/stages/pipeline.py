@@ -29,11 +29,11 @@ WIRING: dict[str, dict[str, str]] = {
     "label": {"model": "sft/final"},
     "rm": {"model": "sft/final", "train_data": "label/ranked.jsonl"},
     "dpo": {"model": "sft/final", "train_data": "label/pairs.jsonl"},
-    "rrhf": {"model": "sft/final", "train_data": "label/ranked.jsonl", "reward_model": "rm/final"},
-    "ppo": {"model": "sft/final", "reward_model": "rm/final"},
-    "grpo": {"model": "sft/final", "reward_model": "rm/final"},
-    "raft": {"model": "sft/final", "reward_model": "rm/final"},
-    "best_of_n": {"model": "sft/final", "reward_model": "rm/final"},
+    "rrhf": {"model": "sft/final", "train_data": "label/ranked.jsonl", "reward.model": "rm/final"},
+    "ppo": {"model": "sft/final", "reward.model": "rm/final"},
+    "grpo": {"model": "sft/final", "reward.model": "rm/final"},
+    "raft": {"model": "sft/final", "reward.model": "rm/final"},
+    "best_of_n": {"model": "sft/final", "reward.model": "rm/final"},
 }
 # Stages whose final/ is a policy to evaluate, under the method name the report uses.
 POLICY_METHODS = {"pretrain": "base", "sft": "sft", "dpo": "dpo", "rrhf": "rrhf", "ppo": "ppo", "grpo": "grpo", "raft": "raft", "best_of_n": "best_of_n"}

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from alignkit.config import ConfigError, PPOConfig
+from alignkit.config import ConfigError, PPOConfig, check_groups
 from alignkit.data.chat import render_prompt
 from alignkit.data.records import DataError
 from alignkit.eval.alarms import AlarmWatch
@@ -61,20 +61,18 @@ from alignkit.runtime.train_loop import KILL_ENV, save_final
 
 def check_config(cfg: PPOConfig) -> None:
     """Config errors that would otherwise surface after minutes of loading and sampling."""
-    choices = {"reward": ("rm", "gold"), "kl_estimator": KL_KINDS, "reward_norm": ("none", "batch", "running"),
+    check_groups(cfg)
+    choices = {"kl_estimator": KL_KINDS, "reward_norm": ("none", "batch", "running"),
                "advantage": ADVANTAGE_ESTIMATORS, "loss_agg": LOSS_AGGREGATIONS, "ratio_level": RATIO_LEVELS,
                "kl_in": ("reward", "loss")}
     for key, valid in choices.items():
         if getattr(cfg, key) not in valid:
             raise ConfigError(f"{key} must be one of {', '.join(valid)}, got {getattr(cfg, key)!r}")
-    if cfg.reward == "rm" and not cfg.reward_model:
-        raise ConfigError("reward=rm needs reward_model (an alignkit rm run's final/); or use reward=gold with a task")
-    if cfg.reward == "gold":
-        task_name_for(cfg.task, cfg.train_data)
-    if cfg.temperature <= 0:
-        raise ConfigError("temperature must be > 0: PPO learns from sampled responses")
-    positive = ("rollout_batch_size", "samples_per_prompt", "ppo_epochs", "max_new_tokens", "sample_chunk",
-                "forward_batch_size", "reward_batch_size", "eval_samples_per_prompt")
+    if cfg.reward.source == "gold":
+        task_name_for(cfg.reward.task, cfg.train_data)
+    if cfg.sampling.temperature <= 0:
+        raise ConfigError("sampling.temperature must be > 0: PPO learns from sampled responses")
+    positive = ("rollout_batch_size", "samples_per_prompt", "ppo_epochs", "forward_batch_size", "eval_samples_per_prompt")
     for key in positive:
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
@@ -84,8 +82,9 @@ def check_config(cfg: PPOConfig) -> None:
     if cfg.dynamic_sampling and cfg.advantage not in GROUP_ESTIMATORS:
         raise ConfigError("dynamic_sampling drops groups of equal rewards: it needs a group estimator "
                           f"(advantage={'|'.join(GROUP_ESTIMATORS)})")
-    if cfg.overlong_buffer < 0 or cfg.overlong_buffer > cfg.max_new_tokens:
-        raise ConfigError(f"overlong_buffer must be in [0, max_new_tokens={cfg.max_new_tokens}], got {cfg.overlong_buffer}")
+    if cfg.overlong_buffer < 0 or cfg.overlong_buffer > cfg.sampling.max_new_tokens:
+        raise ConfigError(f"overlong_buffer must be in [0, sampling.max_new_tokens={cfg.sampling.max_new_tokens}], "
+                          f"got {cfg.overlong_buffer}")
     n = cfg.rollout_batch_size * cfg.samples_per_prompt
     mini = cfg.mini_batch_size or n
     if mini < 1 or n % mini:
@@ -96,7 +95,7 @@ def check_config(cfg: PPOConfig) -> None:
 def gold_task(cfg: PPOConfig) -> str | None:
     """The task whose gold reward is optimised (reward=gold) or logged; None when the prompts have none."""
     try:
-        return task_name_for(cfg.task, cfg.train_data)
+        return task_name_for(cfg.reward.task, cfg.train_data)
     except ConfigError:
         return None
 
@@ -104,7 +103,7 @@ def gold_task(cfg: PPOConfig) -> str | None:
 def prompt_room(cfg: PPOConfig) -> int:
     """Prompt tokens that fit: a longer prompt keeps its last prompt_room tokens (the end of the conversation),
     so the response (max_new_tokens, end-of-turn included) always fits in max_length."""
-    return cfg.max_length - cfg.max_new_tokens
+    return cfg.max_length - cfg.sampling.max_new_tokens
 
 
 def truncated_prompts(tokenizer, records: list[dict], cfg: PPOConfig) -> tuple[list, int]:
@@ -119,13 +118,13 @@ def reward_functions(accelerator: Accelerator, cfg: PPOConfig):
     """(proxy, gold or None): functions (prompts, texts per prompt) -> rewards per prompt."""
     task = gold_task(cfg)
     gold = (lambda prompts, texts: gold_rewards(task, prompts, texts)) if task else None
-    if cfg.reward == "gold":
+    if cfg.reward.source == "gold":
         return gold, gold
-    rm, rm_tokenizer = load_scorer(accelerator, cfg.reward_model)
+    rm, rm_tokenizer = load_scorer(accelerator, cfg.reward.model)
     rm.requires_grad_(False)
 
     def proxy(prompts: list, texts: list[list[str]]) -> list[list[float]]:
-        return score_with(accelerator, rm, rm_tokenizer, prompts, texts, cfg.reward_batch_size, cfg.max_length)
+        return score_with(accelerator, rm, rm_tokenizer, prompts, texts, cfg.reward.batch_size, cfg.max_length)
 
     return proxy, gold
 
@@ -142,7 +141,7 @@ def collect(accelerator, cfg, actor, ref, critic, tokenizer, prompts, plan, step
     samples, raw, golds = drawn["samples"], drawn["raw"], drawn["gold"]
     t1 = time.perf_counter()
     need_old, need_ref = forwards_needed(cfg, len(samples))
-    forwards = rollout_forwards(accelerator, actor, ref, critic, samples, tokenizer.pad_token_id, cfg.temperature,
+    forwards = rollout_forwards(accelerator, actor, ref, critic, samples, tokenizer.pad_token_id, cfg.sampling.temperature,
                                 cfg.forward_batch_size, need_old, need_ref)
     finished = torch.tensor([s.finished for s in samples])
     # missing-EOS and overlong penalties are in `penalised`; normalisation and clipping follow
@@ -200,7 +199,7 @@ def micro_step(accelerator, cfg, actor, critic, rollout: Rollout, rows: list[int
     world = accelerator.num_processes
     out = {}
     if train_actor:
-        logps, entropy = response_logprobs(actor, batch, cfg.temperature, entropy_grad=cfg.entropy_coef != 0,
+        logps, entropy = response_logprobs(actor, batch, cfg.sampling.temperature, entropy_grad=cfg.entropy_coef != 0,
                                            with_entropy=cfg.entropy_coef != 0 or not rollout.has_old_logprobs)
         if not rollout.has_old_logprobs:  # one update per rollout: this policy sampled it (forwards_needed)
             old_logps = logps.detach()
@@ -220,7 +219,7 @@ def micro_step(accelerator, cfg, actor, critic, rollout: Rollout, rows: list[int
         if cfg.entropy_coef != 0:
             per_token = per_token - cfg.entropy_coef * entropy
         denominator = totals["tokens"] if cfg.loss_agg == "token_mean" else totals["sequences"]
-        policy_loss = loss_numerator(per_token, mask, cfg.loss_agg, cfg.max_new_tokens) / denominator
+        policy_loss = loss_numerator(per_token, mask, cfg.loss_agg, cfg.sampling.max_new_tokens) / denominator
         accelerator.backward(policy_loss * world)  # DDP averages over processes: scale back to the global sum
         out["policy_loss"] = policy_loss.detach()
         out["clipfrac"] = clip_fraction(ratio.detach(), advantages, mask, low, high) * share
@@ -300,7 +299,7 @@ def run(cfg: PPOConfig) -> dict[str, Any]:
     actor, tokenizer = load_policy(accelerator, cfg, train_records)
     disable_dropout(actor)
     if prompt_room(cfg) < 1:
-        raise ConfigError(f"max_length={cfg.max_length} leaves no room for a prompt after max_new_tokens={cfg.max_new_tokens}")
+        raise ConfigError(f"max_length={cfg.max_length} leaves no room for a prompt after max_new_tokens={cfg.sampling.max_new_tokens}")
     prompts, truncated = truncated_prompts(tokenizer, train_records, cfg)
     if len(prompts) < cfg.rollout_batch_size:
         raise DataError(f"{len(prompts)} training prompts for rollout_batch_size={cfg.rollout_batch_size}")
@@ -421,7 +420,7 @@ def run(cfg: PPOConfig) -> dict[str, Any]:
         if key in last:
             summary[f"{key}_first"], summary[f"{key}_last"] = first[key], last[key]
     summary.update(
-        kl=last.get("kl"), kl_coef=kl_ctl.value, reward=cfg.reward, advantage=cfg.advantage, critic_init=critic_source,
+        kl=last.get("kl"), kl_coef=kl_ctl.value, reward=cfg.reward.source, advantage=cfg.advantage, critic_init=critic_source,
         alarms=alarms.alarms, num_processes=world, n_train_prompts=len(prompts), n_eval_prompts=len(eval_prompts),
         truncated_prompts=truncated, truncated_eval_prompts=eval_truncated, invalid_records=len(invalid),
         nonfinite_steps=guard.total,

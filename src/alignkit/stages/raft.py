@@ -224,7 +224,7 @@ def new_alarms(cfg: RAFTConfig, candidates: list[list[dict]], start_step: int, f
     Only length_correlation, within the iteration's own samples (with their gold rewards when known, so a
     length preference that gold shares is not flagged). proxy_up_gold_down needs a fixed held-out series:
     the per-iteration sample means are over fresh prompts (see the module docstring)."""
-    if cfg.reward != "rm":
+    if cfg.reward.source != "rm":
         return []
     samples = {"step": start_step, "length": [c["length"] for per in candidates for c in per],
                "proxy_reward": [c["reward"] for per in candidates for c in per]}
@@ -365,7 +365,7 @@ def summarize(cfg: RAFTConfig, state: dict, after: dict, total: int, n_train: in
     """summary.json: first/last iteration's sample rewards, held-out reward before/after, alarms, counts."""
     history = state["history"]
     summary: dict[str, Any] = {"steps": total, "iterations": cfg.iterations, "steps_per_iteration": total // cfg.iterations,
-                               "reward": cfg.reward, "keep": cfg.keep}
+                               "reward": cfg.reward.source, "keep": cfg.keep}
     for name in ("proxy_reward", "gold_reward"):
         if f"sample_{name}" in history[0]:
             summary[f"{name}_first_iteration"] = history[0][f"sample_{name}"]

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from alignkit.config import ConfigError, RRHFConfig
+from alignkit.config import ConfigError, RRHFConfig, check_groups
 from alignkit.data.chat import tokenize_prompt_completion
 from alignkit.data.records import DataError
 from alignkit.losses import rrhf_loss
@@ -40,32 +40,28 @@ from alignkit.runtime.sequences import sequence_logps
 from alignkit.runtime.stage import finish_run, load_policy, load_train_eval, start_run
 from alignkit.runtime.train_loop import save_final, train
 
-REWARDS = ("given", "gold", "rm")
 TERMS = ("rank_loss", "sft_loss", "rank_accuracy", "top_reward", "best_reward")
 
 
 def check_config(cfg: RRHFConfig) -> None:
     """Config errors that would otherwise surface after minutes of sampling."""
-    if cfg.reward not in REWARDS:
-        raise ConfigError(f"reward must be one of {', '.join(REWARDS)}, got {cfg.reward!r}")
-    if cfg.reward == "rm" and not cfg.reward_model:
-        raise ConfigError("reward=rm needs reward_model (a reward model directory)")
-    if cfg.reward == "given" and cfg.policy_samples > 0:
+    check_groups(cfg)
+    if cfg.reward.source == "given" and cfg.policy_samples > 0:
         raise ConfigError(
             "reward=given has no score for the policy_samples responses; use reward=gold or reward=rm, "
             "or policy_samples=0"
         )
-    if cfg.policy_samples < 0 or cfg.sample_chunk < 1 or cfg.reward_batch_size < 1:
-        raise ConfigError("policy_samples must be >= 0, sample_chunk and reward_batch_size >= 1")
+    if cfg.policy_samples < 0:
+        raise ConfigError(f"policy_samples must be >= 0, got {cfg.policy_samples}")
     if cfg.rank_weight < 0 or cfg.sft_weight < 0 or cfg.rank_weight + cfg.sft_weight == 0:
         raise ConfigError("rank_weight and sft_weight must be >= 0 and not both 0")
-    if cfg.reward == "gold":
+    if cfg.reward.source == "gold":
         gold_task_name(cfg)
 
 
 def gold_task_name(cfg: RRHFConfig) -> str:
-    """cfg.task, else the task of the first task: spec in train_data."""
-    return task_name_for(cfg.task, cfg.train_data)
+    """cfg.reward.task, else the task of the first task: spec in train_data."""
+    return task_name_for(cfg.reward.task, cfg.train_data)
 
 
 # ----------------------------------------------------------------------------- lists and rewards
@@ -85,8 +81,8 @@ def add_policy_samples(accelerator: Accelerator, model, tokenizer, lists: list[d
     n = cfg.policy_samples
     if n <= 0 or not lists:
         return {"samples_drawn": 0, "samples_added": 0}
-    sampled = sample_texts(accelerator, model, tokenizer, [item["prompt"] for item in lists], n, cfg.temperature,
-                           cfg.max_new_tokens, cfg.sample_chunk, cfg.seed, split, max(1, cfg.max_length - cfg.max_new_tokens))
+    sampled = sample_texts(accelerator, model, tokenizer, [item["prompt"] for item in lists], n, cfg.sampling.temperature,
+                           cfg.sampling.max_new_tokens, cfg.sampling.chunk, cfg.seed, split, max(1, cfg.max_length - cfg.sampling.max_new_tokens))
     added = 0
     for item, texts in zip(lists, sampled):
         seen = {r.strip() for r in item["responses"]}
@@ -101,12 +97,12 @@ def add_policy_samples(accelerator: Accelerator, model, tokenizer, lists: list[d
 
 def assign_rewards(accelerator: Accelerator, cfg: RRHFConfig, lists: list[dict]) -> None:
     """Set item["rewards"] on every list from cfg.reward."""
-    if cfg.reward == "given":
+    if cfg.reward.source == "given":
         rewards = [item["given"] for item in lists]
     else:
-        rewards = rewards_for(accelerator, cfg.reward, [item["prompt"] for item in lists],
-                              [item["responses"] for item in lists], gold_task_name(cfg) if cfg.reward == "gold" else None,
-                              cfg.reward_model, cfg.reward_batch_size, cfg.max_length)
+        rewards = rewards_for(accelerator, cfg.reward.source, [item["prompt"] for item in lists],
+                              [item["responses"] for item in lists], gold_task_name(cfg) if cfg.reward.source == "gold" else None,
+                              cfg.reward.model, cfg.reward.batch_size, cfg.max_length)
     for item, r in zip(lists, rewards):
         item["rewards"] = r
 
@@ -264,7 +260,7 @@ def run(cfg: RRHFConfig) -> dict[str, Any]:
     save_final(accelerator, model, tokenizer, cfg.output_dir)
     summary.pop("train_weight", None)
     summary.update(
-        reward=cfg.reward,
+        reward=cfg.reward.source,
         n_train_records=len(train_records),
         n_eval_records=len(eval_records),
         invalid_records=len(invalid),
