@@ -103,7 +103,7 @@ def test_skipped_rollout_forwards_train_the_same(pretrained_tiny: Path, tmp_path
     """One update per rollout: the old log-probs forward is skipped (the update's detached log-probs are the old
     ones) and, at kl_coef 0 without a KL alarm, the reference forward too. Training matches running both."""
     import alignkit.stages.ppo as ppo_stage
-    from alignkit.ppo_parts import forwards_needed
+    from alignkit.rollout.ppo import forwards_needed
 
     common = grpo_overrides(pretrained_tiny / "final", max_steps=2, eval_steps=0, kl_coef=kl_coef)
     cfg = ppo_stage.PPOConfig(kl_coef=kl_coef, ppo_epochs=1, mini_batch_size=16, kl_in="loss")

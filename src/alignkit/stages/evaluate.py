@@ -300,7 +300,7 @@ def kl_metrics(ctx: Context, model, tokenizer, generations: list) -> dict:
 
 def evaluate_policy(model, tokenizer, ctx: Context) -> tuple[dict, dict[str, Any]]:
     """(metrics, per-sample data for alarms and samples.jsonl) of one model."""
-    from alignkit.generation import generate
+    from alignkit.rollout.sampling import generate
 
     cfg, k = ctx.cfg, ctx.cfg.n_samples
     sampled = generate(model, tokenizer, ctx.prompts, n=k, temperature=cfg.temperature, top_p=cfg.top_p,

@@ -1,6 +1,6 @@
 """`alignkit label`: comparison data from a model's own samples, ranked by an annotator.
 
-config -> prompts -> n samples per prompt from `model` (rollout.sample_texts: seeded chunks, any process count
+config -> prompts -> n samples per prompt from `model` (rollout.sampling.sample_texts: seeded chunks, any process count
 samples alike) -> duplicates and empty responses dropped -> each response scored by the annotator -> files:
     ranked.jsonl  {prompt, responses, scores, meta: {gold}}       (kind ranked: `alignkit rm`, `alignkit rrhf`)
     pairs.jsonl   {prompt, chosen, rejected, meta: {gold_chosen, gold_rejected}}  (kind preference: `alignkit dpo`)
@@ -24,7 +24,8 @@ from typing import Any
 
 from alignkit.config import ConfigError, LabelConfig
 from alignkit.data.records import DataError
-from alignkit.rollout import rewards_for, sample_texts, task_name_for
+from alignkit.rollout.rewards import rewards_for, task_name_for
+from alignkit.rollout.sampling import sample_texts
 from alignkit.runtime.stage import finish_run, load_policy, load_train_eval, start_run
 
 ANNOTATORS = ("task", "gold", "rm")

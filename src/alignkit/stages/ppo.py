@@ -8,10 +8,10 @@ proxy reward (reward model on text, or the task's gold reward) -> per step:
      sampled with the KV cache in fixed seeded chunks (any process count samples the same tokens); with
      `dynamic_sampling`, groups whose rewards are all equal are dropped and more prompts sampled (DAPO);
   2. scores: the proxy on the decoded text (the RM may use its own tokenizer), minus `missing_eos_penalty`,
-     plus DAPO's overlong penalty, normalised / clipped (rollout.shape_scores); gold is logged whenever known;
+     plus DAPO's overlong penalty, normalised / clipped (rl.shape_scores); gold is logged whenever known;
   3. no-grad forwards (one padded forward per model per chunk, under the training autocast): old and
-     reference log-probs, values; each only when read (ppo_parts.forwards_needed);
-  4. advantages (rollout.build_rollout): KL in the reward or in the loss (`kl_in`), then GAE (whitened) or
+     reference log-probs, values; each only when read (rollout.ppo.forwards_needed);
+  4. advantages (rl.build_rollout): KL in the reward or in the loss (`kl_in`), then GAE (whitened) or
      group / batch-normalised advantages;
   5. `ppo_epochs` passes of mini-batches of `mini_batch_size` sequences: clipped policy loss (token or
      sequence ratio, asymmetric clip, + KL term, + entropy bonus) reduced by `loss_agg` over the GLOBAL
@@ -19,7 +19,7 @@ proxy reward (reward model on text, or the task's gold reward) -> per step:
   6. KL controller update; metrics; reward-hacking alarms; eval every `eval_steps`; atomic checkpoint.
 Every random draw derives from (seed, step), so `resume=true` reproduces an uninterrupted run.
 A little over 400 lines: PPO and the GRPO family are one stage (one rollout, one update, options), kept in one
-file that reads top to bottom; sampling, forwards, loading and evaluation are in ppo_parts.
+file that reads top to bottom; sampling, forwards, loading and evaluation are in rollout/ppo.py.
 """
 
 from __future__ import annotations
@@ -43,13 +43,13 @@ from alignkit.eval.alarms import AlarmWatch
 from alignkit.losses import (LOSS_AGGREGATIONS, RATIO_LEVELS, clip_fraction, clipped_policy_terms, importance_ratio,
                              loss_numerator, ppo_value_loss)
 from alignkit.ops import masked_mean
-from alignkit.ppo_parts import (Sample, batch_on, disable_dropout, draw_rollout_samples, evaluate_policy,
-                                forwards_needed, grouped, load_critic, load_reference, response_logprobs,
-                                response_values, rollout_forwards, save_critic, stats_from_update)
 from alignkit.rl import (ADVANTAGE_ESTIMATORS, GROUP_ESTIMATORS, KL_KINDS, AdaptiveKLController, FixedKLController,
-                         kl_penalty)
-from alignkit.rollout import (Rollout, RunningMoments, build_rollout, gold_rewards, load_scorer, score_with,
-                              shape_scores, task_name_for)
+                         Rollout, RunningMoments, build_rollout, kl_penalty, shape_scores)
+from alignkit.rollout.ppo import (batch_on, disable_dropout, draw_rollout_samples, evaluate_policy, forwards_needed,
+                                  grouped, load_critic, load_reference, response_logprobs, response_values,
+                                  rollout_forwards, save_critic, stats_from_update)
+from alignkit.rollout.rewards import gold_rewards, load_scorer, score_with, task_name_for
+from alignkit.rollout.sampling import Generation
 from alignkit.runtime.checkpoint import checkpoint_to_resume, load_checkpoint, save_checkpoint
 from alignkit.runtime.logging import RunLogger
 from alignkit.runtime.setup import BatchPlan, build_optimizer, build_scheduler
@@ -95,10 +95,7 @@ def check_config(cfg: PPOConfig) -> None:
 
 def gold_task(cfg: PPOConfig) -> str | None:
     """The task whose gold reward is optimised (reward=gold) or logged; None when the prompts have none."""
-    try:
-        return task_name_for(cfg.task, cfg.train_data)
-    except ConfigError:
-        return None
+    return task_name_for(cfg.task, cfg.train_data, required=False)
 
 
 def prompt_room(cfg: PPOConfig) -> int:
@@ -149,7 +146,8 @@ def collect(accelerator, cfg, actor, ref, critic, tokenizer, prompts, plan, step
     scores = shape_scores(drawn["penalised"].flatten(), finished, 0.0, cfg.reward_norm, cfg.reward_clip, running)
     rollout = build_rollout(
         [s.prompt_ids for s in samples], [s.response_ids for s in samples], finished.tolist(),
-        [f[0] for f in forwards], [f[1] for f in forwards], [f[2] for f in forwards] if critic is not None else None,
+        [f.logprobs for f in forwards], [f.ref_logprobs for f in forwards],
+        [f.values for f in forwards] if critic is not None else None,
         scores, tokenizer.pad_token_id, kl_coef, cfg.kl_estimator, cfg.gamma, cfg.lam, cfg.whiten_advantages,
         advantage=cfg.advantage, group_size=n, kl_in=cfg.kl_in, has_old_logprobs=need_old, has_ref_logprobs=need_ref)
     t2 = time.perf_counter()
@@ -159,7 +157,7 @@ def collect(accelerator, cfg, actor, ref, critic, tokenizer, prompts, plan, step
         "reward": raw.mean().item(), "reward_std": raw.std().item() if len(raw) > 1 else 0.0,
         "score": scores.mean().item(), "kl": kl_per_seq.mean().item(), "kl_coef": kl_coef,
         "non_score_reward": (-kl_coef * kl_per_seq).mean().item(),
-        "entropy": sum(f[3] for f in forwards) / lengths.sum().item(),
+        "entropy": sum(f.entropy_sum for f in forwards) / lengths.sum().item(),
         "response_length": lengths.mean().item(), "eos_fraction": finished.float().mean().item(),
         "advantages_abs_mean": masked_mean(rollout.advantages.abs(), mask).item(),
         "time_generate_and_score": t1 - t0, "time_forward": t2 - t1, **sampling,
@@ -189,7 +187,7 @@ def micro_step(accelerator, cfg, actor, critic, rollout: Rollout, rows: list[int
     """Backward of one micro-batch's share of the mini-batch losses: numerators over the micro-batch divided by
     the GLOBAL mini-batch denominators `totals` ("tokens", "sequences"), so micro-batches and processes add up
     to the loss of the whole mini-batch."""
-    samples = [Sample(rollout.prompt_ids[i], rollout.response_ids[i, : int(rollout.mask[i].sum())].tolist(), "", True)
+    samples = [Generation(rollout.prompt_ids[i], rollout.response_ids[i, : int(rollout.mask[i].sum())].tolist(), "", True)
                for i in rows]
     batch = batch_on(samples, pad_id, accelerator.device)
     width, mask = batch["mask"].shape[1], batch["mask"]

@@ -18,7 +18,7 @@ Resume: after iteration k trains, its data are in `output_dir/iter-<k>/` (sample
 SFT-ready file) and the policy, optimizer, scheduler and iteration counter are checkpointed atomically
 (checkpoints/step-N, runtime/checkpoint.py). resume=true continues with the first iteration not yet
 checkpointed (re-running a partial one). Every random draw is a function of (seed, iteration): prompt
-slice, sampling seeds (chunked as in rollout.py, so any process count samples alike) and batch order,
+slice, sampling seeds (chunked as in rollout/sampling.py, so any process count samples alike) and batch order,
 so a resumed run ends with the same weights as an uninterrupted one.
 """
 
@@ -51,7 +51,8 @@ from alignkit.runtime.setup import BatchPlan, build_optimizer, build_scheduler
 from alignkit.runtime.stage import finish_run, load_policy, load_train_eval, start_run
 from alignkit.runtime.train_loop import KILL_ENV, save_final
 from alignkit.selection import raft_filter
-from alignkit.stages.best_of_n import EVAL_SPLIT, Scorer, check_sampling_config, reward_matrix, sample_candidates
+from alignkit.rollout.rewards import Scorer, reward_matrix
+from alignkit.rollout.sampling import EVAL_SPLIT, check_sampling_config, sample_candidates
 
 KEEP_MODES = ("per_prompt", "global")
 FIRST_ITERATION_SPLIT = 2  # sampling seeds: split 1 is the eval prompts, 2 + k is iteration k

@@ -35,7 +35,8 @@ from alignkit.config import ConfigError, RRHFConfig
 from alignkit.data.chat import tokenize_prompt_completion
 from alignkit.data.records import DataError
 from alignkit.losses import rrhf_loss
-from alignkit.rollout import rewards_for, sample_texts, task_name_for
+from alignkit.rollout.rewards import rewards_for, task_name_for
+from alignkit.rollout.sampling import sample_texts
 from alignkit.runtime.sequences import sequence_logps
 from alignkit.runtime.stage import finish_run, load_policy, load_train_eval, start_run
 from alignkit.runtime.train_loop import save_final, train

@@ -1,5 +1,6 @@
 """Plain helpers of `alignkit ppo`: sampling and scoring a rollout (with DAPO's dynamic sampling), the no-grad
-forwards of a rollout, held-out evaluation, and loading the four models. The stage file (stages/ppo.py) reads top to bottom on top of these.
+forwards of a rollout, held-out evaluation, and loading the four models. The stage file (stages/ppo.py) reads
+top to bottom on top of these; the rollout's math (Rollout, build_rollout, shape_scores) is in alignkit.rl.
 
 Process-count independence: sampling and the no-grad forwards run in fixed chunks (chunk c on process
 c % world, seeded from (seed, split, c)) and are gathered, so every process ends up with the whole rollout,
@@ -8,15 +9,14 @@ computed exactly as one process would compute it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from accelerate import Accelerator
 
-from alignkit.ops import entropy_from_logits, logprobs_from_logits
+from alignkit.ops import entropy_from_logits, forward_batch, logprobs_from_logits
 from alignkit.rl import overlong_penalty, varied_groups
-from alignkit.rollout import forward_batch, map_chunks, sample_generations
+from alignkit.rollout.sampling import Generation, map_chunks, sample_generations
 
 # Sampling seeds of a PPO run: split 1 is the held-out evaluation, TRAIN_SPLIT + step the rollout of `step`,
 # REFILL_SPLIT + 64 * step + k dynamic sampling's refill round k of `step`.
@@ -28,27 +28,24 @@ REFILL_SPLIT = 10_000_000
 RewardFn = Callable[[list, list[list[str]]], list[list[float]]]
 
 
-@dataclass
-class Sample:
-    """One sampled response: prompt_ids, response_ids (end-of-turn included when produced), text,
-    finished (ended with the end-of-turn token), prompt (messages) and prompt_index (into the step's prompts)."""
+class RolloutForwards(NamedTuple):
+    """The no-grad forwards of one sample (rollout_forwards): log-probs under the sampling (old) policy [len],
+    under the reference [len], the critic's values [len] (zeros without a critic), and the summed entropy."""
 
-    prompt_ids: list[int]
-    response_ids: list[int]
-    text: str
-    finished: bool
-    prompt: list = field(default_factory=list)
-    prompt_index: int = 0
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    entropy_sum: float
 
 
 def sample_responses(accelerator: Accelerator, model, tokenizer, prompts: list, n: int, temperature: float,
                      max_new_tokens: int, chunk: int, seed: int, split: int,
-                     max_prompt_tokens: int | None = None) -> list[Sample]:
+                     max_prompt_tokens: int | None = None) -> list[Generation]:
     """n samples per prompt (prompt-major: sample j of prompt i is at i*n + j), with the KV cache; a prompt
     longer than max_prompt_tokens keeps its last max_prompt_tokens tokens (the end of the conversation)."""
     per_prompt = sample_generations(accelerator, model, tokenizer, prompts, n, temperature, max_new_tokens, chunk, seed,
                                     split, max_prompt_tokens)
-    return [Sample(g.prompt_ids, g.response_ids, g.text, g.finished, prompt=prompts[i], prompt_index=i)
+    return [Generation(g.prompt_ids, g.response_ids, g.text, g.finished, prompt=prompts[i], prompt_index=i)
             for i, gens in enumerate(per_prompt) for g in gens]
 
 
@@ -107,8 +104,8 @@ def draw_rollout_samples(accelerator, cfg, actor, tokenizer, prompts: list, rows
     return merged, stats
 
 
-def batch_on(samples: list[Sample], pad_id: int, device) -> dict[str, torch.Tensor]:
-    """rollout.forward_batch of these samples, on `device`."""
+def batch_on(samples: list[Generation], pad_id: int, device) -> dict[str, torch.Tensor]:
+    """ops.forward_batch of these samples, on `device`."""
     batch = forward_batch([s.prompt_ids for s in samples], [s.response_ids for s in samples], pad_id)
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -154,10 +151,10 @@ def forwards_needed(cfg: Any, n_sequences: int) -> tuple[bool, bool]:
     return not one_update or (kl_read and cfg.kl_in == "reward"), kl_read
 
 
-def rollout_forwards(accelerator: Accelerator, actor, ref, critic, samples: list[Sample], pad_id: int,
+def rollout_forwards(accelerator: Accelerator, actor, ref, critic, samples: list[Generation], pad_id: int,
                      temperature: float, chunk: int, need_old: bool = True,
-                     need_ref: bool = True) -> list[tuple[torch.Tensor, ...]]:
-    """Per sample (old log-probs [len], reference log-probs [len], values [len] or empty, entropy sum).
+                     need_ref: bool = True) -> list[RolloutForwards]:
+    """Per sample its RolloutForwards (old log-probs, reference log-probs, values, entropy sum).
 
     No gradient; the models run unwrapped (no DDP collectives) in eval mode, in fixed chunks over processes.
     critic None (critic-free estimators): values are 0. A forward not needed (forwards_needed) is not run:
@@ -167,9 +164,9 @@ def rollout_forwards(accelerator: Accelerator, actor, ref, critic, samples: list
     actor, critic = accelerator.unwrap_model(actor), (accelerator.unwrap_model(critic) if critic is not None else None)
     modes = [(m, m.training) for m in (actor, ref, critic) if m is not None]
 
-    def forward(_: int, part: list[Sample]) -> list[tuple]:
+    def forward(_: int, part: list[Generation]) -> list[RolloutForwards]:
         if not (need_old or need_ref or critic is not None):
-            return [(torch.zeros(len(s.response_ids)),) * 3 + (0.0,) for s in part]
+            return [RolloutForwards(*(torch.zeros(len(s.response_ids)),) * 3, 0.0) for s in part]
         batch = batch_on(part, pad_id, accelerator.device)
         # The same autocast as the training forward (a prepared model runs under it; the reference is not
         # prepared), so at step 0 the ratio is 1 and the KL 0 in bf16 too.
@@ -182,7 +179,8 @@ def rollout_forwards(accelerator: Accelerator, actor, ref, critic, samples: list
         out = []
         for i, s in enumerate(part):
             n = len(s.response_ids)
-            out.append((logps[i, :n].cpu(), ref_logps[i, :n].cpu(), values[i, :n].cpu(), float(entropy[i].sum())))
+            out.append(RolloutForwards(logps[i, :n].cpu(), ref_logps[i, :n].cpu(), values[i, :n].cpu(),
+                                       float(entropy[i].sum())))
         return out
 
     for m, _ in modes:
@@ -224,7 +222,7 @@ def evaluate_policy(accelerator: Accelerator, actor, ref, tokenizer, prompts: li
     texts = grouped([s.text for s in samples], n)
     forwards = rollout_forwards(accelerator, actor, ref, None, samples, tokenizer.pad_token_id, cfg.temperature,
                                 cfg.forward_batch_size)
-    kl = [float((lp - ref_lp).sum()) for lp, ref_lp, _, _ in forwards]
+    kl = [float((f.logprobs - f.ref_logprobs).sum()) for f in forwards]
     out: dict[str, float] = {}
     series = {"reward": proxy(prompts, texts), "kl": grouped(kl, n),
               "length": grouped([float(len(s.response_ids)) for s in samples], n)}

@@ -1,0 +1,272 @@
+"""Sampling responses to chat prompts (transformers `generate`), as typed results: the one sampler of every stage.
+
+Used wherever a stage needs a model's own responses: evaluation, best-of-n, RAFT, RRHF with policy
+samples, labelling, PPO rollouts. `sample_generations` draws them in fixed chunks of prompts: chunk c is
+seeded from derive_seed(seed, split, c) and runs on process c % world, and the results are gathered, so 1
+and N processes sample exactly the same responses. The split constants below keep the sample sets a run
+draws with one seed apart. Prompts are rendered with the tokenizer's chat template and left-padded (so all
+prompts end at the same position); generation stops at the end-of-turn token (the tokenizer's eos).
+
+What is sampled is a function of the caller's arguments alone. On-policy methods need the responses to come
+from exactly the distribution their log-probs are computed under (softmax(logits / temperature)), so a
+model's own generation defaults (a hub checkpoint's generation_config.json: repetition_penalty, top_k,
+min_p, no_repeat_ngram_size, ...) must not reshape it. transformers 5 fills every field of a passed
+GenerationConfig that is None from `model.generation_config` (GenerationMixin._prepare_generation_config),
+and several processors (min_p, top_h, suppress_tokens, bad_words_ids, forced_eos_token_id, ...) have no
+"off" value but None; so `generate` passes a complete `sampling_config` AND hides the model's own config
+for the duration of the call.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator
+from transformers import GenerationConfig, GenerationMixin
+
+from alignkit.data.chat import render_prompt
+
+# Sampling splits: the sample sets one run draws with one seed are seeded apart by their split.
+TRAIN_SPLIT = 0  # train_data prompts (best-of-n, RRHF, label; generate_cli's batches)
+EVAL_SPLIT = 1  # held-out prompts (every stage's evaluation; eval's samples)
+ITERATION_SPLIT = 2  # (ITERATION_SPLIT, k): RAFT's iteration k, PPO's rollout of step k
+REFILL_SPLIT = 3  # (REFILL_SPLIT, step, k): PPO dynamic sampling's refill round k of `step`
+GREEDY_SPLIT = 4  # eval's greedy decoding (no random draw; a split of its own all the same)
+
+
+@dataclass
+class Generation:
+    """One sampled response.
+
+    prompt_ids: the rendered prompt's token ids as the model saw them (no padding; the last max_prompt_tokens
+        of a longer prompt).
+    response_ids: generated ids, up to and including the end-of-turn token when it was produced.
+    text: the response decoded without special tokens.
+    finished: True when the response ended with the end-of-turn token (not cut by max_new_tokens).
+    prompt: the prompt's messages, and prompt_index its position among the prompts sampled (set by callers
+        that flatten the samples, e.g. rollout.ppo.sample_responses; empty / 0 otherwise).
+    """
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    text: str
+    finished: bool
+    prompt: list = field(default_factory=list)
+    prompt_index: int = 0
+
+
+def stop_ids(tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id:
+        ids.add(end_of_turn)
+    return sorted(i for i in ids if i is not None)
+
+
+def sampling_config(do_sample: bool, temperature: float, top_p: float, max_new_tokens: int, stop_ids: list[int],
+                    pad_id: int) -> GenerationConfig:
+    """The whole GenerationConfig of one `generate` call, from its arguments alone.
+
+    Sampling draws from softmax(logits / temperature), nucleus-truncated when top_p < 1, and nothing else:
+    top_k=0 (transformers' global default would be 50), no typical/epsilon/eta truncation. Penalties that
+    also bend greedy decoding are off in both modes (repetition_penalty=1, no_repeat_ngram_size=0). Greedy
+    leaves the sampling knobs unset: they are never applied to it, and setting them draws a warning.
+    """
+    knobs = {"do_sample": do_sample, "max_new_tokens": max_new_tokens, "num_beams": 1, "eos_token_id": stop_ids,
+             "pad_token_id": pad_id, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
+    if do_sample:
+        knobs.update(temperature=temperature, top_p=top_p, top_k=0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
+    return GenerationConfig(**knobs)
+
+
+@contextmanager
+def model_defaults_hidden(model):
+    """Within the block, every generating module of `model` carries a blank GenerationConfig.
+
+    The model's own config is what transformers merges into the passed one (see the module docstring);
+    a blank one leaves only transformers' global defaults, which `sampling_config` overrides where they
+    matter. A PEFT wrapper is not a GenerationMixin: it forwards to the model inside, which is.
+    """
+    holders = [m for m in model.modules() if isinstance(m, GenerationMixin)]
+    saved = [m.generation_config for m in holders]
+    for m in holders:
+        m.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        for m, config in zip(holders, saved):
+            m.generation_config = config
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: list[list[dict]],
+    n: int = 1,
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 32,
+    batch_size: int = 64,
+    seed: int | None = None,
+    max_prompt_tokens: int | None = None,
+) -> list[list[Generation]]:
+    """`n` responses for each prompt (a message list); result[i][j] is response j to prompt i.
+
+    Greedy decoding (do_sample=False) with n > 1 returns n identical responses. `seed` makes sampling
+    reproducible (the global torch RNG is forked, not disturbed). `max_prompt_tokens` keeps only the last
+    that many tokens of a longer rendered prompt (the end of the conversation and the generation prompt
+    survive, the oldest turns go, as in every stage's training data); None keeps every prompt whole.
+    Generation.prompt_ids is the prompt as the model saw it.
+    """
+    if max_prompt_tokens is not None and max_prompt_tokens < 1:
+        raise ValueError(f"max_prompt_tokens must be >= 1 or None, got {max_prompt_tokens}")
+    device = next(model.parameters()).device
+    stop = stop_ids(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    config = sampling_config(do_sample, temperature, top_p, max_new_tokens, stop, pad_id)
+    prompt_ids = [tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    if max_prompt_tokens is not None:
+        prompt_ids = [ids[-max_prompt_tokens:] for ids in prompt_ids]
+    flat = [(i, ids) for i, ids in enumerate(prompt_ids) for _ in range(n)]
+    results: list[list[Generation]] = [[] for _ in prompts]
+    was_training = model.training
+    model.eval()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), model_defaults_hidden(model):
+        if seed is not None:
+            torch.manual_seed(seed)
+        for start in range(0, len(flat), batch_size):
+            chunk = flat[start : start + batch_size]
+            width = max(len(ids) for _, ids in chunk)
+            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, (_, ids) in enumerate(chunk):
+                input_ids[row, width - len(ids) :] = torch.tensor(ids)
+                attention_mask[row, width - len(ids) :] = 1
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                 generation_config=config)
+            for row, (i, ids) in enumerate(chunk):
+                response = out[row, width:].tolist()
+                cut = next((k for k, t in enumerate(response) if t in stop), None)
+                finished = cut is not None
+                response = response[: cut + 1] if finished else response
+                text = tokenizer.decode(response, skip_special_tokens=True).strip()
+                results[i].append(Generation(ids, response, text, finished))
+    model.train(was_training)
+    return results
+
+
+def map_chunks(accelerator: Accelerator | None, items: list, chunk: int, fn: Callable[[int, list], list]) -> list:
+    """Concatenated fn(c, items[c*chunk:(c+1)*chunk]) over all chunks; chunk c runs on process c % world.
+
+    Chunk boundaries and indices do not depend on the number of processes, so neither does the result.
+    accelerator None: one process (every chunk here).
+    """
+    from accelerate.utils import gather_object
+
+    world, rank = (accelerator.num_processes, accelerator.process_index) if accelerator is not None else (1, 0)
+    starts = range(0, len(items), chunk)
+    mine = [(c, fn(c, items[s : s + chunk])) for c, s in enumerate(starts) if c % world == rank]
+    gathered = gather_object(mine) if world > 1 else mine
+    return [x for _, out in sorted(gathered, key=lambda pair: pair[0]) for x in out]
+
+
+Split = int | tuple[int, ...]
+
+
+def chunk_seed(seed: int, split: Split, chunk: int) -> int:
+    """Seed of one sampling chunk: distinct per (seed, split, chunk), independent of the process count."""
+    return seed * 1_000_003 + split * 100_003 + chunk  # SEED-TODO
+
+
+def sample_generations(
+    accelerator: Accelerator | None,
+    model,
+    tokenizer,
+    prompts: list,
+    n: int,
+    temperature: float = 1.0,
+    max_new_tokens: int = 32,
+    chunk: int = 32,
+    seed: int = 0,
+    split: Split = TRAIN_SPLIT,
+    max_prompt_tokens: int | None = None,
+    top_p: float = 1.0,
+) -> list[list[Generation]]:
+    """n sampled responses per prompt as Generation (token ids, text, finished); temperature 0 is
+    greedy. result[i][j]: response j to prompt i.
+
+    `split` separates the seeds of different sample sets drawn with the same `seed` (the *_SPLIT constants).
+    `max_prompt_tokens` keeps the last that many tokens of a longer prompt (None: whole prompts).
+    accelerator None: one process, the model as given.
+    """
+    model = accelerator.unwrap_model(model) if accelerator is not None else model
+
+    def sample(c: int, part: list) -> list[list]:
+        return generate(
+            model, tokenizer, part, n=n, do_sample=temperature > 0, temperature=max(temperature, 1e-6), top_p=top_p,
+            max_new_tokens=max_new_tokens, batch_size=len(part) * n, seed=chunk_seed(seed, split, c),
+            max_prompt_tokens=max_prompt_tokens,
+        )
+
+    if n <= 0 or not prompts:
+        return [[] for _ in prompts]
+    return map_chunks(accelerator, prompts, chunk, sample)
+
+
+def sample_texts(
+    accelerator: Accelerator,
+    model,
+    tokenizer,
+    prompts: list,
+    n: int,
+    temperature: float = 1.0,
+    max_new_tokens: int = 32,
+    chunk: int = 32,
+    seed: int = 0,
+    split: Split = TRAIN_SPLIT,
+    max_prompt_tokens: int | None = None,
+) -> list[list[str]]:
+    """The decoded texts of sample_generations (same arguments, same samples)."""
+    per_prompt = sample_generations(accelerator, model, tokenizer, prompts, n, temperature, max_new_tokens, chunk, seed,
+                                    split, max_prompt_tokens)
+    return [[g.text for g in gens] for gens in per_prompt]
+
+
+def sample_candidates(
+    accelerator: Accelerator, model, tokenizer, prompts: list, n: int, cfg: Any, seed: int, split: Split,
+    temperature: float | None = None,
+) -> list[list[dict]]:
+    """n responses per prompt: result[i][j] = {"text", "length" (response tokens, end-of-turn included),
+    "finished" (ended with the end-of-turn token)}, from sample_generations (the samples of sample_texts
+    with the same arguments). Best-of-n's and RAFT's candidates.
+
+    cfg gives max_new_tokens, sample_chunk, max_length (a longer prompt keeps its last max_length -
+    max_new_tokens tokens) and (unless `temperature` is given) the temperature."""
+    temperature = cfg.temperature if temperature is None else temperature
+    per_prompt = sample_generations(accelerator, model, tokenizer, prompts, n, temperature, cfg.max_new_tokens,
+                                    cfg.sample_chunk, seed, split, max(1, cfg.max_length - cfg.max_new_tokens))
+    return [[{"text": g.text, "length": len(g.response_ids), "finished": g.finished} for g in gens] for gens in per_prompt]
+
+
+def check_sampling_config(cfg: Any, n: int, n_key: str = "n") -> None:
+    """Errors shared by best-of-n and RAFT that would otherwise surface after minutes of sampling."""
+    from alignkit.config import ConfigError
+    from alignkit.rollout.rewards import REWARD_SOURCES, task_name_for
+
+    if n < 1:
+        raise ConfigError(f"{n_key} (samples per prompt) must be >= 1, got {n}")
+    if cfg.temperature < 0:
+        raise ConfigError(f"temperature must be >= 0, got {cfg.temperature}")
+    if cfg.max_new_tokens < 1 or cfg.sample_chunk < 1 or cfg.reward_batch_size < 1:
+        raise ConfigError("max_new_tokens, sample_chunk and reward_batch_size must be >= 1")
+    if cfg.reward not in REWARD_SOURCES:
+        raise ConfigError(f"reward must be one of {', '.join(REWARD_SOURCES)}, got {cfg.reward!r}")
+    if cfg.reward == "rm" and not cfg.reward_model:
+        raise ConfigError("reward=rm needs reward_model (a reward model directory)")
+    if cfg.reward == "gold":
+        task_name_for(cfg.task, cfg.train_data)  # raises a ConfigError naming the fix
