@@ -59,7 +59,7 @@ def read_prompts(source: str) -> list[dict]:
 
 def sample_rows(model, tokenizer, records: list[dict], settings: dict, n: int, batch_size: int, progress) -> list[dict]:
     """n responses per record as output rows (without `sampling`); progress(k) is told each batch's k prompts."""
-    from alignkit.rollout.sampling import chunk_seed, generate
+    from alignkit.rollout.sampling import TRAIN_SPLIT, chunk_seed, generate
 
     if settings["temperature"] > 0 and settings["top_k"] > 0:
         model = _WithTopK(model, settings["top_k"])
@@ -72,7 +72,7 @@ def sample_rows(model, tokenizer, records: list[dict], settings: dict, n: int, b
             model, tokenizer, [r["prompt"] for r in part], n=n, do_sample=settings["temperature"] > 0,
             temperature=max(settings["temperature"], 1e-6), top_p=settings["top_p"],
             max_new_tokens=settings["max_new_tokens"], batch_size=len(part) * n,
-            seed=None if seed is None else chunk_seed(seed, 0, c),
+            seed=None if seed is None else chunk_seed(seed, TRAIN_SPLIT, c),
         )
         for i, (record, samples) in enumerate(zip(part, gens), start=start):
             for j, g in enumerate(samples):

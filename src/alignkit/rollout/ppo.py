@@ -16,12 +16,11 @@ from accelerate import Accelerator
 
 from alignkit.ops import entropy_from_logits, forward_batch, logprobs_from_logits
 from alignkit.rl import overlong_penalty, varied_groups
-from alignkit.rollout.sampling import Generation, map_chunks, sample_generations
+from alignkit.rollout.sampling import EVAL_SPLIT, ITERATION_SPLIT, REFILL_SPLIT, Generation, Split, map_chunks, sample_generations
+from alignkit.runtime.setup import derive_seed
 
-# Sampling seeds of a PPO run: split 1 is the held-out evaluation, TRAIN_SPLIT + step the rollout of `step`,
-# REFILL_SPLIT + 64 * step + k dynamic sampling's refill round k of `step`.
-TRAIN_SPLIT = 2
-REFILL_SPLIT = 10_000_000
+# Sampling seeds of a PPO run (rollout.sampling's splits): EVAL_SPLIT the held-out evaluation,
+# (ITERATION_SPLIT, step) the rollout of `step`, (REFILL_SPLIT, step, k) dynamic sampling's refill round k.
 
 
 # (prompts, responses[i] = texts answering prompts[i]) -> rewards[i][j]
@@ -39,7 +38,7 @@ class RolloutForwards(NamedTuple):
 
 
 def sample_responses(accelerator: Accelerator, model, tokenizer, prompts: list, n: int, temperature: float,
-                     max_new_tokens: int, chunk: int, seed: int, split: int,
+                     max_new_tokens: int, chunk: int, seed: int, split: Split,
                      max_prompt_tokens: int | None = None) -> list[Generation]:
     """n samples per prompt (prompt-major: sample j of prompt i is at i*n + j), with the KV cache; a prompt
     longer than max_prompt_tokens keeps its last max_prompt_tokens tokens (the end of the conversation)."""
@@ -49,7 +48,7 @@ def sample_responses(accelerator: Accelerator, model, tokenizer, prompts: list, 
             for i, gens in enumerate(per_prompt) for g in gens]
 
 
-def sample_scored(accelerator, cfg, actor, tokenizer, prompts: list, split: int, proxy: RewardFn, gold: RewardFn | None,
+def sample_scored(accelerator, cfg, actor, tokenizer, prompts: list, split: Split, proxy: RewardFn, gold: RewardFn | None,
                   max_prompt_tokens: int) -> dict[str, Any]:
     """One sampling round: samples (prompt-major), their raw proxy [N], gold [N] or None, and `penalised` [P,G]:
     the proxy after the missing-EOS and overlong penalties (what dynamic sampling compares)."""
@@ -73,7 +72,7 @@ def draw_rollout_samples(accelerator, cfg, actor, tokenizer, prompts: list, rows
     rollout_batch_size groups with unequal rewards are found (or max_refills rounds are spent; the rollout is
     then topped up with equal-reward groups, which carry no policy gradient). rows: the step's prompts (indices
     into prompts). Returns (round, stats)."""
-    first = sample_scored(accelerator, cfg, actor, tokenizer, [prompts[i] for i in rows], TRAIN_SPLIT + step, proxy,
+    first = sample_scored(accelerator, cfg, actor, tokenizer, [prompts[i] for i in rows], (ITERATION_SPLIT, step), proxy,
                           gold, max_prompt_tokens)
     varied = varied_groups(first["penalised"])
     stats = {"varied_group_fraction": varied.float().mean().item(), "sampled": len(first["samples"]),
@@ -84,10 +83,10 @@ def draw_rollout_samples(accelerator, cfg, actor, tokenizer, prompts: list, rows
     for k in range(1, cfg.max_refills + 1):
         if len(kept) >= cfg.rollout_batch_size:
             break
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1_009 + k)
+        generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "refill_prompts", step, k))
         refill = torch.randperm(len(prompts), generator=generator)[: cfg.rollout_batch_size].tolist()
         extra = sample_scored(accelerator, cfg, actor, tokenizer, [prompts[i] for i in refill],
-                              REFILL_SPLIT + 64 * step + k, proxy, gold, max_prompt_tokens)
+                              (REFILL_SPLIT, step, k), proxy, gold, max_prompt_tokens)
         rounds.append(extra)
         kept += [(k, g) for g in varied_groups(extra["penalised"]).nonzero().flatten().tolist()]
         stats["sampled"] += len(extra["samples"])
@@ -218,7 +217,7 @@ def evaluate_policy(accelerator: Accelerator, actor, ref, tokenizer, prompts: li
         return {}
     n = cfg.eval_samples_per_prompt
     samples = sample_responses(accelerator, actor, tokenizer, prompts, n, cfg.temperature, cfg.max_new_tokens,
-                               cfg.sample_chunk, cfg.seed, split=1, max_prompt_tokens=cfg.max_length - cfg.max_new_tokens)
+                               cfg.sample_chunk, cfg.seed, split=EVAL_SPLIT, max_prompt_tokens=cfg.max_length - cfg.max_new_tokens)
     texts = grouped([s.text for s in samples], n)
     forwards = rollout_forwards(accelerator, actor, ref, None, samples, tokenizer.pad_token_id, cfg.temperature,
                                 cfg.forward_batch_size)

@@ -28,6 +28,7 @@ from accelerate import Accelerator
 from transformers import GenerationConfig, GenerationMixin
 
 from alignkit.data.chat import render_prompt
+from alignkit.runtime.setup import derive_seed
 
 # Sampling splits: the sample sets one run draws with one seed are seeded apart by their split.
 TRAIN_SPLIT = 0  # train_data prompts (best-of-n, RRHF, label; generate_cli's batches)
@@ -180,7 +181,8 @@ Split = int | tuple[int, ...]
 
 def chunk_seed(seed: int, split: Split, chunk: int) -> int:
     """Seed of one sampling chunk: distinct per (seed, split, chunk), independent of the process count."""
-    return seed * 1_000_003 + split * 100_003 + chunk  # SEED-TODO
+    parts = split if isinstance(split, tuple) else (split,)
+    return derive_seed(seed, "sample", *parts, chunk)
 
 
 def sample_generations(

@@ -26,6 +26,7 @@ from alignkit.config import ConfigError, LabelConfig
 from alignkit.data.records import DataError
 from alignkit.rollout.rewards import rewards_for, task_name_for
 from alignkit.rollout.sampling import sample_texts
+from alignkit.runtime.setup import derive_seed
 from alignkit.runtime.stage import finish_run, load_policy, load_train_eval, start_run
 
 ANNOTATORS = ("task", "gold", "rm")
@@ -61,7 +62,7 @@ def annotate(cfg: LabelConfig, accelerator, task: str | None, prompts: list, tex
 
     scores = []
     for i, (responses, gold) in enumerate(zip(texts, golds)):
-        rng = random.Random(f"label-{cfg.seed}-{split}-{i}")
+        rng = random.Random(derive_seed(cfg.seed, "label", split, i))
         scores.append([annotator_utility(g, len(r.split()), cfg.noise, cfg.length_bias, rng) for r, g in zip(responses, gold)])
     return scores, golds
 

@@ -52,7 +52,7 @@ from alignkit.rollout.rewards import gold_rewards, load_scorer, score_with, task
 from alignkit.rollout.sampling import Generation
 from alignkit.runtime.checkpoint import checkpoint_to_resume, load_checkpoint, save_checkpoint
 from alignkit.runtime.logging import RunLogger
-from alignkit.runtime.setup import BatchPlan, build_optimizer, build_scheduler
+from alignkit.runtime.setup import BatchPlan, build_optimizer, build_scheduler, derive_seed
 from alignkit.runtime.guards import NonFiniteGuard, StopRequests, injected_nan_factor, send_test_signal
 from alignkit.runtime.stage import finish_run, load_policy, load_train_eval, start_run
 from alignkit.runtime.train_loop import KILL_ENV, save_final
@@ -250,7 +250,7 @@ def update(accelerator, cfg, actor, critic, optimizers, rollout: Rollout, step: 
             model.train()  # dropout is off (disable_dropout): train mode computes what the rollout did
     updates, lengths = 0, rollout.mask.sum(1).tolist()
     for epoch in range(cfg.ppo_epochs):
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1_009 + epoch))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "ppo_minibatches", step, epoch)))
         for start in range(0, n, mini):
             rows = order[start : start + mini].tolist()
             denominators = {"tokens": rollout.mask[rows].sum().item(), "sequences": float(len(rows))}
