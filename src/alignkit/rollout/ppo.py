@@ -9,14 +9,18 @@ computed exactly as one process would compute it.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, NamedTuple
 
 import torch
 from accelerate import Accelerator
 
-from alignkit.ops import entropy_from_logits, forward_batch, logprobs_from_logits
-from alignkit.rl import overlong_penalty, varied_groups
-from alignkit.rollout.sampling import EVAL_SPLIT, ITERATION_SPLIT, REFILL_SPLIT, Generation, Split, map_chunks, sample_generations
+from alignkit.data.chat import render_prompt
+from alignkit.ops import entropy_from_logits, forward_batch, logprobs_from_logits, masked_mean
+from alignkit.rl import Rollout, build_rollout, overlong_penalty, shape_scores, varied_groups
+from alignkit.rollout.rewards import gold_rewards, load_scorer, score_with, task_name_for
+from alignkit.rollout.sampling import (EVAL_SPLIT, ITERATION_SPLIT, REFILL_SPLIT, Generation, Split, map_chunks,
+                                       sample_generations)
 from alignkit.runtime.setup import derive_seed
 
 # Sampling seeds of a PPO run (rollout.sampling's splits): EVAL_SPLIT the held-out evaluation,
@@ -101,6 +105,57 @@ def draw_rollout_samples(accelerator, cfg, actor, tokenizer, prompts: list, rows
               "penalised": torch.stack([rounds[r]["penalised"][g] for r, g in chosen])}
     stats["trained_varied_fraction"] = min(len(kept), cfg.rollout_batch_size) / cfg.rollout_batch_size
     return merged, stats
+
+
+def collect(accelerator, cfg, actor, ref, critic, tokenizer, prompts, plan, step, kl_coef, proxy, gold,
+            running) -> tuple[Rollout, dict[str, Any]]:
+    """Rollout of `step` (the stage's step 1-4: samples, scores, no-grad forwards, rl.build_rollout) and its
+    statistics (the metrics users expect, plus the per-sample series)."""
+    n = cfg.samples_per_prompt
+    t0 = time.perf_counter()
+    drawn, sampling = draw_rollout_samples(accelerator, cfg, actor, tokenizer, prompts, plan.global_rows(step), step,
+                                           proxy, gold, prompt_room(cfg))
+    samples, raw, golds = drawn["samples"], drawn["raw"], drawn["gold"]
+    t1 = time.perf_counter()
+    need_old, need_ref = forwards_needed(cfg, len(samples))
+    forwards = rollout_forwards(accelerator, actor, ref, critic, samples, tokenizer.pad_token_id, cfg.temperature,
+                                cfg.forward_batch_size, need_old, need_ref)
+    finished = torch.tensor([s.finished for s in samples])
+    # missing-EOS and overlong penalties are in `penalised`; normalisation and clipping follow
+    scores = shape_scores(drawn["penalised"].flatten(), finished, 0.0, cfg.reward_norm, cfg.reward_clip, running)
+    rollout = build_rollout(
+        [s.prompt_ids for s in samples], [s.response_ids for s in samples], finished.tolist(),
+        [f.logprobs for f in forwards], [f.ref_logprobs for f in forwards],
+        [f.values for f in forwards] if critic is not None else None,
+        scores, tokenizer.pad_token_id, kl_coef, cfg.kl_estimator, cfg.gamma, cfg.lam, cfg.whiten_advantages,
+        advantage=cfg.advantage, group_size=n, kl_in=cfg.kl_in, has_old_logprobs=need_old, has_ref_logprobs=need_ref)
+    t2 = time.perf_counter()
+    mask, lengths = rollout.mask, rollout.mask.sum(1)
+    kl_per_seq = rollout.kl.sum(1)
+    stats = {
+        "reward": raw.mean().item(), "reward_std": raw.std().item() if len(raw) > 1 else 0.0,
+        "score": scores.mean().item(), "kl": kl_per_seq.mean().item(), "kl_coef": kl_coef,
+        "non_score_reward": (-kl_coef * kl_per_seq).mean().item(),
+        "entropy": sum(f.entropy_sum for f in forwards) / lengths.sum().item(),
+        "response_length": lengths.mean().item(), "eos_fraction": finished.float().mean().item(),
+        "advantages_abs_mean": masked_mean(rollout.advantages.abs(), mask).item(),
+        "time_generate_and_score": t1 - t0, "time_forward": t2 - t1, **sampling,
+    }
+    if not (need_old and need_ref):  # the KL is filled in by the update (stats_from_update), or never read
+        del stats["kl"], stats["non_score_reward"]
+    if critic is not None:
+        raw_advantages = (rollout.returns - rollout.values) * mask
+        stats.update(returns_mean=masked_mean(rollout.returns, mask).item(),
+                     values_mean=masked_mean(rollout.values, mask).item(),
+                     advantages_std=masked_mean((raw_advantages - masked_mean(raw_advantages, mask)) ** 2, mask).sqrt().item())
+    gold_list = golds.tolist() if golds is not None else None
+    if gold_list is not None:
+        from alignkit.eval.metrics import grouped_mean_and_stderr
+
+        stats["gold_reward"], stats["gold_reward_stderr"] = grouped_mean_and_stderr(grouped(gold_list, n))
+    samples_for_alarms = {"step": step + 1, "length": lengths.tolist(), "reward": raw.tolist(),
+                          **({"gold_reward": gold_list} if gold_list is not None else {})}
+    return rollout, {"stats": stats, "samples": samples_for_alarms, "tokens": int(lengths.sum().item())}
 
 
 def batch_on(samples: list[Generation], pad_id: int, device) -> dict[str, torch.Tensor]:
@@ -232,6 +287,43 @@ def evaluate_policy(accelerator: Accelerator, actor, ref, tokenizer, prompts: li
     out.pop("length_stderr")
     out["eos_fraction"] = sum(s.finished for s in samples) / len(samples)
     return out
+
+
+# ----------------------------------------------------------------------------- prompts and rewards
+
+
+def gold_task(cfg: Any) -> str | None:
+    """The task whose gold reward is optimised (reward=gold) or logged; None when the prompts have none."""
+    return task_name_for(cfg.task, cfg.train_data, required=False)
+
+
+def prompt_room(cfg: Any) -> int:
+    """Prompt tokens that fit: a longer prompt keeps its last prompt_room tokens (the end of the conversation),
+    so the response (max_new_tokens, end-of-turn included) always fits in max_length."""
+    return cfg.max_length - cfg.max_new_tokens
+
+
+def truncated_prompts(tokenizer, records: list[dict], cfg: Any) -> tuple[list, int]:
+    """(the records' prompts, how many are longer than prompt_room and are cut from the left when sampled)."""
+    room = prompt_room(cfg)
+    prompts = [r["prompt"] for r in records]
+    cut = sum(len(tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"]) > room for p in prompts)
+    return prompts, cut
+
+
+def reward_functions(accelerator: Accelerator, cfg: Any) -> tuple[RewardFn, RewardFn | None]:
+    """(proxy, gold or None): functions (prompts, texts per prompt) -> rewards per prompt."""
+    task = gold_task(cfg)
+    gold = (lambda prompts, texts: gold_rewards(task, prompts, texts)) if task else None
+    if cfg.reward == "gold":
+        return gold, gold
+    rm, rm_tokenizer = load_scorer(accelerator, cfg.reward_model)
+    rm.requires_grad_(False)
+
+    def proxy(prompts: list, texts: list[list[str]]) -> list[list[float]]:
+        return score_with(accelerator, rm, rm_tokenizer, prompts, texts, cfg.reward_batch_size, cfg.max_length)
+
+    return proxy, gold
 
 
 # ----------------------------------------------------------------------------- the four models
