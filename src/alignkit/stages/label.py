@@ -42,12 +42,10 @@ def check_config(cfg: LabelConfig) -> str | None:
         raise ConfigError("annotator=rm needs reward_model (the judging reward model)")
     if cfg.noise < 0 or cfg.temperature < 0:
         raise ConfigError("noise and temperature must be >= 0")
-    try:
-        return task_name_for(cfg.task, cfg.train_data)
-    except ConfigError:
-        if cfg.annotator in ("task", "gold"):
-            raise ConfigError(f"annotator={cfg.annotator} needs a built-in task: set task=sort, or label task: prompts") from None
-        return None
+    task = task_name_for(cfg.task, cfg.train_data, required=False)
+    if task is None and cfg.annotator in ("task", "gold"):
+        raise ConfigError(f"annotator={cfg.annotator} needs a built-in task: set task=sort, or label task: prompts")
+    return task
 
 
 def annotate(cfg: LabelConfig, accelerator, task: str | None, prompts: list, texts: list[list[str]], split: int) -> tuple[list, list]:
