@@ -23,7 +23,7 @@ costs); model load, dataset preparation and trainer construction are `setup s` (
 
 Not equal (the frameworks' own designs, kept): alignkit always loads a frozen reference copy (its held-out KL is
 measured at every evaluation), though at kl_coef 0 with one update per rollout it runs neither the reference nor
-the old log-prob forward in a rollout (ppo_parts.forwards_needed); TRL's GRPOTrainer at beta 0 and num_iterations 1
+the old log-prob forward in a rollout (rollout.ppo.forwards_needed); TRL's GRPOTrainer at beta 0 and num_iterations 1
 loads no reference and skips the old log-prob forward too (the ratio is the detached current one); TRL's
 RLOOTrainer runs the old log-prob forward, not the reference. TRL's RLOO ratio is per sequence, alignkit's
 per token (the same compute).

@@ -137,7 +137,7 @@ def gold_quality(model_dir: str, prompts_spec: str, seed: int, max_new_tokens: i
 
     from alignkit.data.records import load_records
     from alignkit.data.tasks import get_task, parse_task_spec
-    from alignkit.generation import generate
+    from alignkit.rollout.sampling import generate
 
     task = get_task(parse_task_spec(prompts_spec)[0])
     records, _ = load_records(prompts_spec, "prompts")

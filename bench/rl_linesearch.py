@@ -34,8 +34,10 @@ def main() -> None:
     from alignkit.data.records import load_records
     from alignkit.losses import aggregate_loss, clipped_policy_terms, importance_ratio
     from alignkit.models.loading import load_causal_lm
-    from alignkit.ppo_parts import Sample, batch_on, disable_dropout, load_reference, response_logprobs
-    from alignkit.rollout import RunningMoments, gold_rewards, sample_texts
+    from alignkit.rl import RunningMoments
+    from alignkit.rollout.ppo import batch_on, disable_dropout, load_reference, response_logprobs
+    from alignkit.rollout.rewards import gold_rewards
+    from alignkit.rollout.sampling import Generation, sample_texts
     from alignkit.runtime.setup import BatchPlan
 
     cfg = load_config(GRPOConfig, None, [f"model={args.model}", "reward=gold", "max_length=128", "rollout_batch_size=64",
@@ -59,7 +61,7 @@ def main() -> None:
     for k in range(args.rollouts):
         rollout, _ = P.collect(accelerator, cfg, actor, ref, None, tokenizer, prompts, plan, k, 0.0, proxy, gold,
                                RunningMoments())
-        samples = [Sample(rollout.prompt_ids[i], rollout.response_ids[i, : int(rollout.mask[i].sum())].tolist(), "", True)
+        samples = [Generation(rollout.prompt_ids[i], rollout.response_ids[i, : int(rollout.mask[i].sum())].tolist(), "", True)
                    for i in range(len(rollout))]
         batch = batch_on(samples, tokenizer.pad_token_id, "cpu")
         logps, _ = response_logprobs(actor, batch, 1.0)

@@ -9,7 +9,7 @@ Lines typed are user turns; `/reset` clears the history, `/system TEXT` sets the
 clears the history; `/system` alone removes it), `/exit`, end of input or Ctrl-C quits. `--prompt TEXT`
 answers once and exits. Replies go to stdout, everything else to stderr, so stdout is the model's text.
 
-Decoding is a function of the options alone (alignkit.generation.sampling_config, the model's own
+Decoding is a function of the options alone (alignkit.rollout.sampling.sampling_config, the model's own
 generation_config.json hidden): temperature 0 is greedy; otherwise softmax(logits / temperature),
 truncated by --top-k (0: off) and --top-p (1: off). `--seed` seeds the session once, so the same seed
 and the same lines give the same replies.
@@ -102,10 +102,10 @@ def load_for_generation(name: str):
 
 
 def generation_config(tokenizer, settings: dict):
-    """alignkit.generation.sampling_config for these settings, plus top_k (sampling_config leaves it off)."""
-    from alignkit.generation import _stop_ids, sampling_config
+    """alignkit.rollout.sampling.sampling_config for these settings, plus top_k (sampling_config leaves it off)."""
+    from alignkit.rollout.sampling import sampling_config, stop_ids
 
-    stop = _stop_ids(tokenizer)
+    stop = stop_ids(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     do_sample = settings["temperature"] > 0
     config = sampling_config(do_sample, settings["temperature"], settings["top_p"], settings["max_new_tokens"], stop, pad_id)
@@ -136,7 +136,7 @@ def reply(model, tokenizer, messages: list[dict], settings: dict) -> str:
     from transformers import TextStreamer
 
     from alignkit.data.chat import render_prompt
-    from alignkit.generation import model_defaults_hidden
+    from alignkit.rollout.sampling import model_defaults_hidden
 
     config = generation_config(tokenizer, settings)
     ids = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]

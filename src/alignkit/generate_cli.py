@@ -13,8 +13,8 @@ Output: JSONL, one row per (prompt, sample), prompt by prompt, samples in order:
 keep their settings when files are concatenated or filtered. A row is also an sft record (prompt +
 response), so `alignkit score --data FILE` scores it as it stands.
 
-Sampling goes through alignkit.generation.generate in batches of about --batch-size sequences (prompts x n);
-batch c is seeded from (--seed, c) as in the stages (alignkit.rollout.chunk_seed), so the same seed and
+Sampling goes through alignkit.rollout.sampling.generate in batches of about --batch-size sequences (prompts x n);
+batch c is seeded from (--seed, c) as in the stages (alignkit.rollout.sampling.chunk_seed), so the same seed and
 batch size give the same file.
 """
 
@@ -32,7 +32,7 @@ from alignkit.chat_cli import add_sampling_args, load_for_generation, sampling_s
 class _WithTopK:
     """`model` whose generate() also keeps only the top_k most likely tokens.
 
-    alignkit.generation.generate builds its whole GenerationConfig from its own arguments, which have no
+    alignkit.rollout.sampling.generate builds its whole GenerationConfig from its own arguments, which have no
     top_k (sampling_config sets top_k=0); this adds the one knob without copying its batching loop.
     Everything else (parameters, eval/train, modules) is the wrapped model's.
     """
@@ -59,8 +59,7 @@ def read_prompts(source: str) -> list[dict]:
 
 def sample_rows(model, tokenizer, records: list[dict], settings: dict, n: int, batch_size: int, progress) -> list[dict]:
     """n responses per record as output rows (without `sampling`); progress(k) is told each batch's k prompts."""
-    from alignkit.generation import generate
-    from alignkit.rollout import chunk_seed
+    from alignkit.rollout.sampling import TRAIN_SPLIT, chunk_seed, generate
 
     if settings["temperature"] > 0 and settings["top_k"] > 0:
         model = _WithTopK(model, settings["top_k"])
@@ -73,7 +72,7 @@ def sample_rows(model, tokenizer, records: list[dict], settings: dict, n: int, b
             model, tokenizer, [r["prompt"] for r in part], n=n, do_sample=settings["temperature"] > 0,
             temperature=max(settings["temperature"], 1e-6), top_p=settings["top_p"],
             max_new_tokens=settings["max_new_tokens"], batch_size=len(part) * n,
-            seed=None if seed is None else chunk_seed(seed, 0, c),
+            seed=None if seed is None else chunk_seed(seed, TRAIN_SPLIT, c),
         )
         for i, (record, samples) in enumerate(zip(part, gens), start=start):
             for j, g in enumerate(samples):

@@ -136,3 +136,35 @@ def shift_for_causal_lm(
     if logits.shape[1] < 2:
         raise ValueError(f"need at least 2 positions to shift, got T={logits.shape[1]}")
     return logits[:, :-1, :], labels[:, 1:]
+
+
+def pad_right(rows: list, value: float | int, dtype: torch.dtype) -> torch.Tensor:
+    """Ragged 1-D rows (lists or tensors) -> [N, longest] with `value` after each row."""
+    width = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), width), value, dtype=dtype)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.as_tensor(row, dtype=dtype)
+    return out
+
+
+def forward_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Inputs of one padded forward over (prompt, response) sequences, responses occupying the last columns.
+
+    Prompts are left-padded to a common width W and responses right-padded to R (the longest), so every
+    response starts at column W and the logits of columns W-1 .. W+R-2 score them (`logits_to_keep=R+1`,
+    last column dropped). Returns input_ids, attention_mask, position_ids [B,W+R]; labels [B,R] (response
+    ids, -100 on padding); mask [B,R] float.
+    """
+    width = max(len(p) for p in prompt_ids)
+    length = max(len(r) for r in response_ids)
+    batch = len(prompt_ids)
+    input_ids = torch.full((batch, width + length), pad_id, dtype=torch.long)
+    attention = torch.zeros((batch, width + length), dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        input_ids[i, width - len(p) : width] = torch.as_tensor(p)
+        input_ids[i, width : width + len(r)] = torch.as_tensor(r)
+        attention[i, width - len(p) : width + len(r)] = 1
+    position_ids = (attention.cumsum(1) - 1).clamp(min=0)
+    labels = pad_right(response_ids, -100, torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention, "position_ids": position_ids,
+            "labels": labels, "mask": (labels != -100).float()}

@@ -6,6 +6,7 @@ Paper and equation for each function: docs/papers.md.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -227,3 +228,160 @@ def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int, factor
     lengths = lengths.float()
     ramp = ((max_length - buffer) - lengths) / buffer
     return factor * ramp.clamp(min=-1.0, max=0.0)
+
+
+# ----------------------------------------------------------------------------- PPO rollouts (typed)
+
+
+@dataclass
+class Rollout:
+    """One PPO rollout of N sequences (rollout prompts x samples_per_prompt), in response-aligned layout.
+
+    T is the longest response. Row i holds sequence i's generated tokens at positions 0..len_i-1 (position t
+    is the t-th generated token, the action taken in state prompt + response[:t]); positions >= len_i are
+    padding, where `mask` is 0 and every float field is 0.
+
+    prompt_ids: N lists of prompt token ids (ragged, unpadded).
+    response_ids [N,T] long: generated ids, `pad_id` on padding (end-of-turn token included when produced).
+    mask [N,T] float: 1.0 on generated tokens.
+    finished [N] bool: the response ended with the end-of-turn token (not cut by max_new_tokens).
+    logprobs [N,T]: log-prob of each token under the sampling (old) policy, logits / temperature.
+    ref_logprobs [N,T]: the same under the frozen reference policy.
+    values [N,T]: the critic's value of the state each token is chosen in (0 without a critic).
+    scores [N]: sequence score entering the reward (the proxy after eos penalty, normalisation, clipping).
+    kl [N,T]: per-token KL estimate (kl_estimator) of policy vs reference.
+    rewards [N,T]: -kl_coef * kl (when the KL is in the reward), plus scores[i] at sequence i's last token.
+    advantages [N,T]: per-token advantages of the chosen estimator (build_rollout).
+    returns [N,T]: GAE returns (un-whitened advantages + values): the critic's targets (0 without a critic).
+    has_old_logprobs: False when `logprobs` were not computed (one update per rollout: the update's own
+        detached log-probs are the old ones); has_ref_logprobs: False when no reference forward ran (KL unread).
+    """
+
+    prompt_ids: list[list[int]]
+    response_ids: torch.Tensor
+    mask: torch.Tensor
+    finished: torch.Tensor
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    scores: torch.Tensor
+    kl: torch.Tensor
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    has_old_logprobs: bool = True
+    has_ref_logprobs: bool = True
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+
+
+@dataclass
+class RunningMoments:
+    """Running mean and variance of every score seen so far (Chan et al.'s parallel update), checkpointable."""
+
+    count: float = 0.0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    def update(self, x: torch.Tensor) -> None:
+        n, mean = float(x.numel()), float(x.double().mean())
+        m2 = float(((x.double() - mean) ** 2).sum())
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += m2 + delta**2 * self.count * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return (self.m2 / max(self.count - 1, 1.0)) ** 0.5
+
+
+def shape_scores(raw: torch.Tensor, finished: torch.Tensor, missing_eos_penalty: float = 0.0, norm: str = "none",
+                 clip: float = 0.0, running: RunningMoments | None = None) -> torch.Tensor:
+    """Proxy scores [N] -> the scores PPO optimises [N].
+
+    In order: minus `missing_eos_penalty` where not finished; normalisation `norm` ("batch": standardised
+    over these N; "running": by the mean/std of every score so far, `running` updated first with these);
+    then clipped to [-clip, clip] when clip > 0.
+    """
+    scores = raw.float() - missing_eos_penalty * (~finished.bool()).float()
+    if norm == "batch":
+        scores = (scores - scores.mean()) / (scores.std() + 1e-8) if len(scores) > 1 else scores - scores.mean()
+    elif norm == "running":
+        if running is None:
+            raise ValueError("norm='running' needs a RunningMoments")
+        running.update(scores)
+        scores = (scores - running.mean) / (running.std + 1e-8)
+    elif norm != "none":
+        raise ValueError(f"reward normalisation must be none, batch or running, got {norm!r}")
+    return scores.clamp(-clip, clip) if clip > 0 else scores
+
+
+def build_rollout(
+    prompt_ids: list[list[int]],
+    response_ids: list[list[int]],
+    finished: list[bool],
+    logprobs: list[torch.Tensor],
+    ref_logprobs: list[torch.Tensor],
+    values: list[torch.Tensor] | None,
+    scores: torch.Tensor,
+    pad_id: int,
+    kl_coef: float,
+    kl_estimator: str = "k1",
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    whiten_advantages: bool = True,
+    advantage: str = "gae",
+    group_size: int = 1,
+    kl_in: str = "reward",
+    has_old_logprobs: bool = True,
+    has_ref_logprobs: bool = True,
+) -> Rollout:
+    """Assemble a Rollout from per-sequence 1-D tensors (len_i each) and scores [N]; sequences are prompt-major
+    (group g = rows g*group_size .. (g+1)*group_size - 1 answer the same prompt).
+
+    kl = rl.kl_penalty(logprobs, ref_logprobs, kl_estimator) on counted tokens. With kl_in="reward" the KL is a
+    per-token penalty in the reward (rl.kl_shaped_rewards, coefficient kl_coef); with kl_in="loss" the reward
+    is the score alone (the policy loss adds the KL term). Then, by `advantage`:
+      gae: advantages, returns = rl.gae(rewards, values, mask, gamma, lam), whitened over every token when asked;
+      grpo / dr_grpo / rloo: each sequence's total reward (score - kl_coef * its KL sum when kl_in="reward")
+        -> rl.group_advantages over its group, the same value on each of its tokens; returns = 0 (no critic);
+      reinforce_pp: rl.reinforce_pp_advantages(rewards, mask, gamma) (already whitened); returns = 0.
+    `values` may be None without a critic (then 0). has_old_logprobs / has_ref_logprobs: see Rollout.
+    """
+    from alignkit.ops import pad_right, whiten
+
+    if advantage not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"advantage must be one of {list(ADVANTAGE_ESTIMATORS)}, got {advantage!r}")
+    if kl_in not in ("reward", "loss"):
+        raise ValueError(f"kl_in must be reward or loss, got {kl_in!r}")
+    if values is None:
+        values = [torch.zeros(len(r)) for r in response_ids]
+    for name, rows in (("logprobs", logprobs), ("ref_logprobs", ref_logprobs), ("values", values)):
+        lengths = [len(r) for r in rows]
+        if lengths != [len(r) for r in response_ids]:
+            raise ValueError(f"{name} lengths {lengths[:8]} differ from the response lengths")
+    ids = pad_right(response_ids, pad_id, torch.long)
+    mask = pad_right([[1.0] * len(r) for r in response_ids], 0.0, torch.float32)
+    lp, ref, vals = (pad_right(rows, 0.0, torch.float32) for rows in (logprobs, ref_logprobs, values))
+    reward_kl_coef = kl_coef if kl_in == "reward" else 0.0
+    rewards, kl = kl_shaped_rewards(scores.float(), lp, ref, mask, reward_kl_coef, kl_estimator)
+    if advantage == "gae":
+        advantages, returns = gae(rewards, vals, mask, gamma, lam)
+        if whiten_advantages:
+            advantages = whiten(advantages, mask)
+    elif advantage in GROUP_ESTIMATORS:
+        if len(response_ids) % group_size:
+            raise ValueError(f"{len(response_ids)} sequences do not split into groups of {group_size}")
+        totals = (rewards * mask).sum(1).view(-1, group_size)
+        advantages = broadcast_to_tokens(group_advantages(totals, advantage).flatten(), mask)
+        returns = torch.zeros_like(advantages)
+    else:
+        advantages, returns = reinforce_pp_advantages(rewards, mask, gamma), torch.zeros_like(rewards)
+    return Rollout(prompt_ids=[list(p) for p in prompt_ids], response_ids=ids, mask=mask,
+                   finished=torch.tensor(finished, dtype=torch.bool), logprobs=lp, ref_logprobs=ref, values=vals,
+                   scores=scores.float(), kl=kl, rewards=rewards, advantages=advantages, returns=returns,
+                   has_old_logprobs=has_old_logprobs, has_ref_logprobs=has_ref_logprobs)

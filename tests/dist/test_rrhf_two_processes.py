@@ -26,8 +26,12 @@ def test_rrhf_two_processes_equal_one(pretrained_tiny: Path, tmp_path: Path):
     assert s1["num_processes"] == 1 and s2["num_processes"] == 2
     assert (tmp_path / "one" / "lists.jsonl").read_text() == (tmp_path / "two" / "lists.jsonl").read_text()
     assert s1["samples_added"] == s2["samples_added"] > 0
-    for key in ("eval_rank_accuracy", "eval_sft_loss", "eval_rank_loss", "eval_rank_loss_before"):
-        assert s2[key] == pytest.approx(s1[key], rel=1e-4, abs=1e-4), key  # rank_loss sums ~15 pair terms
+    for key in ("eval_rank_accuracy", "eval_sft_loss", "eval_rank_loss_before"):
+        assert s2[key] == pytest.approx(s1[key], rel=1e-4, abs=1e-4), key
+    # After 5 steps at lr 1e-3 the weights differ by ~7e-6 (float sums in another order), the per-token scores by
+    # ~3e-4, and rank_loss sums 15-28 pair differences per list, so it agrees to ~0.25% (measured 3.0093 vs
+    # 3.0168); a list lost or counted twice by the split would move the mean of the 16 held-out lists far more.
+    assert s2["eval_rank_loss"] == pytest.approx(s1["eval_rank_loss"], rel=1e-2)
     assert s2["eval_rank_loss"] < s2["eval_rank_loss_before"]
     assert max_weight_diff(tmp_path / "one" / "final", tmp_path / "two" / "final") < 1e-4
     m1 = [m for m in map(json.loads, (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()) if "loss" in m]

@@ -70,7 +70,7 @@ def test_n1_is_plain_sampling(pretrained_tiny: Path, tmp_path: Path):
 
     from alignkit.data.tasks import load_task_records
     from alignkit.models.loading import load_causal_lm
-    from alignkit.rollout import sample_texts
+    from alignkit.rollout.sampling import sample_texts
 
     out = tmp_path / "run"
     summary = run_stage("best-of-n", bon_overrides(pretrained_tiny / "final", output_dir=out, n=1, seed=5))

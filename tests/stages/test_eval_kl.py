@@ -36,7 +36,7 @@ def _tempered_logp(model, prompt_ids: list[int], response_ids: list[int], temper
 def test_kl_uses_the_temperature_on_both_sides_and_groups_by_prompt(pretrained_tiny: Path):
     from alignkit.config import EvalConfig, EvalSamplingConfig
     from alignkit.data.tasks import load_task_records
-    from alignkit.generation import generate
+    from alignkit.rollout.sampling import generate
     from alignkit.models.loading import load_causal_lm
     from alignkit.stages.evaluate import Context, kl_metrics
 

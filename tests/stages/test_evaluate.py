@@ -71,7 +71,7 @@ def test_eval_base_and_sft_checkpoints(pretrained_tiny: Path, sft_run: Path, tmp
 def test_token_logps_sum_to_sequence_logps(pretrained_tiny: Path):
     from alignkit.models.loading import load_causal_lm
     from alignkit.runtime.sequences import sequence_logps
-    from alignkit.stages.evaluate import token_logps
+    from alignkit.eval.scoring import token_logps
 
     model, tok = load_causal_lm(str(pretrained_tiny / "final"))
     rng = np.random.default_rng(0)
@@ -87,7 +87,7 @@ def test_token_logps_sum_to_sequence_logps(pretrained_tiny: Path):
 
 
 def test_checkpoint_weights_load_like_final(sft_run: Path, tmp_path: Path):
-    from alignkit.stages.evaluate import expand_entry, load_target
+    from alignkit.eval.targets import expand_entry, load_target
 
     (ckpt,) = expand_entry(str(sft_run / "checkpoints" / "step-8"), None, checkpoints=True)
     assert ckpt.step == 8 and ckpt.name.endswith("@step-8")
@@ -98,7 +98,7 @@ def test_checkpoint_weights_load_like_final(sft_run: Path, tmp_path: Path):
 
 
 def test_lora_checkpoint_is_merged(pretrained_tiny: Path, tmp_path: Path):
-    from alignkit.stages.evaluate import expand_entry, load_target
+    from alignkit.eval.targets import expand_entry, load_target
 
     run = tmp_path / "lora"
     run_stage("sft", sft_overrides(pretrained_tiny / "final", output_dir=run, max_steps=4, save_steps=4,

@@ -102,15 +102,16 @@ def test_step_zero_ratio_and_kl_in_bf16(pretrained_tiny: Path, tmp_path: Path):
 def test_skipped_rollout_forwards_train_the_same(pretrained_tiny: Path, tmp_path: Path, monkeypatch, kl_coef: float):
     """One update per rollout: the old log-probs forward is skipped (the update's detached log-probs are the old
     ones) and, at kl_coef 0 without a KL alarm, the reference forward too. Training matches running both."""
+    import alignkit.rollout.ppo as ppo_rollout
     import alignkit.stages.ppo as ppo_stage
-    from alignkit.ppo_parts import forwards_needed
+    from alignkit.rollout.ppo import forwards_needed
 
     common = grpo_overrides(pretrained_tiny / "final", max_steps=2, eval_steps=0, kl_coef=kl_coef)
     cfg = ppo_stage.PPOConfig(kl_coef=kl_coef, ppo_epochs=1, mini_batch_size=16, kl_in="loss")
     assert forwards_needed(cfg, 16) == (False, kl_coef != 0)
     assert forwards_needed(ppo_stage.PPOConfig(kl_coef=kl_coef, ppo_epochs=2), 16)[0]
     skipped = run_stage("grpo", [*common, f"output_dir={tmp_path / 'skipped'}"])
-    monkeypatch.setattr(ppo_stage, "forwards_needed", lambda cfg, n: (True, True))
+    monkeypatch.setattr(ppo_rollout, "forwards_needed", lambda cfg, n: (True, True))  # read by collect
     both = run_stage("grpo", [*common, f"output_dir={tmp_path / 'both'}"])
     # float noise only: Adam turns ~1e-7 differences of near-zero gradients into ~1e-5 steps, while the two
     # updates moved the weights by ~1e-3 (a wrong gradient in either path would differ by that much)

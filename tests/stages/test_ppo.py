@@ -93,7 +93,7 @@ def test_reward_model_proxy_and_critic_from_it(pretrained_tiny: Path, tmp_path: 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from alignkit.data.tasks import get_task, load_task_records
-    from alignkit.ppo_parts import sample_responses
+    from alignkit.rollout.ppo import sample_responses
 
     policy = AutoModelForCausalLM.from_pretrained(pretrained_tiny / "final")
     tok = AutoTokenizer.from_pretrained(pretrained_tiny / "final")

@@ -1,4 +1,4 @@
-"""generation.generate samples from the caller's arguments alone, and cuts long prompts from the left."""
+"""rollout.sampling.generate samples from the caller's arguments alone, and cuts long prompts from the left."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from alignkit.generation import generate
+from alignkit.rollout.sampling import generate
 from alignkit.models.loading import build_scratch_model, load_causal_lm
 
 PROMPTS = [[{"role": "user", "content": "sort: 3 1 2"}], [{"role": "user", "content": "hello there, please reply"}],

@@ -2,7 +2,7 @@
 
 A causal LM loads as AutoModelForSequenceClassification with a randomly drawn score head (transformers
 only logs it as MISSING), so a stage given one would run to the end on noise. The shared loader
-(`load_reward_model`, under `rollout.load_scorer`) refuses it; starting an RM from it (new_head=True,
+(`load_reward_model`, under `rollout.rewards.load_scorer`) refuses it; starting an RM from it (new_head=True,
 what the rm stage and a critic do) still works.
 """
 
@@ -43,7 +43,7 @@ def refusal(path: Path) -> str:
 def test_loaders_refuse_a_causal_lm(causal_lm_dir: Path):
     from accelerate import Accelerator
 
-    from alignkit.rollout import load_scorer
+    from alignkit.rollout.rewards import load_scorer
 
     with pytest.raises(ModelError, match=refusal(causal_lm_dir)) as caught:
         load_reward_model(str(causal_lm_dir))

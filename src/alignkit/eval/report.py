@@ -34,9 +34,9 @@ TABLE = ["gold_reward", "gold_gain_vs_sft", "greedy_gold_reward", "proxy_reward"
          "heldout_ppl", "wall_s", "peak_rss_mb"]
 
 
-def evaluate_and_report(cfg: Any, done: dict[str, Path], stage_summaries: dict, notes: list[str], eval_overrides: list[str]) -> dict:
-    """Run `alignkit eval` on every policy of the pipeline and build the report (json, md, plots)."""
-    from alignkit.stages.pipeline import POLICY_METHODS, run_stage_process
+def eval_stage_args(cfg: Any, done: dict[str, Path]) -> list[str]:
+    """The `alignkit eval` overrides that evaluate every policy of a pipeline (stages/pipeline.py runs it)."""
+    from alignkit.stages import POLICY_METHODS
 
     out = Path(cfg.output_dir)
     # Stages without final/ (best-of-n: a sampling procedure, not a new model) report from their summary.
@@ -49,12 +49,14 @@ def evaluate_and_report(cfg: Any, done: dict[str, Path], stage_summaries: dict, 
         args += ["baseline=sft", "reference=sft"]
     if "rm" in done:
         args.append(f"reward.models={json.dumps([str(done['rm'] / 'final')])}")
-    eval_summary_path = out / "eval" / "summary.json"
-    config_file = Path(cfg.config_dir) / "eval.yaml"
-    if not eval_summary_path.exists():
-        (out / "eval").mkdir(parents=True, exist_ok=True)
-        run_stage_process("eval", config_file, args + eval_overrides, cfg.launcher, out / "eval" / "log.txt")
-    eval_summary = json.loads(eval_summary_path.read_text())
+    return args
+
+
+def report_from_eval(cfg: Any, done: dict[str, Path], stage_summaries: dict, notes: list[str]) -> dict:
+    """The pipeline's report (report.md, plots/, report.html; returned for report.json) from the stages'
+    summaries and the finished eval run in output_dir/eval."""
+    out = Path(cfg.output_dir)
+    eval_summary = json.loads((out / "eval" / "summary.json").read_text())
     report = build_report(stage_summaries, eval_summary, notes)
     plots = write_plots(out, done, report)
     (out / "report.md").write_text(render_markdown(report, plots, out))
@@ -85,7 +87,7 @@ def stage_alarms(stage_summaries: dict) -> list[dict]:
 
 def build_report(stage_summaries: dict, eval_summary: dict, notes: list[str]) -> dict:
     """Combine stage summaries and eval metrics into the report dictionary."""
-    from alignkit.stages.pipeline import POLICY_METHODS
+    from alignkit.stages import POLICY_METHODS
 
     stage_of = {method: stage for stage, method in POLICY_METHODS.items()}
     methods: dict[str, dict] = {}

@@ -70,6 +70,21 @@ def _sharding_on_cpu(accelerator: Accelerator, mixed_precision: str) -> None:
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
+def derive_seed(seed: int, *parts: int | str) -> int:
+    """The seed of one random draw of a run: a hash of (seed, *parts) into [0, 2**31).
+
+    The one rule for every derived seed (sampling chunks, batch orders, refill prompts, ...): parts name the
+    draw (a string tag, then the step / epoch / chunk indices), so two draws never share a seed by arithmetic
+    accident, and the value depends on nothing else (process count, Python's hash salt, platform).
+    """
+    import hashlib
+
+    if not isinstance(seed, int) or any(not isinstance(p, (int, str)) for p in parts):
+        raise TypeError(f"derive_seed takes an int seed and int | str parts, got {seed!r}, {parts!r}")
+    digest = hashlib.blake2b(repr((seed, *parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % (2**31)
+
+
 def seed_everything(seed: int) -> None:
     """Python, numpy and torch RNGs (all devices) from one seed."""
     set_seed(seed)
@@ -135,6 +150,9 @@ class BatchPlan:
     def global_rows(self, step: int) -> list[int]:
         epoch, within = divmod(step, self.steps_per_epoch)
         if epoch != self._perm_epoch:
+            # The one seed that does not follow derive_seed: every training stage's data order. Moving it to
+            # derive_seed reorders all training data and three learning-threshold stage tests (pretrain loss,
+            # rm's before-training accuracy, rrhf's rank-accuracy gain) then miss; a change of its own.
             g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
             self._perm = torch.randperm(self.n_rows, generator=g).tolist()
             self._perm_epoch = epoch

@@ -13,9 +13,9 @@ prompt's n samples, counting repeated rewards (duplicate responses) as atoms
 (eval.metrics.best_of_n_kl_estimate, which states its bias).
 
 Sampling is done in fixed chunks of prompts seeded from (seed, split, chunk) and spread over processes
-(rollout.map_chunks), reward-model scores likewise, so 1 and N processes select the same responses. The
-texts are exactly rollout.sample_texts' (both come from rollout.sample_generations); this module also
-keeps each response's token length and whether it ended with the end-of-turn token.
+(rollout.sampling.map_chunks), reward-model scores likewise, so 1 and N processes select the same responses.
+The candidates (rollout.sampling.sample_candidates) are rollout.sampling.sample_texts' texts with each
+response's token length and whether it ended with the end-of-turn token; rollout.rewards.Scorer scores them.
 """
 
 from __future__ import annotations
@@ -27,82 +27,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from accelerate import Accelerator
 
-from alignkit.config import BestOfNConfig, ConfigError, check_groups
+from alignkit.config import BestOfNConfig
 from alignkit.data.chat import tokenize_prompt_completion
 from alignkit.data.records import DataError
 from alignkit.eval import metrics as M
-from alignkit.rollout import load_scorer, rewards_for, sample_generations, score_with, task_name_for
+from alignkit.rollout.rewards import Scorer, reward_matrix
+from alignkit.rollout.sampling import EVAL_SPLIT, TRAIN_SPLIT, check_sampling_config, sample_candidates
 from alignkit.runtime.stage import finish_run, load_policy, load_train_eval, start_run
-
-TRAIN_SPLIT, EVAL_SPLIT = 0, 1  # sampling seeds of train_data and eval_data prompts
-
-
-def check_sampling_config(cfg: Any, n: int, n_key: str = "n") -> None:
-    """Errors shared by best-of-n and RAFT that would otherwise surface after minutes of sampling."""
-    if n < 1:
-        raise ConfigError(f"{n_key} (samples per prompt) must be >= 1, got {n}")
-    check_groups(cfg)
-    if cfg.reward.source == "gold":
-        task_name_for(cfg.reward.task, cfg.train_data)  # raises a ConfigError naming the fix
-
-
-def gold_task(cfg: Any) -> str | None:
-    """The built-in task whose gold reward can score responses, or None (no gold metrics)."""
-    try:
-        return task_name_for(cfg.reward.task, cfg.train_data)
-    except ConfigError:
-        return None
-
-
-# ----------------------------------------------------------------------------- sampling and scoring
-
-
-def sample_candidates(
-    accelerator: Accelerator, model, tokenizer, prompts: list, n: int, cfg: Any, seed: int, split: int,
-    temperature: float | None = None,
-) -> list[list[dict]]:
-    """n responses per prompt: result[i][j] = {"text", "length" (response tokens, end-of-turn included),
-    "finished" (ended with the end-of-turn token)}, from rollout.sample_generations (the samples of
-    rollout.sample_texts with the same arguments).
-
-    cfg gives max_new_tokens, sample_chunk, max_length (a longer prompt keeps its last max_length -
-    max_new_tokens tokens) and (unless `temperature` is given) the temperature."""
-    temperature = cfg.sampling.temperature if temperature is None else temperature
-    per_prompt = sample_generations(accelerator, model, tokenizer, prompts, n, temperature, cfg.sampling.max_new_tokens,
-                                    cfg.sampling.chunk, seed, split, max(1, cfg.max_length - cfg.sampling.max_new_tokens))
-    return [[{"text": g.text, "length": len(g.response_ids), "finished": g.finished} for g in gens] for gens in per_prompt]
-
-
-class Scorer:
-    """Proxy (rm | gold) and gold rewards of candidates; a reward model is loaded once and reused."""
-
-    def __init__(self, accelerator: Accelerator, cfg: Any):
-        self.accelerator, self.cfg = accelerator, cfg
-        self.task = gold_task(cfg)
-        self.rm = load_scorer(accelerator, cfg.reward.model) if cfg.reward.source == "rm" else None
-
-    def __call__(self, prompts: list, candidates: list[list[dict]]) -> None:
-        """Set "reward" (the proxy that selects) and "gold" (when a task exists) on every candidate."""
-        texts = [[c["text"] for c in per] for per in candidates]
-        gold = rewards_for(self.accelerator, "gold", prompts, texts, self.task) if self.task else None
-        if self.rm is not None:
-            proxy = score_with(self.accelerator, *self.rm, prompts, texts, self.cfg.reward.batch_size, self.cfg.max_length)
-        else:
-            proxy = gold
-        for i, per in enumerate(candidates):
-            for j, cand in enumerate(per):
-                cand["reward"] = float(proxy[i][j])
-                if gold is not None:
-                    cand["gold"] = float(gold[i][j])
-
-
-def reward_matrix(candidates: list[list[dict]], key: str) -> torch.Tensor:
-    """[B,K] float64 tensor of candidates' `key` (all prompts have K candidates)."""
-    return torch.tensor([[c[key] for c in per] for per in candidates], dtype=torch.float64)
-
 
 def kl_upper_bound(n: int) -> float:
     """log n - (n-1)/n nats: an UPPER bound on KL(best-of-n || sampler) (Beirami et al. 2024), equal to it only

@@ -7,9 +7,10 @@ over each run's checkpoints -> summary.json, metrics.jsonl, samples/, plots/, a 
 
 Standard errors treat prompts as the independent units (a prompt's K samples are averaged first).
 Every model is sampled with the same seed (common random numbers make differences less noisy).
-Pure math lives in alignkit.eval.metrics / alarms; this file only runs models. `evaluate_models(cfg)`
-is the entry point for Python callers (the pipeline). Past 400 lines: target resolution, sampling, every
-metric's wiring and the outputs of one evaluation run read best in one file.
+Pure math lives in alignkit.eval.metrics / alarms, target resolution in eval.targets, the scoring forwards in
+eval.scoring; sampling is rollout.sampling.sample_generations (the seeded chunked sampler of every stage);
+this file wires the metrics of one evaluation run. `evaluate_models(cfg)` is the entry point for Python
+callers (the pipeline).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,206 +29,11 @@ from alignkit.config import ConfigError, EvalConfig, check_groups, save_config
 from alignkit.eval import metrics as M
 from alignkit.eval.alarms import AlarmConfig, check_all
 from alignkit.eval.plots import print_table, safe_name
+from alignkit.eval.scoring import SCORE_ROW_TOKENS, heldout_perplexity, response_examples, token_logps
+from alignkit.eval.targets import Target, _dedupe, load_target, resolve_targets
+from alignkit.rollout.sampling import EVAL_SPLIT, GREEDY_SPLIT, sample_generations
 from alignkit.runtime.logging import _clean
 from alignkit.runtime.setup import peak_rss_mb
-
-# Packed rows when scoring: short rows keep attention (quadratic in the row) cheap; an example longer
-# than this gets a row of its own.
-SCORE_ROW_TOKENS = 128
-
-
-@dataclass
-class Target:
-    """One set of weights to evaluate: `model_dir` (architecture + tokenizer), optionally overwritten by
-    the checkpoint state dict `state` (LoRA adapters merged using `lora`, the run's lora options)."""
-
-    name: str  # key in summary.json ("sft", "sft@step-100")
-    label: str  # the run it belongs to (one line per label in plots, one series for alarms)
-    step: Optional[int]
-    model_dir: str
-    state: Optional[Path] = None
-    lora: dict = field(default_factory=dict)
-
-
-# ------------------------------------------------------------------------------ resolving models
-
-
-def _final_step(run: Path) -> Optional[int]:
-    summary = run / "summary.json"
-    return json.loads(summary.read_text()).get("steps") if summary.exists() else None
-
-
-def _run_lora(run: Path) -> dict:
-    import yaml
-
-    config = run / "config.yaml"
-    lora = (yaml.safe_load(config.read_text()) or {}).get("lora", {}) if config.exists() else {}
-    return lora if isinstance(lora, dict) else {}
-
-
-def _checkpoint_target(ckpt: Path, name: str, label: str) -> Target:
-    run = ckpt.parent.parent
-    if not (run / "final" / "config.json").exists():
-        raise ConfigError(f"checkpoint {ckpt}: its run has no final/ model to take the architecture and tokenizer from")
-    step = int(ckpt.name.split("-")[1])
-    return Target(name, label, step, str(run / "final"), ckpt / "model.safetensors", _run_lora(run))
-
-
-def expand_entry(entry: str, label: Optional[str], checkpoints: bool) -> list[Target]:
-    """Targets of one `models` entry: a run dir, a final/ dir, a checkpoint dir, or a model path/id."""
-    from alignkit.runtime.checkpoint import STEP_DIR, checkpoint_dirs
-
-    path = Path(entry)
-    if (path / "final" / "config.json").exists():  # a run dir
-        label = label or path.resolve().name
-        step = _final_step(path)
-        ckpts = [c for c in checkpoint_dirs(path) if checkpoints and int(c.name.split("-")[1]) != step]
-        out = [_checkpoint_target(c, f"{label}@{c.name}", label) for c in ckpts]
-        return out + [Target(label, label, step, str(path / "final"))]
-    if STEP_DIR.match(path.name) and (path / "model.safetensors").exists():  # a checkpoint dir
-        label = label or path.resolve().parent.parent.name
-        return [_checkpoint_target(path, f"{label}@{path.name}", label)]
-    if (path / "config.json").exists():  # a model dir; a run's final/ knows its step
-        run = path.resolve().parent
-        label = label or (run.name if path.name == "final" else path.resolve().name)
-        return [Target(label, label, _final_step(run) if path.name == "final" else None, str(path))]
-    from alignkit.models.loading import resolve_model_path
-
-    return [Target(label or entry, label or entry, None, resolve_model_path(entry))]
-
-
-def _dedupe(name: str, taken: set[str] | list[str]) -> str:
-    """`name`, or name_2, name_3, ... if taken."""
-    out, i = name, 2
-    while out in taken:
-        out, i = f"{name}_{i}", i + 1
-    return out
-
-
-def _unique(targets: list[Target]) -> list[Target]:
-    seen: set[str] = set()
-    for t in targets:
-        t.name = _dedupe(t.name, seen)
-        seen.add(t.name)
-    return targets
-
-
-def _find(targets: list[Target], key: str) -> Optional[Target]:
-    """The target named `key`, else the last (final) target of the run labelled `key`."""
-    named = [t for t in targets if t.name == key] or [t for t in targets if t.label == key]
-    return named[-1] if named else None
-
-
-def resolve_targets(cfg: EvalConfig) -> tuple[list[Target], Target, Target]:
-    """(targets in evaluation order, baseline, reference). The baseline is evaluated first."""
-    entries = [cfg.models] if isinstance(cfg.models, str) else list(cfg.models)
-    if cfg.names and len(cfg.names) != len(entries):
-        raise ConfigError(f"names: {len(cfg.names)} names for {len(entries)} models")
-    targets: list[Target] = []
-    for i, entry in enumerate(entries):
-        targets.extend(expand_entry(entry, cfg.names[i] if cfg.names else None, cfg.checkpoints))
-    _unique(targets)
-    first_final = [t for t in targets if t.label == targets[0].label][-1]
-    baseline = _find(targets, cfg.baseline) if cfg.baseline else first_final
-    if baseline is None:  # a path outside `models`: evaluate it too
-        baseline = expand_entry(cfg.baseline, "baseline", checkpoints=False)[-1]
-        targets = _unique([baseline] + targets)
-    reference = baseline
-    if cfg.reference:
-        reference = _find(targets, cfg.reference) or expand_entry(cfg.reference, "reference", checkpoints=False)[-1]
-    return [baseline] + [t for t in targets if t is not baseline], baseline, reference
-
-
-def load_target(target: Target, device: torch.device):
-    """(model in eval mode on device, tokenizer) for a target, checkpoint weights and LoRA merged in."""
-    from alignkit.models.loading import load_causal_lm
-
-    model, tokenizer = load_causal_lm(target.model_dir)
-    if target.state is not None:
-        from safetensors.torch import load_file
-
-        from alignkit.models.lora import LoraOptions, apply_lora, merge_lora
-
-        state = load_file(str(target.state))
-        if any("lora_" in k for k in state):  # a LoRA run's checkpoint: adapters on the final/ base
-            model = apply_lora(model, LoraOptions(**target.lora))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        # A tied output head is saved once (as the embedding), so its key is absent from the state.
-        tied = {k for k in missing if k.endswith("lm_head.weight")} if model.config.tie_word_embeddings else set()
-        if unexpected or set(missing) - tied:
-            raise ConfigError(f"{target.state}: does not fit {target.model_dir} "
-                              f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
-        model = merge_lora(model)
-    return model.to(device).eval(), tokenizer
-
-
-# ------------------------------------------------------------------------------ scoring
-
-
-def _chunks(examples: list[dict], token_budget: int) -> list[list[int]]:
-    """Consecutive index groups of at most `token_budget` tokens (at least one example each)."""
-    groups, current, used = [], [], 0
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        if current and used + n > token_budget:
-            groups.append(current)
-            current, used = [], 0
-        current.append(i)
-        used += n
-    return groups + [current] if current else groups
-
-
-@torch.no_grad()
-def token_logps(model, examples: list[dict], pad_id: int, row_tokens: int, token_budget: int,
-                temperature: float = 1.0) -> list[torch.Tensor]:
-    """Per-token log-probs of each example's label tokens: list of [T_n] float tensors (CPU).
-
-    Same packing and shift as runtime.sequences.sequence_logps (their sums are equal), with logits
-    divided by `temperature` (the distribution responses were sampled from). Examples are packed into
-    rows of `row_tokens` (short rows: attention cost grows with the row length squared), at most
-    `token_budget` tokens per forward.
-    """
-    from alignkit.ops import logprobs_from_logits
-    from alignkit.runtime.sequences import pack_for_forward
-
-    device = next(model.parameters()).device
-    out: list[torch.Tensor] = []
-    for group in _chunks(examples, token_budget):
-        batch = pack_for_forward([examples[i] for i in group], row_tokens, pad_id, device)
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-        labels = batch["labels"][:, 1:]
-        lp = logprobs_from_logits(logits[:, :-1].float() / temperature, labels)
-        counted = labels != -100
-        seg = batch["segment"][:, 1:][counted]
-        order = torch.argsort(seg, stable=True)  # row-major order keeps each example's tokens in sequence
-        counts = torch.bincount(seg, minlength=len(group)).tolist()
-        out.extend(t.cpu() for t in torch.split(lp[counted][order], counts))
-    return out
-
-
-@torch.no_grad()
-def heldout_perplexity(model, tokenizer, texts: list[str], cfg: EvalConfig) -> dict[str, float]:
-    """Token-level NLL and perplexity of pretraining-style texts (each truncated to max_length)."""
-    from alignkit.data.chat import tokenize_text
-    from alignkit.runtime.sequences import sequence_logps
-
-    examples = [{"input_ids": ids, "labels": ids} for ids in (tokenize_text(tokenizer, t)[: cfg.max_length] for t in texts)]
-    nll, tokens = 0.0, 0.0
-    for group in _chunks(examples, cfg.score_tokens):
-        sums, counts = sequence_logps(model, [examples[i] for i in group], tokenizer.pad_token_id, SCORE_ROW_TOKENS)
-        nll, tokens = nll - sums.sum().item(), tokens + counts.sum().item()
-    return {"heldout_nll": nll / max(tokens, 1.0), "heldout_ppl": M.perplexity(nll, tokens)}
-
-
-def response_examples(generations: list, max_length: int) -> list[dict]:
-    """{input_ids: prompt + response, labels: -100 on the prompt} per generation, cut to max_length."""
-    out = []
-    for g in generations:
-        ids = (g.prompt_ids + g.response_ids)[:max_length]
-        labels = ([-100] * len(g.prompt_ids) + g.response_ids)[:max_length]
-        out.append({"input_ids": ids, "labels": labels})
-    return out
-
 
 # ------------------------------------------------------------------------------ one model
 
@@ -300,18 +106,19 @@ def kl_metrics(ctx: Context, model, tokenizer, generations: list) -> dict:
 
 def evaluate_policy(model, tokenizer, ctx: Context) -> tuple[dict, dict[str, Any]]:
     """(metrics, per-sample data for alarms and samples.jsonl) of one model."""
-    from alignkit.generation import generate
-
     cfg, k = ctx.cfg, ctx.cfg.n_samples
-    sampled = generate(model, tokenizer, ctx.prompts, n=k, temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
-                       max_new_tokens=cfg.sampling.max_new_tokens, batch_size=cfg.sampling.chunk * k, seed=cfg.seed)
+    # chunks of sampling.chunk prompts, seeded from (seed, EVAL_SPLIT, chunk): the same for every model
+    sampled = sample_generations(None, model, tokenizer, ctx.prompts, k, cfg.sampling.temperature,
+                                 cfg.sampling.max_new_tokens, cfg.sampling.chunk, cfg.seed, EVAL_SPLIT,
+                                 top_p=cfg.sampling.top_p)
     flat = [g for per_prompt in sampled for g in per_prompt]
     flat_prompts = [p for p in ctx.prompts for _ in range(k)]
     texts = [g.text for g in flat]
     out, scores = reward_metrics(ctx, flat_prompts, texts, k)
     if cfg.greedy and ctx.task is not None:
-        greedy = [g[0].text for g in generate(model, tokenizer, ctx.prompts, n=1, do_sample=False,
-                                                max_new_tokens=cfg.sampling.max_new_tokens, batch_size=cfg.sampling.chunk * k)]
+        greedy = [g[0].text for g in sample_generations(None, model, tokenizer, ctx.prompts, 1, 0.0,
+                                                          cfg.sampling.max_new_tokens, cfg.sampling.chunk * k,
+                                                          cfg.seed, GREEDY_SPLIT)]
         _with_stderr(out, "greedy_gold_reward", M.mean_and_stderr(ctx.task.gold_rewards(ctx.prompts, greedy)))
     out.update(kl_metrics(ctx, model, tokenizer, flat))
     for key, name in (("gold", "win_rate_gold"), ("proxy", "win_rate_rm")):
@@ -370,13 +177,14 @@ def check_config(cfg: EvalConfig) -> None:
 
 
 def _task(cfg: EvalConfig):
-    from alignkit.data.tasks import get_task, parse_task_spec
+    """The task named by `task`; with task=auto the task of a `task:` prompts spec (rollout.rewards.task_name_for)."""
+    from alignkit.data.tasks import get_task
+    from alignkit.rollout.rewards import task_name_for
 
     if cfg.reward.task in (None, "none", "null"):
         return None
-    if cfg.reward.task == "auto":
-        return get_task(parse_task_spec(cfg.prompts)[0]) if cfg.prompts.startswith("task:") else None
-    return get_task(cfg.reward.task)
+    name = task_name_for(None if cfg.reward.task == "auto" else cfg.reward.task, cfg.prompts, required=False)
+    return get_task(name) if name else None
 
 
 def rm_label(path: str, taken: list[str]) -> str:

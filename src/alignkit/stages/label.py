@@ -1,6 +1,6 @@
 """`alignkit label`: comparison data from a model's own samples, ranked by an annotator.
 
-config -> prompts -> n samples per prompt from `model` (rollout.sample_texts: seeded chunks, any process count
+config -> prompts -> n samples per prompt from `model` (rollout.sampling.sample_texts: seeded chunks, any process count
 samples alike) -> duplicates and empty responses dropped -> each response scored by the annotator -> files:
     ranked.jsonl  {prompt, responses, scores, meta: {gold}}       (kind ranked: `alignkit rm`, `alignkit rrhf`)
     pairs.jsonl   {prompt, chosen, rejected, meta: {gold_chosen, gold_rejected}}  (kind preference: `alignkit dpo`)
@@ -24,7 +24,9 @@ from typing import Any
 
 from alignkit.config import ConfigError, LabelConfig, check_groups
 from alignkit.data.records import DataError
-from alignkit.rollout import rewards_for, sample_texts, task_name_for
+from alignkit.rollout.rewards import rewards_for, task_name_for
+from alignkit.rollout.sampling import sample_texts
+from alignkit.runtime.setup import derive_seed
 from alignkit.runtime.stage import finish_run, load_policy, load_train_eval, start_run
 
 ANNOTATORS = ("task", "gold", "rm")
@@ -41,12 +43,11 @@ def check_config(cfg: LabelConfig) -> str | None:
         raise ConfigError("annotator=rm needs reward.model (the judging reward model)")
     if cfg.noise < 0:
         raise ConfigError(f"noise must be >= 0, got {cfg.noise}")
-    try:
-        return task_name_for(cfg.reward.task, cfg.train_data)
-    except ConfigError:
-        if cfg.annotator in ("task", "gold"):
-            raise ConfigError(f"annotator={cfg.annotator} needs a built-in task: set reward.task=sort, or label task: prompts") from None
-        return None
+    task = task_name_for(cfg.reward.task, cfg.train_data, required=False)
+    if task is None and cfg.annotator in ("task", "gold"):
+        raise ConfigError(f"annotator={cfg.annotator} needs a built-in task: set reward.task=sort, "
+                          "or label task: prompts")
+    return task
 
 
 def annotate(cfg: LabelConfig, accelerator, task: str | None, prompts: list, texts: list[list[str]], split: int) -> tuple[list, list]:
@@ -61,7 +62,7 @@ def annotate(cfg: LabelConfig, accelerator, task: str | None, prompts: list, tex
 
     scores = []
     for i, (responses, gold) in enumerate(zip(texts, golds)):
-        rng = random.Random(f"label-{cfg.seed}-{split}-{i}")
+        rng = random.Random(derive_seed(cfg.seed, "label", split, i))
         scores.append([annotator_utility(g, len(r.split()), cfg.noise, cfg.length_bias, rng) for r, g in zip(responses, gold)])
     return scores, golds
 

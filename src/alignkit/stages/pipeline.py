@@ -35,8 +35,6 @@ WIRING: dict[str, dict[str, str]] = {
     "raft": {"model": "sft/final", "reward.model": "rm/final"},
     "best_of_n": {"model": "sft/final", "reward.model": "rm/final"},
 }
-# Stages whose final/ is a policy to evaluate, under the method name the report uses.
-POLICY_METHODS = {"pretrain": "base", "sft": "sft", "dpo": "dpo", "rrhf": "rrhf", "ppo": "ppo", "grpo": "grpo", "raft": "raft", "best_of_n": "best_of_n"}
 
 
 def cli_name(stage: str) -> str:
@@ -131,6 +129,20 @@ def _copy_output(proc: subprocess.Popen, log) -> None:
         log.write(line)
 
 
+def evaluate_and_report(cfg: PipelineConfig, done: dict[str, Path], stage_summaries: dict, notes: list[str],
+                        eval_overrides: list[str]) -> dict:
+    """Run `alignkit eval` on every policy of the pipeline (unless its summary exists) and build the report
+    (json, md, plots, html: eval.report.report_from_eval)."""
+    from alignkit.eval.report import eval_stage_args, report_from_eval
+
+    out = Path(cfg.output_dir)
+    if not (out / "eval" / "summary.json").exists():
+        (out / "eval").mkdir(parents=True, exist_ok=True)
+        run_stage_process("eval", Path(cfg.config_dir) / "eval.yaml", eval_stage_args(cfg, done) + eval_overrides,
+                          cfg.launcher, out / "eval" / "log.txt")
+    return report_from_eval(cfg, done, stage_summaries, notes)
+
+
 def run(cfg: PipelineConfig) -> dict:
     started = time.time()
     out = Path(cfg.output_dir)
@@ -164,8 +176,6 @@ def run(cfg: PipelineConfig) -> dict:
     stage_summaries = {s: json.loads((d / "summary.json").read_text()) for s, d in done.items()}
     report: dict = {"stages": stage_summaries, "methods": {}, "alarms": [], "notes": notes}
     if cfg.evaluate and done:
-        from alignkit.eval.report import evaluate_and_report
-
         report = evaluate_and_report(cfg, done, stage_summaries, notes, per_stage.get("eval", []))
     report["wall_s"] = time.time() - started
     (out / "report.json").write_text(json.dumps(report, indent=1))

@@ -8,18 +8,19 @@ proxy reward (reward model on text, or the task's gold reward) -> per step:
      sampled with the KV cache in fixed seeded chunks (any process count samples the same tokens); with
      `dynamic_sampling`, groups whose rewards are all equal are dropped and more prompts sampled (DAPO);
   2. scores: the proxy on the decoded text (the RM may use its own tokenizer), minus `missing_eos_penalty`,
-     plus DAPO's overlong penalty, normalised / clipped (rollout.shape_scores); gold is logged whenever known;
+     plus DAPO's overlong penalty, normalised / clipped (rl.shape_scores); gold is logged whenever known;
   3. no-grad forwards (one padded forward per model per chunk, under the training autocast): old and
-     reference log-probs, values; each only when read (ppo_parts.forwards_needed);
-  4. advantages (rollout.build_rollout): KL in the reward or in the loss (`kl_in`), then GAE (whitened) or
+     reference log-probs, values; each only when read (rollout.ppo.forwards_needed);
+  4. advantages (rl.build_rollout): KL in the reward or in the loss (`kl_in`), then GAE (whitened) or
      group / batch-normalised advantages;
   5. `ppo_epochs` passes of mini-batches of `mini_batch_size` sequences: clipped policy loss (token or
      sequence ratio, asymmetric clip, + KL term, + entropy bonus) reduced by `loss_agg` over the GLOBAL
      mini-batch; clipped value loss on the critic; gradients all-reduced by DDP, clipped, AdamW steps;
   6. KL controller update; metrics; reward-hacking alarms; eval every `eval_steps`; atomic checkpoint.
 Every random draw derives from (seed, step), so `resume=true` reproduces an uninterrupted run.
-A little over 400 lines: PPO and the GRPO family are one stage (one rollout, one update, options), kept in one
-file that reads top to bottom; sampling, forwards, loading and evaluation are in ppo_parts.
+PPO and the GRPO family are one stage (one rollout, one update, options), kept in one file that reads top
+to bottom; sampling, forwards, prompts, rewards, loading and evaluation are in rollout/ppo.py, the rollout's
+math (rl.build_rollout, rl.shape_scores) in rl.py.
 """
 
 from __future__ import annotations
@@ -31,28 +32,28 @@ import sys
 import time
 from contextlib import ExitStack
 from dataclasses import asdict
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 
 from alignkit.config import ConfigError, PPOConfig, check_groups
-from alignkit.data.chat import render_prompt
 from alignkit.data.records import DataError
 from alignkit.eval.alarms import AlarmWatch
 from alignkit.losses import (LOSS_AGGREGATIONS, RATIO_LEVELS, clip_fraction, clipped_policy_terms, importance_ratio,
                              loss_numerator, ppo_value_loss)
 from alignkit.ops import masked_mean
-from alignkit.ppo_parts import (Sample, batch_on, disable_dropout, draw_rollout_samples, evaluate_policy,
-                                forwards_needed, grouped, load_critic, load_reference, response_logprobs,
-                                response_values, rollout_forwards, save_critic, stats_from_update)
 from alignkit.rl import (ADVANTAGE_ESTIMATORS, GROUP_ESTIMATORS, KL_KINDS, AdaptiveKLController, FixedKLController,
-                         kl_penalty)
-from alignkit.rollout import (Rollout, RunningMoments, build_rollout, gold_rewards, load_scorer, score_with,
-                              shape_scores, task_name_for)
+                         Rollout, RunningMoments, kl_penalty)
+from alignkit.rollout.ppo import (batch_on, collect, disable_dropout, evaluate_policy, load_critic, load_reference,
+                                  prompt_room, response_logprobs, response_values, reward_functions, save_critic,
+                                  stats_from_update, truncated_prompts)
+from alignkit.rollout.rewards import task_name_for
+from alignkit.rollout.sampling import Generation
 from alignkit.runtime.checkpoint import checkpoint_to_resume, load_checkpoint, save_checkpoint
 from alignkit.runtime.logging import RunLogger
-from alignkit.runtime.setup import BatchPlan, build_optimizer, build_scheduler
+from alignkit.runtime.setup import BatchPlan, build_optimizer, build_scheduler, derive_seed
 from alignkit.runtime.guards import NonFiniteGuard, StopRequests, injected_nan_factor, send_test_signal
 from alignkit.runtime.stage import finish_run, load_policy, load_train_eval, start_run
 from alignkit.runtime.train_loop import KILL_ENV, save_final
@@ -92,94 +93,6 @@ def check_config(cfg: PPOConfig) -> None:
                           f"(rollout_batch_size {cfg.rollout_batch_size} x samples_per_prompt {cfg.samples_per_prompt})")
 
 
-def gold_task(cfg: PPOConfig) -> str | None:
-    """The task whose gold reward is optimised (reward=gold) or logged; None when the prompts have none."""
-    try:
-        return task_name_for(cfg.reward.task, cfg.train_data)
-    except ConfigError:
-        return None
-
-
-def prompt_room(cfg: PPOConfig) -> int:
-    """Prompt tokens that fit: a longer prompt keeps its last prompt_room tokens (the end of the conversation),
-    so the response (max_new_tokens, end-of-turn included) always fits in max_length."""
-    return cfg.max_length - cfg.sampling.max_new_tokens
-
-
-def truncated_prompts(tokenizer, records: list[dict], cfg: PPOConfig) -> tuple[list, int]:
-    """(the records' prompts, how many are longer than prompt_room and are cut from the left when sampled)."""
-    room = prompt_room(cfg)
-    prompts = [r["prompt"] for r in records]
-    cut = sum(len(tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"]) > room for p in prompts)
-    return prompts, cut
-
-
-def reward_functions(accelerator: Accelerator, cfg: PPOConfig):
-    """(proxy, gold or None): functions (prompts, texts per prompt) -> rewards per prompt."""
-    task = gold_task(cfg)
-    gold = (lambda prompts, texts: gold_rewards(task, prompts, texts)) if task else None
-    if cfg.reward.source == "gold":
-        return gold, gold
-    rm, rm_tokenizer = load_scorer(accelerator, cfg.reward.model)
-    rm.requires_grad_(False)
-
-    def proxy(prompts: list, texts: list[list[str]]) -> list[list[float]]:
-        return score_with(accelerator, rm, rm_tokenizer, prompts, texts, cfg.reward.batch_size, cfg.max_length)
-
-    return proxy, gold
-
-
-# ----------------------------------------------------------------------------- one step: rollout
-
-def collect(accelerator, cfg, actor, ref, critic, tokenizer, prompts, plan, step, kl_coef, proxy, gold,
-            running) -> tuple[Rollout, dict[str, Any]]:
-    """Rollout of `step` and its statistics (the metrics users expect, plus the per-sample series)."""
-    n = cfg.samples_per_prompt
-    t0 = time.perf_counter()
-    drawn, sampling = draw_rollout_samples(accelerator, cfg, actor, tokenizer, prompts, plan.global_rows(step), step,
-                                           proxy, gold, prompt_room(cfg))
-    samples, raw, golds = drawn["samples"], drawn["raw"], drawn["gold"]
-    t1 = time.perf_counter()
-    need_old, need_ref = forwards_needed(cfg, len(samples))
-    forwards = rollout_forwards(accelerator, actor, ref, critic, samples, tokenizer.pad_token_id, cfg.sampling.temperature,
-                                cfg.forward_batch_size, need_old, need_ref)
-    finished = torch.tensor([s.finished for s in samples])
-    # missing-EOS and overlong penalties are in `penalised`; normalisation and clipping follow
-    scores = shape_scores(drawn["penalised"].flatten(), finished, 0.0, cfg.reward_norm, cfg.reward_clip, running)
-    rollout = build_rollout(
-        [s.prompt_ids for s in samples], [s.response_ids for s in samples], finished.tolist(),
-        [f[0] for f in forwards], [f[1] for f in forwards], [f[2] for f in forwards] if critic is not None else None,
-        scores, tokenizer.pad_token_id, kl_coef, cfg.kl_estimator, cfg.gamma, cfg.lam, cfg.whiten_advantages,
-        advantage=cfg.advantage, group_size=n, kl_in=cfg.kl_in, has_old_logprobs=need_old, has_ref_logprobs=need_ref)
-    t2 = time.perf_counter()
-    mask, lengths = rollout.mask, rollout.mask.sum(1)
-    kl_per_seq = rollout.kl.sum(1)
-    stats = {
-        "reward": raw.mean().item(), "reward_std": raw.std().item() if len(raw) > 1 else 0.0,
-        "score": scores.mean().item(), "kl": kl_per_seq.mean().item(), "kl_coef": kl_coef,
-        "non_score_reward": (-kl_coef * kl_per_seq).mean().item(),
-        "entropy": sum(f[3] for f in forwards) / lengths.sum().item(),
-        "response_length": lengths.mean().item(), "eos_fraction": finished.float().mean().item(),
-        "advantages_abs_mean": masked_mean(rollout.advantages.abs(), mask).item(),
-        "time_generate_and_score": t1 - t0, "time_forward": t2 - t1, **sampling,
-    }
-    if not (need_old and need_ref):  # the KL is filled in by the update (stats_from_update), or never read
-        del stats["kl"], stats["non_score_reward"]
-    if critic is not None:
-        raw_advantages = (rollout.returns - rollout.values) * mask
-        stats.update(returns_mean=masked_mean(rollout.returns, mask).item(),
-                     values_mean=masked_mean(rollout.values, mask).item(),
-                     advantages_std=masked_mean((raw_advantages - masked_mean(raw_advantages, mask)) ** 2, mask).sqrt().item())
-    gold_list = golds.tolist() if golds is not None else None
-    if gold_list is not None:
-        from alignkit.eval.metrics import grouped_mean_and_stderr
-
-        stats["gold_reward"], stats["gold_reward_stderr"] = grouped_mean_and_stderr(grouped(gold_list, n))
-    samples_for_alarms = {"step": step + 1, "length": lengths.tolist(), "reward": raw.tolist(),
-                          **({"gold_reward": gold_list} if gold_list is not None else {})}
-    return rollout, {"stats": stats, "samples": samples_for_alarms, "tokens": int(lengths.sum().item())}
-
-
 # ----------------------------------------------------------------------------- one step: updates
 
 
@@ -188,7 +101,7 @@ def micro_step(accelerator, cfg, actor, critic, rollout: Rollout, rows: list[int
     """Backward of one micro-batch's share of the mini-batch losses: numerators over the micro-batch divided by
     the GLOBAL mini-batch denominators `totals` ("tokens", "sequences"), so micro-batches and processes add up
     to the loss of the whole mini-batch."""
-    samples = [Sample(rollout.prompt_ids[i], rollout.response_ids[i, : int(rollout.mask[i].sum())].tolist(), "", True)
+    samples = [Generation(rollout.prompt_ids[i], rollout.response_ids[i, : int(rollout.mask[i].sum())].tolist(), "", True)
                for i in rows]
     batch = batch_on(samples, pad_id, accelerator.device)
     width, mask = batch["mask"].shape[1], batch["mask"]
@@ -251,7 +164,7 @@ def update(accelerator, cfg, actor, critic, optimizers, rollout: Rollout, step: 
             model.train()  # dropout is off (disable_dropout): train mode computes what the rollout did
     updates, lengths = 0, rollout.mask.sum(1).tolist()
     for epoch in range(cfg.ppo_epochs):
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1_009 + epoch))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "ppo_minibatches", step, epoch)))
         for start in range(0, n, mini):
             rows = order[start : start + mini].tolist()
             denominators = {"tokens": rollout.mask[rows].sum().item(), "sequences": float(len(rows))}
@@ -285,16 +198,8 @@ def update(accelerator, cfg, actor, critic, optimizers, rollout: Rollout, step: 
 # ----------------------------------------------------------------------------- stage
 
 
-def run(cfg: PPOConfig) -> dict[str, Any]:
-    started = time.time()
-    check_config(cfg)
-    accelerator = start_run(cfg)
-    world = accelerator.num_processes
-    mini = cfg.mini_batch_size or cfg.rollout_batch_size * cfg.samples_per_prompt
-    if mini % world:
-        raise ConfigError(f"mini_batch_size {mini} must be divisible by the {world} processes")
-    say = (lambda text: print(f"[ppo] {text}", file=sys.stderr, flush=True)) if accelerator.is_main_process else (lambda text: None)
-
+def load_run(accelerator: Accelerator, cfg: PPOConfig, say) -> SimpleNamespace:
+    """Everything a run trains with: prompts, the four models (prepared), rewards, batch plan, optimizers."""
     train_records, eval_records, invalid = load_train_eval(cfg, kind="prompts")
     actor, tokenizer = load_policy(accelerator, cfg, train_records)
     disable_dropout(actor)
@@ -309,7 +214,6 @@ def run(cfg: PPOConfig) -> dict[str, Any]:
     ref = load_reference(cfg, actor).to(accelerator.device)
     critic, critic_tokenizer, critic_source = (load_critic(cfg, tokenizer, say) if cfg.advantage == "gae"
                                                else (None, None, None))  # critic-free estimators load none
-
     plan = BatchPlan(len(prompts), cfg.rollout_batch_size, cfg.rollout_batch_size, 1, 0, cfg.seed)
     steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * plan.steps_per_epoch))
     betas = (cfg.adam_beta1, cfg.adam_beta2)
@@ -322,27 +226,103 @@ def run(cfg: PPOConfig) -> dict[str, Any]:
     else:
         actor, *optimizers = accelerator.prepare(actor, *optimizers)
     accelerator.register_for_checkpointing(*schedulers)
+    return SimpleNamespace(actor=actor, ref=ref, critic=critic, tokenizer=tokenizer, critic_tokenizer=critic_tokenizer,
+                           critic_source=critic_source, prompts=prompts, eval_prompts=eval_prompts, truncated=truncated,
+                           eval_truncated=eval_truncated, invalid=invalid, proxy=proxy, gold=gold, plan=plan,
+                           steps=steps, optimizers=optimizers, schedulers=schedulers)
 
+
+def training_state(accelerator: Accelerator, cfg: PPOConfig) -> SimpleNamespace:
+    """The state a checkpoint carries (KL controller, running moments, alarms, guard, counters), fresh or resumed."""
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else FixedKLController(cfg.kl_coef))
-    running, alarms = RunningMoments(), AlarmWatch(cfg.kl_budget)
-    guard = NonFiniteGuard(cfg.max_nonfinite_steps, "ppo", cfg.lr, accelerator.is_main_process)
-    state: dict[str, Any] = {"train_s": 0.0, "samples": 0, "samples_trained": 0, "tokens": 0, "first": {}, "last": {}}
-    start_step = 0
-    checkpoint = checkpoint_to_resume(cfg.output_dir, cfg.resume, accelerator.is_main_process)
-    if checkpoint is not None:
-        state = load_checkpoint(accelerator, checkpoint)
-        start_step = state.pop("step")
-        kl_ctl.load_state_dict(state.pop("kl_controller"))
-        running = RunningMoments(**state.pop("running_moments"))
-        alarms.load_state_dict(state.pop("alarms"))
-        guard.load_state_dict(state.pop("nonfinite", {}))
-    logger = RunLogger(cfg.output_dir, "ppo", steps, accelerator.is_main_process, start_step)
+    s = SimpleNamespace(kl_ctl=kl_ctl, running=RunningMoments(), alarms=AlarmWatch(cfg.kl_budget), start_step=0,
+                        guard=NonFiniteGuard(cfg.max_nonfinite_steps, "ppo", cfg.lr, accelerator.is_main_process),
+                        state={"train_s": 0.0, "samples": 0, "samples_trained": 0, "tokens": 0, "first": {}, "last": {}})
+    s.checkpoint = checkpoint_to_resume(cfg.output_dir, cfg.resume, accelerator.is_main_process)
+    if s.checkpoint is not None:
+        s.state = load_checkpoint(accelerator, s.checkpoint)
+        s.start_step = s.state.pop("step")
+        s.kl_ctl.load_state_dict(s.state.pop("kl_controller"))
+        s.running = RunningMoments(**s.state.pop("running_moments"))
+        s.alarms.load_state_dict(s.state.pop("alarms"))
+        s.guard.load_state_dict(s.state.pop("nonfinite", {}))
+    return s
+
+
+def train_step(accelerator, cfg: PPOConfig, r: SimpleNamespace, s: SimpleNamespace, step: int) -> tuple[dict, dict]:
+    """One step: rollout, update (skipped when the rollout is not finite), schedulers, KL controller, counters.
+    Returns (the step's record for metrics.jsonl, the rollout's info)."""
+    t0 = time.perf_counter()
+    kl_coef = s.kl_ctl.value
+    moments = asdict(s.running)  # restored when the rollout is not finite, so NaN never enters the statistics
+    rollout, info = collect(accelerator, cfg, r.actor, r.ref, r.critic, r.tokenizer, r.prompts, r.plan, step, kl_coef,
+                            r.proxy, r.gold, s.running)
+    rollout.scores.mul_(injected_nan_factor(step))
+    t1 = time.perf_counter()
+    if s.guard.check(accelerator, step + 1, "rewards, advantages or value targets", rollout.scores, rollout.rewards,
+                     rollout.advantages, rollout.returns):
+        metrics = update(accelerator, cfg, r.actor, r.critic, r.optimizers, rollout, step,
+                         step >= cfg.critic_warmup_steps, kl_coef, r.tokenizer.pad_token_id, s.guard)
+    else:
+        metrics, s.running = {}, RunningMoments(**moments)
+    lrs = [scheduler.get_last_lr()[0] for scheduler in r.schedulers]
+    for scheduler in r.schedulers:
+        scheduler.step()
+    stats_from_update(info["stats"], metrics, len(rollout), info["tokens"])
+    s.kl_ctl.update(info["stats"].get("kl", 0.0), len(rollout))
+    elapsed = time.perf_counter() - t0
+    state = s.state
+    state["train_s"] += elapsed
+    state["samples"] += info["stats"]["sampled"]
+    state["samples_trained"] += len(rollout)
+    state["tokens"] += info["tokens"]
+    record = {**info["stats"], **metrics, "lr": lrs[0], "time_update": time.perf_counter() - t1,
+              "samples": state["samples"], "samples_per_s": info["stats"]["sampled"] / elapsed,
+              "tokens_per_s": info["tokens"] / elapsed, **({"critic_lr": lrs[1]} if r.critic is not None else {})}
+    state["first"] = state["first"] or record
+    state["last"] = record
+    return record, info
+
+
+def run_summary(cfg: PPOConfig, r: SimpleNamespace, s: SimpleNamespace, after: dict, world: int) -> dict[str, Any]:
+    first, last, state = s.state["first"], s.state["last"], s.state
+    summary: dict[str, Any] = {"steps": r.steps}
+    summary.update({f"eval_{k}_before": v for k, v in state.get("eval_before", {}).items()})
+    summary.update({f"eval_{k}": v for k, v in after.items()})
+    for key in ("reward", "gold_reward", "kl", "response_length", "entropy"):
+        if key in last:
+            summary[f"{key}_first"], summary[f"{key}_last"] = first[key], last[key]
+    summary.update(
+        kl=last.get("kl"), kl_coef=s.kl_ctl.value, reward=cfg.reward.source, advantage=cfg.advantage,
+        critic_init=r.critic_source, alarms=s.alarms.alarms, num_processes=world, n_train_prompts=len(r.prompts),
+        n_eval_prompts=len(r.eval_prompts), truncated_prompts=r.truncated, truncated_eval_prompts=r.eval_truncated,
+        invalid_records=len(r.invalid), nonfinite_steps=s.guard.total,
+        train_s=state["train_s"], samples=state["samples"], samples_trained=state["samples_trained"],
+        samples_per_s=state["samples"] / max(state["train_s"], 1e-9),
+        tokens_per_s=state["tokens"] / max(state["train_s"], 1e-9),
+    )
+    return summary
+
+
+def run(cfg: PPOConfig) -> dict[str, Any]:
+    started = time.time()
+    check_config(cfg)
+    accelerator = start_run(cfg)
+    world = accelerator.num_processes
+    mini = cfg.mini_batch_size or cfg.rollout_batch_size * cfg.samples_per_prompt
+    if mini % world:
+        raise ConfigError(f"mini_batch_size {mini} must be divisible by the {world} processes")
+    say = (lambda text: print(f"[ppo] {text}", file=sys.stderr, flush=True)) if accelerator.is_main_process else (lambda text: None)
+    r = load_run(accelerator, cfg, say)
+    s = training_state(accelerator, cfg)
+    steps, state = r.steps, s.state
+    logger = RunLogger(cfg.output_dir, "ppo", steps, accelerator.is_main_process, s.start_step)
 
     def evaluate(step: int) -> dict[str, float]:
-        metrics = evaluate_policy(accelerator, actor, ref, tokenizer, eval_prompts, cfg, proxy, gold)
-        logger.log(step, {**{f"eval_{k}": v for k, v in metrics.items()}, "samples": state["samples"]}, show=False)
-        report(alarms.check("eval", {"step": step, **metrics}), step)
+        metrics = evaluate_policy(accelerator, r.actor, r.ref, r.tokenizer, r.eval_prompts, cfg, r.proxy, r.gold)
+        logger.log(step, {**{f"eval_{k}": v for k, v in metrics.items()}, "samples": s.state["samples"]}, show=False)
+        report(s.alarms.check("eval", {"step": step, **metrics}), step)
         return metrics
 
     def report(new_alarms: list[dict], step: int) -> None:
@@ -350,82 +330,39 @@ def run(cfg: PPOConfig) -> dict[str, Any]:
             logger.log(step, {"alarm": alarm}, show=False)
             logger.message(f"ALARM {alarm['name']} ({alarm['source']}) at step {alarm['step']}: {alarm['message']}")
 
-    if checkpoint is not None:
-        logger.message(f"resumed from {checkpoint} at step {start_step}/{steps}")
+    if s.checkpoint is not None:
+        logger.message(f"resumed from {s.checkpoint} at step {s.start_step}/{steps}")
     else:
-        say(f"advantage {cfg.advantage}; critic {critic_source or 'none'}; {len(prompts)} prompts ({truncated} cut from the left), "
-            f"{len(eval_prompts)} held out")
-        state["eval_before"] = evaluate(0) if eval_prompts else {}
+        say(f"advantage {cfg.advantage}; critic {r.critic_source or 'none'}; {len(r.prompts)} prompts ({r.truncated} "
+            f"cut from the left), {len(r.eval_prompts)} held out")
+        state["eval_before"] = evaluate(0) if r.eval_prompts else {}
 
     kill_at = int(os.environ.get(KILL_ENV, "0"))
     with StopRequests("ppo", accelerator.is_main_process) as stops:
-        for step in range(start_step, steps):
+        for step in range(s.start_step, steps):
             send_test_signal(step)
-            t0 = time.perf_counter()
-            kl_coef = kl_ctl.value
-            moments = asdict(running)  # restored when the rollout is not finite, so NaN never enters the statistics
-            rollout, info = collect(accelerator, cfg, actor, ref, critic, tokenizer, prompts, plan, step, kl_coef, proxy,
-                                    gold, running)
-            rollout.scores.mul_(injected_nan_factor(step))
-            t1 = time.perf_counter()
-            if guard.check(accelerator, step + 1, "rewards, advantages or value targets", rollout.scores, rollout.rewards,
-                           rollout.advantages, rollout.returns):
-                metrics = update(accelerator, cfg, actor, critic, optimizers, rollout, step,
-                                 step >= cfg.critic_warmup_steps, kl_coef, tokenizer.pad_token_id, guard)
-            else:
-                metrics, running = {}, RunningMoments(**moments)
-            lrs = [s.get_last_lr()[0] for s in schedulers]
-            for scheduler in schedulers:
-                scheduler.step()
-            stats_from_update(info["stats"], metrics, len(rollout), info["tokens"])
-            kl_ctl.update(info["stats"].get("kl", 0.0), len(rollout))
-            elapsed = time.perf_counter() - t0
-            state["train_s"] += elapsed
-            state["samples"] += info["stats"]["sampled"]
-            state["samples_trained"] += len(rollout)
-            state["tokens"] += info["tokens"]
+            record, info = train_step(accelerator, cfg, r, s, step)
             done = step + 1
-            record = {**info["stats"], **metrics, "lr": lrs[0], "time_update": time.perf_counter() - t1,
-                      "samples": state["samples"], "samples_per_s": info["stats"]["sampled"] / elapsed,
-                      "tokens_per_s": info["tokens"] / elapsed, **({"critic_lr": lrs[1]} if critic is not None else {})}
-            state["first"] = state["first"] or record
-            state["last"] = record
             if done % cfg.log_steps == 0 or done == steps:
                 logger.log(done, record)
             else:
                 logger.advance(done)
-            report(alarms.check("rollout", {"step": done, **info["stats"]}, info["samples"]), done)
-            if cfg.eval_steps > 0 and done % cfg.eval_steps == 0 and done != steps and eval_prompts:
+            report(s.alarms.check("rollout", {"step": done, **info["stats"]}, info["samples"]), done)
+            if cfg.eval_steps > 0 and done % cfg.eval_steps == 0 and done != steps and r.eval_prompts:
                 evaluate(done)
             stop = stops.requested(accelerator)
             if (cfg.save_steps > 0 and done % cfg.save_steps == 0) or done == steps or stop:
                 path = save_checkpoint(accelerator, cfg.output_dir, done, {
-                    **state, "kl_controller": kl_ctl.state_dict(), "running_moments": asdict(running),
-                    "alarms": alarms.state_dict(), "nonfinite": guard.state_dict()}, keep=cfg.save_total_limit)
+                    **s.state, "kl_controller": s.kl_ctl.state_dict(), "running_moments": asdict(s.running),
+                    "alarms": s.alarms.state_dict(), "nonfinite": s.guard.state_dict()}, keep=cfg.save_total_limit)
             if stop:
                 raise stops.stop(done, path)
             if kill_at and done == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    after = evaluate(steps) if eval_prompts else {}
+    after = evaluate(steps) if r.eval_prompts else {}
     logger.close()
-    save_final(accelerator, actor, tokenizer, cfg.output_dir)
-    if critic is not None:
-        save_critic(accelerator, critic, critic_tokenizer, cfg.output_dir)
-    first, last = state["first"], state["last"]
-    summary: dict[str, Any] = {"steps": steps}
-    summary.update({f"eval_{k}_before": v for k, v in state.get("eval_before", {}).items()})
-    summary.update({f"eval_{k}": v for k, v in after.items()})
-    for key in ("reward", "gold_reward", "kl", "response_length", "entropy"):
-        if key in last:
-            summary[f"{key}_first"], summary[f"{key}_last"] = first[key], last[key]
-    summary.update(
-        kl=last.get("kl"), kl_coef=kl_ctl.value, reward=cfg.reward.source, advantage=cfg.advantage, critic_init=critic_source,
-        alarms=alarms.alarms, num_processes=world, n_train_prompts=len(prompts), n_eval_prompts=len(eval_prompts),
-        truncated_prompts=truncated, truncated_eval_prompts=eval_truncated, invalid_records=len(invalid),
-        nonfinite_steps=guard.total,
-        train_s=state["train_s"], samples=state["samples"], samples_trained=state["samples_trained"],
-        samples_per_s=state["samples"] / max(state["train_s"], 1e-9),
-        tokens_per_s=state["tokens"] / max(state["train_s"], 1e-9),
-    )
-    return finish_run(accelerator, cfg, summary, started)
+    save_final(accelerator, r.actor, r.tokenizer, cfg.output_dir)
+    if r.critic is not None:
+        save_critic(accelerator, r.critic, r.critic_tokenizer, cfg.output_dir)
+    return finish_run(accelerator, cfg, run_summary(cfg, r, s, after, world), started)

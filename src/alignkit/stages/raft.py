@@ -18,7 +18,7 @@ Resume: after iteration k trains, its data are in `output_dir/iter-<k>/` (sample
 SFT-ready file) and the policy, optimizer, scheduler and iteration counter are checkpointed atomically
 (checkpoints/step-N, runtime/checkpoint.py). resume=true continues with the first iteration not yet
 checkpointed (re-running a partial one). Every random draw is a function of (seed, iteration): prompt
-slice, sampling seeds (chunked as in rollout.py, so any process count samples alike) and batch order,
+slice, sampling seeds (chunked as in rollout/sampling.py, so any process count samples alike) and batch order,
 so a resumed run ends with the same weights as an uninterrupted one.
 """
 
@@ -47,14 +47,14 @@ from alignkit.runtime.checkpoint import checkpoint_to_resume, load_checkpoint, s
 from alignkit.runtime.lm import forward_loss_sum, supervised_tokens
 from alignkit.runtime.guards import NonFiniteGuard, StopRequests, injected_nan_factor, send_test_signal
 from alignkit.runtime.logging import RunLogger
-from alignkit.runtime.setup import BatchPlan, build_optimizer, build_scheduler
+from alignkit.runtime.setup import BatchPlan, build_optimizer, build_scheduler, derive_seed
 from alignkit.runtime.stage import finish_run, load_policy, load_train_eval, start_run
 from alignkit.runtime.train_loop import KILL_ENV, save_final
 from alignkit.selection import raft_filter
-from alignkit.stages.best_of_n import EVAL_SPLIT, Scorer, check_sampling_config, reward_matrix, sample_candidates
+from alignkit.rollout.rewards import Scorer, reward_matrix
+from alignkit.rollout.sampling import EVAL_SPLIT, ITERATION_SPLIT, check_sampling_config, sample_candidates
 
 KEEP_MODES = ("per_prompt", "global")
-FIRST_ITERATION_SPLIT = 2  # sampling seeds: split 1 is the eval prompts, 2 + k is iteration k
 
 
 def check_config(cfg: RAFTConfig) -> None:
@@ -100,7 +100,7 @@ def iteration_prompts(records: list[dict], iteration: int, per_iteration: int, s
     for position in range(iteration * per_iteration, (iteration + 1) * per_iteration):
         epoch, index = divmod(position, len(records))
         if epoch not in perms:
-            perms[epoch] = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
+            perms[epoch] = torch.randperm(len(records), generator=torch.Generator().manual_seed(derive_seed(seed, "raft_prompts", epoch))).tolist()
         out.append(records[perms[epoch][index]])
     return out
 
@@ -247,7 +247,7 @@ def run_iteration(accelerator: Accelerator, cfg: RAFTConfig, k: int, model, toke
     else:
         prompts = [r["prompt"] for r in iteration_prompts(records, k, cfg.prompts_per_iteration, cfg.seed)]
         candidates = sample_candidates(accelerator, model, tokenizer, prompts, cfg.samples_per_prompt, cfg, cfg.seed,
-                                       FIRST_ITERATION_SPLIT + k)
+                                       (ITERATION_SPLIT, k))
         scorer(prompts, candidates)
         mask = keep_mask(reward_matrix(candidates, "reward"), cfg)
         if accelerator.is_main_process:
@@ -257,7 +257,7 @@ def run_iteration(accelerator: Accelerator, cfg: RAFTConfig, k: int, model, toke
         raise DataError(f"iteration {k}: only {len(rows)} kept responses survive truncation at max_length="
                         f"{cfg.max_length} ({dropped} dropped), fewer than batch_size={cfg.batch_size}")
     plan = BatchPlan(len(rows), cfg.batch_size, cfg.micro_batch_size, accelerator.num_processes,
-                     accelerator.process_index, seed=cfg.seed * 1009 + k)
+                     accelerator.process_index, seed=derive_seed(cfg.seed, "raft_batches", k))
     progress = dict(partial or {"inner_step": 0, "losses": [], "train_s": 0.0})
     losses, t0 = progress["losses"], time.perf_counter()
     for j in range(progress["inner_step"], steps):

@@ -35,7 +35,8 @@ from alignkit.config import ConfigError, RRHFConfig, check_groups
 from alignkit.data.chat import tokenize_prompt_completion
 from alignkit.data.records import DataError
 from alignkit.losses import rrhf_loss
-from alignkit.rollout import rewards_for, sample_texts, task_name_for
+from alignkit.rollout.rewards import rewards_for, task_name_for
+from alignkit.rollout.sampling import EVAL_SPLIT, TRAIN_SPLIT, sample_texts
 from alignkit.runtime.sequences import sequence_logps
 from alignkit.runtime.stage import finish_run, load_policy, load_train_eval, start_run
 from alignkit.runtime.train_loop import save_final, train
@@ -225,8 +226,8 @@ def run(cfg: RRHFConfig) -> dict[str, Any]:
     train_records, eval_records, invalid = load_train_eval(cfg, kind="ranked")
     model, tokenizer = load_policy(accelerator, cfg, train_records)
     model.to(accelerator.device)
-    train_lists, sample_stats = build_lists(accelerator, cfg, model, tokenizer, train_records, split=0)
-    eval_lists, _ = build_lists(accelerator, cfg, model, tokenizer, eval_records, split=1)
+    train_lists, sample_stats = build_lists(accelerator, cfg, model, tokenizer, train_records, split=TRAIN_SPLIT)
+    eval_lists, _ = build_lists(accelerator, cfg, model, tokenizer, eval_records, split=EVAL_SPLIT)
     if accelerator.is_main_process:
         write_lists(Path(cfg.output_dir) / "lists.jsonl", {"train": train_lists, "eval": eval_lists})
 

@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
-from alignkit.ppo_parts import response_logprobs, response_values
-from alignkit.rollout import RunningMoments, build_rollout, forward_batch, pad_right, shape_scores
+from alignkit.ops import forward_batch, pad_right
+from alignkit.rl import RunningMoments, build_rollout, shape_scores
+from alignkit.rollout.ppo import response_logprobs, response_values
 
 
 def tiny_llama(seed: int = 0, classifier: bool = False):

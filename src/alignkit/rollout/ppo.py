@@ -1,5 +1,6 @@
 """Plain helpers of `alignkit ppo`: sampling and scoring a rollout (with DAPO's dynamic sampling), the no-grad
-forwards of a rollout, held-out evaluation, and loading the four models. The stage file (stages/ppo.py) reads top to bottom on top of these.
+forwards of a rollout, held-out evaluation, and loading the four models. The stage file (stages/ppo.py) reads
+top to bottom on top of these; the rollout's math (Rollout, build_rollout, shape_scores) is in alignkit.rl.
 
 Process-count independence: sampling and the no-grad forwards run in fixed chunks (chunk c on process
 c % world, seeded from (seed, split, c)) and are gathered, so every process ends up with the whole rollout,
@@ -8,51 +9,50 @@ computed exactly as one process would compute it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
+import time
+from typing import Any, Callable, NamedTuple
 
 import torch
 from accelerate import Accelerator
 
-from alignkit.ops import entropy_from_logits, logprobs_from_logits
-from alignkit.rl import overlong_penalty, varied_groups
-from alignkit.rollout import forward_batch, map_chunks, sample_generations
+from alignkit.data.chat import render_prompt
+from alignkit.ops import entropy_from_logits, forward_batch, logprobs_from_logits, masked_mean
+from alignkit.rl import Rollout, build_rollout, overlong_penalty, shape_scores, varied_groups
+from alignkit.rollout.rewards import gold_rewards, load_scorer, score_with, task_name_for
+from alignkit.rollout.sampling import (EVAL_SPLIT, ITERATION_SPLIT, REFILL_SPLIT, Generation, Split, map_chunks,
+                                       sample_generations)
+from alignkit.runtime.setup import derive_seed
 
-# Sampling seeds of a PPO run: split 1 is the held-out evaluation, TRAIN_SPLIT + step the rollout of `step`,
-# REFILL_SPLIT + 64 * step + k dynamic sampling's refill round k of `step`.
-TRAIN_SPLIT = 2
-REFILL_SPLIT = 10_000_000
+# Sampling seeds of a PPO run (rollout.sampling's splits): EVAL_SPLIT the held-out evaluation,
+# (ITERATION_SPLIT, step) the rollout of `step`, (REFILL_SPLIT, step, k) dynamic sampling's refill round k.
 
 
 # (prompts, responses[i] = texts answering prompts[i]) -> rewards[i][j]
 RewardFn = Callable[[list, list[list[str]]], list[list[float]]]
 
 
-@dataclass
-class Sample:
-    """One sampled response: prompt_ids, response_ids (end-of-turn included when produced), text,
-    finished (ended with the end-of-turn token), prompt (messages) and prompt_index (into the step's prompts)."""
+class RolloutForwards(NamedTuple):
+    """The no-grad forwards of one sample (rollout_forwards): log-probs under the sampling (old) policy [len],
+    under the reference [len], the critic's values [len] (zeros without a critic), and the summed entropy."""
 
-    prompt_ids: list[int]
-    response_ids: list[int]
-    text: str
-    finished: bool
-    prompt: list = field(default_factory=list)
-    prompt_index: int = 0
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    entropy_sum: float
 
 
 def sample_responses(accelerator: Accelerator, model, tokenizer, prompts: list, n: int, temperature: float,
-                     max_new_tokens: int, chunk: int, seed: int, split: int,
-                     max_prompt_tokens: int | None = None) -> list[Sample]:
+                     max_new_tokens: int, chunk: int, seed: int, split: Split,
+                     max_prompt_tokens: int | None = None) -> list[Generation]:
     """n samples per prompt (prompt-major: sample j of prompt i is at i*n + j), with the KV cache; a prompt
     longer than max_prompt_tokens keeps its last max_prompt_tokens tokens (the end of the conversation)."""
     per_prompt = sample_generations(accelerator, model, tokenizer, prompts, n, temperature, max_new_tokens, chunk, seed,
                                     split, max_prompt_tokens)
-    return [Sample(g.prompt_ids, g.response_ids, g.text, g.finished, prompt=prompts[i], prompt_index=i)
+    return [Generation(g.prompt_ids, g.response_ids, g.text, g.finished, prompt=prompts[i], prompt_index=i)
             for i, gens in enumerate(per_prompt) for g in gens]
 
 
-def sample_scored(accelerator, cfg, actor, tokenizer, prompts: list, split: int, proxy: RewardFn, gold: RewardFn | None,
+def sample_scored(accelerator, cfg, actor, tokenizer, prompts: list, split: Split, proxy: RewardFn, gold: RewardFn | None,
                   max_prompt_tokens: int) -> dict[str, Any]:
     """One sampling round: samples (prompt-major), their raw proxy [N], gold [N] or None, and `penalised` [P,G]:
     the proxy after the missing-EOS and overlong penalties (what dynamic sampling compares)."""
@@ -76,7 +76,7 @@ def draw_rollout_samples(accelerator, cfg, actor, tokenizer, prompts: list, rows
     rollout_batch_size groups with unequal rewards are found (or max_refills rounds are spent; the rollout is
     then topped up with equal-reward groups, which carry no policy gradient). rows: the step's prompts (indices
     into prompts). Returns (round, stats)."""
-    first = sample_scored(accelerator, cfg, actor, tokenizer, [prompts[i] for i in rows], TRAIN_SPLIT + step, proxy,
+    first = sample_scored(accelerator, cfg, actor, tokenizer, [prompts[i] for i in rows], (ITERATION_SPLIT, step), proxy,
                           gold, max_prompt_tokens)
     varied = varied_groups(first["penalised"])
     stats = {"varied_group_fraction": varied.float().mean().item(), "sampled": len(first["samples"]),
@@ -87,10 +87,10 @@ def draw_rollout_samples(accelerator, cfg, actor, tokenizer, prompts: list, rows
     for k in range(1, cfg.max_refills + 1):
         if len(kept) >= cfg.rollout_batch_size:
             break
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1_009 + k)
+        generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "refill_prompts", step, k))
         refill = torch.randperm(len(prompts), generator=generator)[: cfg.rollout_batch_size].tolist()
         extra = sample_scored(accelerator, cfg, actor, tokenizer, [prompts[i] for i in refill],
-                              REFILL_SPLIT + 64 * step + k, proxy, gold, max_prompt_tokens)
+                              (REFILL_SPLIT, step, k), proxy, gold, max_prompt_tokens)
         rounds.append(extra)
         kept += [(k, g) for g in varied_groups(extra["penalised"]).nonzero().flatten().tolist()]
         stats["sampled"] += len(extra["samples"])
@@ -107,8 +107,59 @@ def draw_rollout_samples(accelerator, cfg, actor, tokenizer, prompts: list, rows
     return merged, stats
 
 
-def batch_on(samples: list[Sample], pad_id: int, device) -> dict[str, torch.Tensor]:
-    """rollout.forward_batch of these samples, on `device`."""
+def collect(accelerator, cfg, actor, ref, critic, tokenizer, prompts, plan, step, kl_coef, proxy, gold,
+            running) -> tuple[Rollout, dict[str, Any]]:
+    """Rollout of `step` (the stage's step 1-4: samples, scores, no-grad forwards, rl.build_rollout) and its
+    statistics (the metrics users expect, plus the per-sample series)."""
+    n = cfg.samples_per_prompt
+    t0 = time.perf_counter()
+    drawn, sampling = draw_rollout_samples(accelerator, cfg, actor, tokenizer, prompts, plan.global_rows(step), step,
+                                           proxy, gold, prompt_room(cfg))
+    samples, raw, golds = drawn["samples"], drawn["raw"], drawn["gold"]
+    t1 = time.perf_counter()
+    need_old, need_ref = forwards_needed(cfg, len(samples))
+    forwards = rollout_forwards(accelerator, actor, ref, critic, samples, tokenizer.pad_token_id, cfg.sampling.temperature,
+                                cfg.forward_batch_size, need_old, need_ref)
+    finished = torch.tensor([s.finished for s in samples])
+    # missing-EOS and overlong penalties are in `penalised`; normalisation and clipping follow
+    scores = shape_scores(drawn["penalised"].flatten(), finished, 0.0, cfg.reward_norm, cfg.reward_clip, running)
+    rollout = build_rollout(
+        [s.prompt_ids for s in samples], [s.response_ids for s in samples], finished.tolist(),
+        [f.logprobs for f in forwards], [f.ref_logprobs for f in forwards],
+        [f.values for f in forwards] if critic is not None else None,
+        scores, tokenizer.pad_token_id, kl_coef, cfg.kl_estimator, cfg.gamma, cfg.lam, cfg.whiten_advantages,
+        advantage=cfg.advantage, group_size=n, kl_in=cfg.kl_in, has_old_logprobs=need_old, has_ref_logprobs=need_ref)
+    t2 = time.perf_counter()
+    mask, lengths = rollout.mask, rollout.mask.sum(1)
+    kl_per_seq = rollout.kl.sum(1)
+    stats = {
+        "reward": raw.mean().item(), "reward_std": raw.std().item() if len(raw) > 1 else 0.0,
+        "score": scores.mean().item(), "kl": kl_per_seq.mean().item(), "kl_coef": kl_coef,
+        "non_score_reward": (-kl_coef * kl_per_seq).mean().item(),
+        "entropy": sum(f.entropy_sum for f in forwards) / lengths.sum().item(),
+        "response_length": lengths.mean().item(), "eos_fraction": finished.float().mean().item(),
+        "advantages_abs_mean": masked_mean(rollout.advantages.abs(), mask).item(),
+        "time_generate_and_score": t1 - t0, "time_forward": t2 - t1, **sampling,
+    }
+    if not (need_old and need_ref):  # the KL is filled in by the update (stats_from_update), or never read
+        del stats["kl"], stats["non_score_reward"]
+    if critic is not None:
+        raw_advantages = (rollout.returns - rollout.values) * mask
+        stats.update(returns_mean=masked_mean(rollout.returns, mask).item(),
+                     values_mean=masked_mean(rollout.values, mask).item(),
+                     advantages_std=masked_mean((raw_advantages - masked_mean(raw_advantages, mask)) ** 2, mask).sqrt().item())
+    gold_list = golds.tolist() if golds is not None else None
+    if gold_list is not None:
+        from alignkit.eval.metrics import grouped_mean_and_stderr
+
+        stats["gold_reward"], stats["gold_reward_stderr"] = grouped_mean_and_stderr(grouped(gold_list, n))
+    samples_for_alarms = {"step": step + 1, "length": lengths.tolist(), "reward": raw.tolist(),
+                          **({"gold_reward": gold_list} if gold_list is not None else {})}
+    return rollout, {"stats": stats, "samples": samples_for_alarms, "tokens": int(lengths.sum().item())}
+
+
+def batch_on(samples: list[Generation], pad_id: int, device) -> dict[str, torch.Tensor]:
+    """ops.forward_batch of these samples, on `device`."""
     batch = forward_batch([s.prompt_ids for s in samples], [s.response_ids for s in samples], pad_id)
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -154,10 +205,10 @@ def forwards_needed(cfg: Any, n_sequences: int) -> tuple[bool, bool]:
     return not one_update or (kl_read and cfg.kl_in == "reward"), kl_read
 
 
-def rollout_forwards(accelerator: Accelerator, actor, ref, critic, samples: list[Sample], pad_id: int,
+def rollout_forwards(accelerator: Accelerator, actor, ref, critic, samples: list[Generation], pad_id: int,
                      temperature: float, chunk: int, need_old: bool = True,
-                     need_ref: bool = True) -> list[tuple[torch.Tensor, ...]]:
-    """Per sample (old log-probs [len], reference log-probs [len], values [len] or empty, entropy sum).
+                     need_ref: bool = True) -> list[RolloutForwards]:
+    """Per sample its RolloutForwards (old log-probs, reference log-probs, values, entropy sum).
 
     No gradient; the models run unwrapped (no DDP collectives) in eval mode, in fixed chunks over processes.
     critic None (critic-free estimators): values are 0. A forward not needed (forwards_needed) is not run:
@@ -167,9 +218,9 @@ def rollout_forwards(accelerator: Accelerator, actor, ref, critic, samples: list
     actor, critic = accelerator.unwrap_model(actor), (accelerator.unwrap_model(critic) if critic is not None else None)
     modes = [(m, m.training) for m in (actor, ref, critic) if m is not None]
 
-    def forward(_: int, part: list[Sample]) -> list[tuple]:
+    def forward(_: int, part: list[Generation]) -> list[RolloutForwards]:
         if not (need_old or need_ref or critic is not None):
-            return [(torch.zeros(len(s.response_ids)),) * 3 + (0.0,) for s in part]
+            return [RolloutForwards(*(torch.zeros(len(s.response_ids)),) * 3, 0.0) for s in part]
         batch = batch_on(part, pad_id, accelerator.device)
         # The same autocast as the training forward (a prepared model runs under it; the reference is not
         # prepared), so at step 0 the ratio is 1 and the KL 0 in bf16 too.
@@ -182,7 +233,8 @@ def rollout_forwards(accelerator: Accelerator, actor, ref, critic, samples: list
         out = []
         for i, s in enumerate(part):
             n = len(s.response_ids)
-            out.append((logps[i, :n].cpu(), ref_logps[i, :n].cpu(), values[i, :n].cpu(), float(entropy[i].sum())))
+            out.append(RolloutForwards(logps[i, :n].cpu(), ref_logps[i, :n].cpu(), values[i, :n].cpu(),
+                                       float(entropy[i].sum())))
         return out
 
     for m, _ in modes:
@@ -219,12 +271,13 @@ def evaluate_policy(accelerator: Accelerator, actor, ref, tokenizer, prompts: li
     if not prompts:
         return {}
     n = cfg.eval_samples_per_prompt
-    samples = sample_responses(accelerator, actor, tokenizer, prompts, n, cfg.sampling.temperature, cfg.sampling.max_new_tokens,
-                               cfg.sampling.chunk, cfg.seed, split=1, max_prompt_tokens=cfg.max_length - cfg.sampling.max_new_tokens)
+    samples = sample_responses(accelerator, actor, tokenizer, prompts, n, cfg.sampling.temperature,
+                               cfg.sampling.max_new_tokens, cfg.sampling.chunk, cfg.seed, split=EVAL_SPLIT,
+                               max_prompt_tokens=cfg.max_length - cfg.sampling.max_new_tokens)
     texts = grouped([s.text for s in samples], n)
     forwards = rollout_forwards(accelerator, actor, ref, None, samples, tokenizer.pad_token_id, cfg.sampling.temperature,
                                 cfg.forward_batch_size)
-    kl = [float((lp - ref_lp).sum()) for lp, ref_lp, _, _ in forwards]
+    kl = [float((f.logprobs - f.ref_logprobs).sum()) for f in forwards]
     out: dict[str, float] = {}
     series = {"reward": proxy(prompts, texts), "kl": grouped(kl, n),
               "length": grouped([float(len(s.response_ids)) for s in samples], n)}
@@ -235,6 +288,43 @@ def evaluate_policy(accelerator: Accelerator, actor, ref, tokenizer, prompts: li
     out.pop("length_stderr")
     out["eos_fraction"] = sum(s.finished for s in samples) / len(samples)
     return out
+
+
+# ----------------------------------------------------------------------------- prompts and rewards
+
+
+def gold_task(cfg: Any) -> str | None:
+    """The task whose gold reward is optimised (reward=gold) or logged; None when the prompts have none."""
+    return task_name_for(cfg.reward.task, cfg.train_data, required=False)
+
+
+def prompt_room(cfg: Any) -> int:
+    """Prompt tokens that fit: a longer prompt keeps its last prompt_room tokens (the end of the conversation),
+    so the response (max_new_tokens, end-of-turn included) always fits in max_length."""
+    return cfg.max_length - cfg.sampling.max_new_tokens
+
+
+def truncated_prompts(tokenizer, records: list[dict], cfg: Any) -> tuple[list, int]:
+    """(the records' prompts, how many are longer than prompt_room and are cut from the left when sampled)."""
+    room = prompt_room(cfg)
+    prompts = [r["prompt"] for r in records]
+    cut = sum(len(tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"]) > room for p in prompts)
+    return prompts, cut
+
+
+def reward_functions(accelerator: Accelerator, cfg: Any) -> tuple[RewardFn, RewardFn | None]:
+    """(proxy, gold or None): functions (prompts, texts per prompt) -> rewards per prompt."""
+    task = gold_task(cfg)
+    gold = (lambda prompts, texts: gold_rewards(task, prompts, texts)) if task else None
+    if cfg.reward.source == "gold":
+        return gold, gold
+    rm, rm_tokenizer = load_scorer(accelerator, cfg.reward.model)
+    rm.requires_grad_(False)
+
+    def proxy(prompts: list, texts: list[list[str]]) -> list[list[float]]:
+        return score_with(accelerator, rm, rm_tokenizer, prompts, texts, cfg.reward.batch_size, cfg.max_length)
+
+    return proxy, gold
 
 
 # ----------------------------------------------------------------------------- the four models

@@ -1,7 +1,10 @@
-"""Batched sampling of responses to chat prompts (transformers `generate`), as typed results.
+"""Sampling responses to chat prompts (transformers `generate`), as typed results: the one sampler of every stage.
 
-Used wherever a stage needs the policy's own responses: evaluation, best-of-n, RAFT, RRHF with policy
-samples, PPO rollouts. Prompts are rendered with the tokenizer's chat template and left-padded (so all
+Used wherever a stage needs a model's own responses: evaluation, best-of-n, RAFT, RRHF with policy
+samples, labelling, PPO rollouts. `sample_generations` draws them in fixed chunks of prompts: chunk c is
+seeded from derive_seed(seed, split, c) and runs on process c % world, and the results are gathered, so 1
+and N processes sample exactly the same responses. The split constants below keep the sample sets a run
+draws with one seed apart. Prompts are rendered with the tokenizer's chat template and left-padded (so all
 prompts end at the same position); generation stops at the end-of-turn token (the tokenizer's eos).
 
 What is sampled is a function of the caller's arguments alone. On-policy methods need the responses to come
@@ -17,12 +20,22 @@ for the duration of the call.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
+from accelerate import Accelerator
 from transformers import GenerationConfig, GenerationMixin
 
 from alignkit.data.chat import render_prompt
+from alignkit.runtime.setup import derive_seed
+
+# Sampling splits: the sample sets one run draws with one seed are seeded apart by their split.
+TRAIN_SPLIT = 0  # train_data prompts (best-of-n, RRHF, label; generate_cli's batches)
+EVAL_SPLIT = 1  # held-out prompts (every stage's evaluation; eval's samples)
+ITERATION_SPLIT = 2  # (ITERATION_SPLIT, k): RAFT's iteration k, PPO's rollout of step k
+REFILL_SPLIT = 3  # (REFILL_SPLIT, step, k): PPO dynamic sampling's refill round k of `step`
+GREEDY_SPLIT = 4  # eval's greedy decoding (no random draw; a split of its own all the same)
 
 
 @dataclass
@@ -34,15 +47,19 @@ class Generation:
     response_ids: generated ids, up to and including the end-of-turn token when it was produced.
     text: the response decoded without special tokens.
     finished: True when the response ended with the end-of-turn token (not cut by max_new_tokens).
+    prompt: the prompt's messages, and prompt_index its position among the prompts sampled (set by callers
+        that flatten the samples, e.g. rollout.ppo.sample_responses; empty / 0 otherwise).
     """
 
     prompt_ids: list[int]
     response_ids: list[int]
     text: str
     finished: bool
+    prompt: list = field(default_factory=list)
+    prompt_index: int = 0
 
 
-def _stop_ids(tokenizer) -> list[int]:
+def stop_ids(tokenizer) -> list[int]:
     ids = {tokenizer.eos_token_id}
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
     if isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id:
@@ -110,7 +127,7 @@ def generate(
     if max_prompt_tokens is not None and max_prompt_tokens < 1:
         raise ValueError(f"max_prompt_tokens must be >= 1 or None, got {max_prompt_tokens}")
     device = next(model.parameters()).device
-    stop = _stop_ids(tokenizer)
+    stop = stop_ids(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     config = sampling_config(do_sample, temperature, top_p, max_new_tokens, stop, pad_id)
     prompt_ids = [tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
@@ -142,3 +159,109 @@ def generate(
                 results[i].append(Generation(ids, response, text, finished))
     model.train(was_training)
     return results
+
+
+def map_chunks(accelerator: Accelerator | None, items: list, chunk: int, fn: Callable[[int, list], list]) -> list:
+    """Concatenated fn(c, items[c*chunk:(c+1)*chunk]) over all chunks; chunk c runs on process c % world.
+
+    Chunk boundaries and indices do not depend on the number of processes, so neither does the result.
+    accelerator None: one process (every chunk here).
+    """
+    from accelerate.utils import gather_object
+
+    world, rank = (accelerator.num_processes, accelerator.process_index) if accelerator is not None else (1, 0)
+    starts = range(0, len(items), chunk)
+    mine = [(c, fn(c, items[s : s + chunk])) for c, s in enumerate(starts) if c % world == rank]
+    gathered = gather_object(mine) if world > 1 else mine
+    return [x for _, out in sorted(gathered, key=lambda pair: pair[0]) for x in out]
+
+
+Split = int | tuple[int, ...]
+
+
+def chunk_seed(seed: int, split: Split, chunk: int) -> int:
+    """Seed of one sampling chunk: distinct per (seed, split, chunk), independent of the process count."""
+    parts = split if isinstance(split, tuple) else (split,)
+    return derive_seed(seed, "sample", *parts, chunk)
+
+
+def sample_generations(
+    accelerator: Accelerator | None,
+    model,
+    tokenizer,
+    prompts: list,
+    n: int,
+    temperature: float = 1.0,
+    max_new_tokens: int = 32,
+    chunk: int = 32,
+    seed: int = 0,
+    split: Split = TRAIN_SPLIT,
+    max_prompt_tokens: int | None = None,
+    top_p: float = 1.0,
+) -> list[list[Generation]]:
+    """n sampled responses per prompt as Generation (token ids, text, finished); temperature 0 is
+    greedy. result[i][j]: response j to prompt i.
+
+    `split` separates the seeds of different sample sets drawn with the same `seed` (the *_SPLIT constants).
+    `max_prompt_tokens` keeps the last that many tokens of a longer prompt (None: whole prompts).
+    accelerator None: one process, the model as given.
+    """
+    model = accelerator.unwrap_model(model) if accelerator is not None else model
+
+    def sample(c: int, part: list) -> list[list]:
+        return generate(
+            model, tokenizer, part, n=n, do_sample=temperature > 0, temperature=max(temperature, 1e-6), top_p=top_p,
+            max_new_tokens=max_new_tokens, batch_size=len(part) * n, seed=chunk_seed(seed, split, c),
+            max_prompt_tokens=max_prompt_tokens,
+        )
+
+    if n <= 0 or not prompts:
+        return [[] for _ in prompts]
+    return map_chunks(accelerator, prompts, chunk, sample)
+
+
+def sample_texts(
+    accelerator: Accelerator,
+    model,
+    tokenizer,
+    prompts: list,
+    n: int,
+    temperature: float = 1.0,
+    max_new_tokens: int = 32,
+    chunk: int = 32,
+    seed: int = 0,
+    split: Split = TRAIN_SPLIT,
+    max_prompt_tokens: int | None = None,
+) -> list[list[str]]:
+    """The decoded texts of sample_generations (same arguments, same samples)."""
+    per_prompt = sample_generations(accelerator, model, tokenizer, prompts, n, temperature, max_new_tokens, chunk, seed,
+                                    split, max_prompt_tokens)
+    return [[g.text for g in gens] for gens in per_prompt]
+
+
+def sample_candidates(
+    accelerator: Accelerator, model, tokenizer, prompts: list, n: int, cfg: Any, seed: int, split: Split,
+    temperature: float | None = None,
+) -> list[list[dict]]:
+    """n responses per prompt: result[i][j] = {"text", "length" (response tokens, end-of-turn included),
+    "finished" (ended with the end-of-turn token)}, from sample_generations (the samples of sample_texts
+    with the same arguments). Best-of-n's and RAFT's candidates.
+
+    cfg gives max_new_tokens, sample_chunk, max_length (a longer prompt keeps its last max_length -
+    max_new_tokens tokens) and (unless `temperature` is given) the temperature."""
+    temperature = cfg.sampling.temperature if temperature is None else temperature
+    per_prompt = sample_generations(accelerator, model, tokenizer, prompts, n, temperature, cfg.sampling.max_new_tokens,
+                                    cfg.sampling.chunk, seed, split, max(1, cfg.max_length - cfg.sampling.max_new_tokens))
+    return [[{"text": g.text, "length": len(g.response_ids), "finished": g.finished} for g in gens] for gens in per_prompt]
+
+
+def check_sampling_config(cfg: Any, n: int, n_key: str = "n") -> None:
+    """Errors shared by best-of-n and RAFT that would otherwise surface after minutes of sampling."""
+    from alignkit.config import ConfigError, check_groups
+    from alignkit.rollout.rewards import task_name_for
+
+    if n < 1:
+        raise ConfigError(f"{n_key} (samples per prompt) must be >= 1, got {n}")
+    check_groups(cfg)
+    if cfg.reward.source == "gold":
+        task_name_for(cfg.reward.task, cfg.train_data)  # raises a ConfigError naming the fix
