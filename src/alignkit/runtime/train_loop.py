@@ -56,43 +56,8 @@ def train(
     over the given rows and a dict of metric SUMS. evaluate(model) returns held-out metrics (without
     prefix; they are logged as eval_<name>). input_tokens[i]: tokens in row i, for throughput.
     """
-    if len(row_weights) < cfg.batch_size and getattr(cfg, "packing", False):
-        raise ConfigError(f"only {len(row_weights)} training rows for batch_size {cfg.batch_size}: packing puts "
-                          f"several examples in one row of max_length={cfg.max_length} tokens; lower batch_size, "
-                          "or set packing=false (one example per row)")
-    plan = BatchPlan(
-        n_rows=len(row_weights),
-        batch_size=cfg.batch_size,
-        micro_batch_size=cfg.micro_batch_size,
-        world_size=accelerator.num_processes,
-        rank=accelerator.process_index,
-        seed=cfg.seed,
-    )
-    steps = total_steps(cfg.max_steps, cfg.epochs, plan.steps_per_epoch)
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2))
-    scheduler = build_scheduler(optimizer, cfg.lr_schedule, cfg.warmup_steps, steps, cfg.min_lr_ratio)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    # The scheduler is stepped by us once per optimizer step (accelerate's wrapper would step it once
-    # per process); registering it puts its state into every checkpoint.
-    accelerator.register_for_checkpointing(scheduler)
-
-    state: dict[str, Any] = {"train_weight": 0.0, "input_tokens": 0, "train_s": 0.0}
-    start_step = 0
-    guard = NonFiniteGuard(cfg.max_nonfinite_steps, stage, cfg.lr, accelerator.is_main_process)
-    checkpoint = checkpoint_to_resume(cfg.output_dir, cfg.resume, accelerator.is_main_process)
-    if checkpoint is not None:
-        state = load_checkpoint(accelerator, checkpoint)
-        start_step = state.pop("step")
-        guard.load_state_dict(state.get("nonfinite", {}))
-    logger = RunLogger(cfg.output_dir, stage, steps, accelerator.is_main_process, start_step)
-    if checkpoint is not None:
-        logger.message(f"resumed from {checkpoint} at step {start_step}/{steps}")
-    else:
-        before = _evaluate(model, evaluate)
-        state["eval_before"] = before
-        logger.log(0, {f"eval_{k}": v for k, v in before.items()})
-
-    world = accelerator.num_processes
+    plan, steps, model, optimizer, scheduler = _prepare(cfg, accelerator, model, row_weights)
+    state, start_step, guard, logger = _start_or_resume(cfg, accelerator, model, evaluate, stage, steps)
     kill_at = int(os.environ.get(KILL_ENV, "0"))
     model.train()
     with StopRequests(stage, accelerator.is_main_process) as stops:
@@ -121,6 +86,58 @@ def train(
     after = _evaluate(model, evaluate)
     logger.log(steps, {f"eval_{k}": v for k, v in after.items()}, show=False)
     logger.close()
+    return model, _summary(state, after, steps, row_weights, input_tokens, accelerator.num_processes, guard)
+
+
+def _prepare(cfg, accelerator: Accelerator, model: torch.nn.Module, row_weights: list[float]):
+    """(plan, steps, prepared model, optimizer, scheduler): the batch plan every process derives from the seed,
+    the step count, AdamW and its schedule, placed by accelerate."""
+    if len(row_weights) < cfg.batch_size and getattr(cfg, "packing", False):
+        raise ConfigError(f"only {len(row_weights)} training rows for batch_size {cfg.batch_size}: packing puts "
+                          f"several examples in one row of max_length={cfg.max_length} tokens; lower batch_size, "
+                          "or set packing=false (one example per row)")
+    plan = BatchPlan(
+        n_rows=len(row_weights),
+        batch_size=cfg.batch_size,
+        micro_batch_size=cfg.micro_batch_size,
+        world_size=accelerator.num_processes,
+        rank=accelerator.process_index,
+        seed=cfg.seed,
+    )
+    steps = total_steps(cfg.max_steps, cfg.epochs, plan.steps_per_epoch)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2))
+    scheduler = build_scheduler(optimizer, cfg.lr_schedule, cfg.warmup_steps, steps, cfg.min_lr_ratio)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # The scheduler is stepped by us once per optimizer step (accelerate's wrapper would step it once
+    # per process); registering it puts its state into every checkpoint.
+    accelerator.register_for_checkpointing(scheduler)
+    return plan, steps, model, optimizer, scheduler
+
+
+def _start_or_resume(cfg, accelerator: Accelerator, model, evaluate: Evaluate, stage: str, steps: int):
+    """(state, start_step, guard, logger): restored from the newest checkpoint under resume=true, else fresh,
+    with the held-out metrics before training logged at step 0."""
+    state: dict[str, Any] = {"train_weight": 0.0, "input_tokens": 0, "train_s": 0.0}
+    start_step = 0
+    guard = NonFiniteGuard(cfg.max_nonfinite_steps, stage, cfg.lr, accelerator.is_main_process)
+    checkpoint = checkpoint_to_resume(cfg.output_dir, cfg.resume, accelerator.is_main_process)
+    if checkpoint is not None:
+        state = load_checkpoint(accelerator, checkpoint)
+        start_step = state.pop("step")
+        guard.load_state_dict(state.get("nonfinite", {}))
+    logger = RunLogger(cfg.output_dir, stage, steps, accelerator.is_main_process, start_step)
+    if checkpoint is not None:
+        logger.message(f"resumed from {checkpoint} at step {start_step}/{steps}")
+    else:
+        before = _evaluate(model, evaluate)
+        state["eval_before"] = before
+        logger.log(0, {f"eval_{k}": v for k, v in before.items()})
+    return state, start_step, guard, logger
+
+
+def _summary(state: dict, after: dict, steps: int, row_weights: list[float], input_tokens: list[int] | None,
+             world: int, guard: NonFiniteGuard) -> dict[str, Any]:
+    """The run's summary numbers: held-out metrics before and after, time, throughput, weights seen."""
     summary: dict[str, Any] = {"steps": steps}
     summary.update({f"eval_{k}_before": v for k, v in state.get("eval_before", {}).items()})
     summary.update({f"eval_{k}": v for k, v in after.items()})
@@ -135,7 +152,7 @@ def train(
         summary["tokens_per_s"] = state["input_tokens"] / max(state["train_s"], 1e-9)
     summary["train_weight"] = state["train_weight"]
     summary["nonfinite_steps"] = guard.total
-    return model, summary
+    return summary
 
 
 def _train_step(cfg, accelerator, model, optimizer, scheduler, plan, row_weights, micro_loss, guard, state,
