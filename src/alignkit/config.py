@@ -122,7 +122,7 @@ class EvalRewardConfig:
 
 @dataclass
 class RunConfig:
-    """Keys of every stage that loads a model and data and writes a run directory (DESIGN.md, 'Common config keys')."""
+    """Keys of every stage that loads a model and data and writes a run directory (docs/architecture.md, 'What every stage keeps')."""
 
     model: str = opt(
         "scratch:tiny",
@@ -155,7 +155,7 @@ class RunConfig:
 
 @dataclass
 class TrainConfig(RunConfig):
-    """Keys shared by every stage that trains (DESIGN.md, 'Common config keys')."""
+    """Keys shared by every stage that trains (docs/architecture.md, 'What every stage keeps')."""
 
     max_steps: int = opt(0, "optimizer steps to train; 0: derive from epochs")
     epochs: float = opt(1.0, "passes over the training rows when max_steps is 0")

@@ -15,8 +15,8 @@ reference is the policy with its adapters disabled (no second copy).
 Each micro-batch scores chosen and rejected of all its pairs in ONE forward: the 2B sequences are packed
 first-fit into rows as long as the longest of them (shorter ones share a row, isolated by position-id
 resets; no row is wider than a padded batch would be, and attention never spans more than that), and
-the LM head runs only on positions that predict a completion token (`completion_logps`). Log-probs are summed over completion tokens (DESIGN.md's
-`dpo_loss` contract). `sft_weight` adds sft_weight * NLL of the chosen completion, averaged over that
+the LM head runs only on positions that predict a completion token (`completion_logps`). Log-probs are summed over completion tokens (docs/architecture.md,
+"Reductions"). `sft_weight` adds sft_weight * NLL of the chosen completion, averaged over that
 completion's tokens (a per-pair token mean, so long and short answers weigh the same), summed over
 pairs and divided by the number of pairs like the DPO term.
 
