@@ -110,6 +110,13 @@ def test_sft_runs_on_a_weighted_mixture(pretrained_tiny: Path, tmp_path: Path):
         train_data="[{path: 'task:reverse/sft?n=200&seed=0', weight: 0.5}, {path: 'task:sort/sft?n=200&seed=0', weight: 0.5}]",
         eval_data="['task:sort/sft?n=40&seed=9', 'task:reverse/sft?n=40&seed=9']"))
     assert summary["n_train_records"] == 400 and summary["eval_loss"] < summary["eval_loss_before"]
+    # each named held-out set is reported on its own, before and after, and the overall loss mixes them
+    for name in ("sort", "reverse"):
+        assert summary[f"eval_loss/{name}"] < summary[f"eval_loss/{name}_before"]
+    low, high = sorted([summary["eval_loss/sort"], summary["eval_loss/reverse"]])
+    assert low < summary["eval_loss"] < high
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 0 and first["eval_loss/sort"] == summary["eval_loss/sort_before"]
     saved = C.load_config(C.SFTConfig, out / "config.yaml")  # the resolved config loads back
     assert saved.train_data[0] == {"path": "task:reverse/sft?n=200&seed=0", "weight": 0.5}
 

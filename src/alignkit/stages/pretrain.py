@@ -34,9 +34,10 @@ def run(cfg: PretrainConfig) -> dict:
     train_rows = token_rows(tokenizer, train_records, cfg.max_length)
     eval_rows = token_rows(tokenizer, eval_records, cfg.max_length)
 
-    model, summary = train_lm(
-        cfg, accelerator, model, tokenizer.pad_token_id, train_rows, eval_rows, packed=True, stage="pretrain"
-    )
+    eval_sets = {name: token_rows(tokenizer, part, cfg.max_length)
+                 for name, part in getattr(eval_records, "sets", {}).items()}  # each reported as eval_loss/<name>
+    model, summary = train_lm(cfg, accelerator, model, tokenizer.pad_token_id, train_rows, eval_rows,
+                              packed=True, stage="pretrain", eval_sets=eval_sets)
     save_final(accelerator, model, tokenizer, cfg.output_dir)
     summary.update(n_train_records=len(train_records), n_eval_records=len(eval_records), invalid_records=len(invalid))
     return finish_run(accelerator, cfg, summary, started)

@@ -43,9 +43,12 @@ def run(cfg: SFTConfig) -> dict:
         )
     eval_rows, eval_dropped = token_rows(tokenizer, eval_records, cfg.max_length, cfg.packing)
 
-    model, summary = train_lm(
-        cfg, accelerator, model, tokenizer.pad_token_id, train_rows, eval_rows, packed=cfg.packing, stage="sft"
-    )
+    # several held-out sets (eval_data as a list, or a weighted train_data split by a fraction): each is also
+    # reported on its own as eval_loss/<name>, so forgetting one domain shows
+    eval_sets = {name: token_rows(tokenizer, part, cfg.max_length, cfg.packing)[0]
+                 for name, part in getattr(eval_records, "sets", {}).items()}
+    model, summary = train_lm(cfg, accelerator, model, tokenizer.pad_token_id, train_rows, eval_rows,
+                              packed=cfg.packing, stage="sft", eval_sets=eval_sets)
     save_final(accelerator, model, tokenizer, cfg.output_dir)
     summary.update(
         n_train_records=len(train_records),
