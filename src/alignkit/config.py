@@ -1128,7 +1128,7 @@ class EvalConfig:
     names: list[str] = opt([], "labels of the models in the report, one per entry of models (default: derived from paths)")
     baseline: Union[str, None] = opt(None, "model (a label or a path) that win rates compare against; null: the first model")
     reference: Union[str, None] = opt(None, "model (a label or a path) for KL(policy || reference); null: the baseline")
-    prompts: str = opt("task:sort/prompts_eval?n=500", "held-out prompts: a path/spec of prompt records")
+    prompts: Union[str, list[str]] = opt("task:sort/prompts_eval?n=500", "held-out prompts: a path/spec of prompt records, or a list; prompts of several task: specs each get their own task's gold, reported as gold_reward/<task> too")
     max_prompts: int = opt(0, "use at most this many prompts (0: all)")
     n_samples: int = opt(4, "sampled responses per prompt")
     sampling: EvalSamplingConfig = opt(EvalSamplingConfig(chunk=16), "how held-out responses are sampled")

@@ -68,6 +68,63 @@ def test_eval_base_and_sft_checkpoints(pretrained_tiny: Path, sft_run: Path, tmp
     assert (out / "config.yaml").exists()
 
 
+def test_eval_reports_gold_per_task_on_two_task_prompts(pretrained_tiny: Path, sft_run: Path, tmp_path: Path):
+    # Prompts of two tasks: each prompt is scored by its own task, and gold is reported per task beside the
+    # pooled number, so forgetting one task shows in one evaluation run.
+    out = tmp_path / "eval2"
+    two = ['prompts=["task:sort/prompts_eval?n=8","task:reverse/prompts_eval?n=8"]']
+    run_stage("eval", FAST + two + [f"models=[{pretrained_tiny / 'final'},{sft_run}]", "names=[base,sft]",
+                                    "checkpoints=false", f"output_dir={out}"])
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["n_prompts"] == 16 and saved["task"] == "sort" and saved["tasks"] == ["sort", "reverse"]
+    per_prompt = {}
+    for name, m in saved["models"].items():
+        rows = read_jsonl(out / "samples" / f"{name}.jsonl")
+        assert [r["task"] for r in rows] == ["sort"] * 16 + ["reverse"] * 16  # 8 prompts x 2 samples each
+        assert all(r["prompt"].startswith(f"{r['task']}:") for r in rows)
+        from alignkit.data.tasks import get_task  # recomputed independently: each row by its own task
+
+        for r in rows:
+            assert r["gold_reward"] == pytest.approx(get_task(r["task"]).gold_reward(r["prompt"], r["text"]))
+        assert m["gold_reward"] == pytest.approx(np.mean([r["gold_reward"] for r in rows]))  # all pooled
+        for task in ("sort", "reverse"):
+            gold = np.array([r["gold_reward"] for r in rows if r["task"] == task]).reshape(8, 2).mean(axis=1)
+            assert m[f"gold_reward/{task}"] == pytest.approx(gold.mean())
+            assert m[f"gold_reward/{task}_stderr"] == pytest.approx(gold.std(ddof=1) / np.sqrt(8))
+            assert 0.0 <= m[f"greedy_gold_reward/{task}"] <= 1.0 and f"greedy_gold_reward/{task}_stderr" in m
+            per_prompt[name, task] = gold
+    sft = saved["models"]["sft"]
+    assert not any(k.startswith("gold_gain/") for k in saved["models"]["base"])  # the baseline has no gain
+    for task in ("sort", "reverse"):  # paired per prompt against the baseline, within the task
+        assert sft[f"gold_gain/{task}"] == pytest.approx((per_prompt["sft", task] - per_prompt["base", task]).mean())
+    # report.html's results table gets a column per task
+    html = (out / "report.html").read_text()
+    assert "<th>gold_reward/sort</th>" in html and "<th>gold_reward/reverse</th>" in html
+
+
+def test_prompt_task_names_own_task_unless_one_is_named():
+    from alignkit.config import EvalConfig, load_config
+    from alignkit.data.tasks import get_task
+    from alignkit.stages.evaluate import prompt_task_names
+
+    records = [{"prompt": "p", "meta": {"task": "reverse"}}, {"prompt": "q"}, {"prompt": "r", "meta": {"task": "qa"}}]
+    auto = load_config(EvalConfig, None, ["models=[m]"])
+    named = load_config(EvalConfig, None, ["models=[m]", "reward.task=sort"])
+    # auto: a record's built-in task, else the configured one (no task, or one that is not built in)
+    assert prompt_task_names(auto, records, get_task("sort")) == ["reverse", "sort", "sort"]
+    assert prompt_task_names(named, records, get_task("sort")) == ["sort"] * 3  # a named task scores every prompt
+    assert prompt_task_names(auto, records, None) == []  # no gold
+
+
+def test_one_task_eval_has_no_per_task_keys(pretrained_tiny: Path, tmp_path: Path):
+    out = tmp_path / "eval1"
+    summary = run_stage("eval", FAST + [f"models=[{pretrained_tiny / 'final'}]", f"output_dir={out}"])
+    (m,) = summary["models"].values()
+    assert "gold_reward" in m and not any("/" in k for k in m) and "tasks" not in summary
+    (samples,) = (out / "samples").glob("*.jsonl")
+    assert "task" not in read_jsonl(samples)[0]
+
+
 def test_token_logps_sum_to_sequence_logps(pretrained_tiny: Path):
     from alignkit.models.loading import load_causal_lm
     from alignkit.runtime.sequences import sequence_logps

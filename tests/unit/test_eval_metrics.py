@@ -29,6 +29,23 @@ def test_grouped_stderr_is_over_prompts_not_samples():
         M.grouped_mean_and_stderr([1, 2, 3])
 
 
+def test_mean_and_stderr_by_label_groups_prompts_by_task():
+    # rows (prompt means): sort [0.5, 1.0, 0.0], reverse [0.25, 0.75] (first-seen order: sort, reverse)
+    # sort: mean 0.5, sample std 0.5 -> stderr 0.5 / sqrt(3); reverse: mean 0.5, std 0.3536 -> stderr 0.25
+    values = [[1, 0], [0.5, 0], [1, 1], [0, 0], [1, 0.5]]
+    labels = ["sort", "reverse", "sort", "sort", "reverse"]
+    got = M.mean_and_stderr_by_label(values, labels)
+    assert list(got) == ["sort", "reverse"]
+    assert got["sort"] == pytest.approx((0.5, 0.5 / math.sqrt(3)))
+    assert got["reverse"] == pytest.approx((0.5, 0.25))
+    # 1-D values are the units themselves; one label is the pooled grouped_mean_and_stderr
+    flat = M.mean_and_stderr_by_label([2.0, 4.0, 9.0], ["a", "b", "a"])  # a: [2, 9] -> 5.5, std 4.95 / sqrt(2)
+    assert flat["a"] == pytest.approx((5.5, 3.5)) and flat["b"][0] == 4.0 and math.isnan(flat["b"][1])
+    assert M.mean_and_stderr_by_label(values, ["t"] * 5)["t"] == pytest.approx(M.grouped_mean_and_stderr(values))
+    with pytest.raises(ValueError, match="label per row"):
+        M.mean_and_stderr_by_label(values, ["sort"])
+
+
 def test_distinct_n_counts_over_the_set_without_crossing_sequences():
     # unigrams a b a | a b -> 2 distinct / 5; bigrams (a b) (b a) | (a b) -> 2 / 3
     assert M.distinct_n(["a b a", "a b"], 1) == pytest.approx(2 / 5)

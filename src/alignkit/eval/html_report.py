@@ -30,7 +30,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from alignkit.eval.report import METHOD_KEYS, TABLE, _cell, _proxy_gold_series
+from alignkit.eval.report import _cell, _proxy_gold_series, method_row, table_columns
 
 ALARM_COLOR = "#ff0000"  # pure red: no other line on the plots uses it (tests look for its pixels)
 N_SAMPLE_PROMPTS = 12
@@ -307,9 +307,10 @@ def table_html(report: dict) -> str:
         return ""
     baseline = (report.get("eval") or {}).get("baseline")
     # report.md's names say "vs_sft" (the pipeline's baseline); an eval run may have another baseline
-    names = [k.replace("_vs_sft", f"_vs_{baseline}") if baseline else k for k in TABLE]
+    columns = table_columns(methods)
+    names = [k.replace("_vs_sft", f"_vs_{baseline}") if baseline else k for k in columns]
     head = "".join(f"<th>{esc(k)}</th>" for k in ["method", *names])
-    rows = "".join(f"<tr><td>{esc(display_name(n))}</td>" + "".join(f"<td>{esc(_cell(row, k))}</td>" for k in TABLE)
+    rows = "".join(f"<tr><td>{esc(display_name(n))}</td>" + "".join(f"<td>{esc(_cell(row, k))}</td>" for k in columns)
                    + "</tr>" for n, row in methods.items())
     return f'<div class="scroll"><table class="results"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>'
 
@@ -442,7 +443,7 @@ def write_pipeline_html(out: Path, report: dict, done: dict[str, Path]) -> Path:
 
 def eval_report(summary: dict) -> dict:
     """An eval run's summary.json in the report's shape (METHOD_KEYS's names), so one renderer serves both."""
-    methods = {name: {key: m.get(src) for key, src in METHOD_KEYS.items()} for name, m in summary.get("models", {}).items()}
+    methods = {name: method_row(m) for name, m in summary.get("models", {}).items()}
     return {"methods": methods, "alarms": summary.get("alarms") or [],
             "eval": {k: summary.get(k) for k in ("n_prompts", "n_samples", "task", "baseline")}, "stages": {}, "notes": []}
 

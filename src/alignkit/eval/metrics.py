@@ -47,6 +47,23 @@ def grouped_mean_and_stderr(values: Numbers) -> tuple[float, float]:
     return mean_and_stderr(x.mean(axis=1)) if x.shape[1] else (NAN, NAN)
 
 
+def mean_and_stderr_by_label(values: Numbers, labels: Sequence) -> dict:
+    """{label: (mean, stderr)} over the rows of each label, labels in first-seen order.
+
+    values[G] or values[G, K] (K samples for each of G prompts: a row's mean is one unit), labels[G]: each
+    row's group (e.g. the task of a prompt). A label's numbers are mean_and_stderr of its rows' means, so
+    with one label this equals grouped_mean_and_stderr (or mean_and_stderr of [G] values).
+    """
+    x = _array(values)
+    if x.ndim == 2:
+        x = x.mean(axis=1) if x.shape[1] else np.full(x.shape[0], NAN)
+    labels = list(labels)
+    if x.ndim != 1 or x.shape[0] != len(labels):
+        raise ValueError(f"values {x.shape} need one label per row, got {len(labels)} labels")
+    return {label: mean_and_stderr(x[[i for i, lab in enumerate(labels) if lab == label]])
+            for label in dict.fromkeys(labels)}
+
+
 def _ngrams(tokens: Sequence, n: int) -> list[tuple]:
     return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
 

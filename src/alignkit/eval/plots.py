@@ -238,6 +238,8 @@ def print_table(models: dict[str, dict]) -> None:
     columns = [("gold_reward", "gold"), ("greedy_gold_reward", "greedy gold"), ("proxy_reward", "proxy"),
                ("kl", "KL"), ("win_rate_gold", "win (gold)"), ("win_rate_rm", "win (RM)"), ("length", "length"),
                ("eos_fraction", "EOS"), ("distinct_1", "dist-1"), ("distinct_2", "dist-2"), ("heldout_ppl", "ppl")]
+    per_task = dict.fromkeys(k for m in models.values() for k in m if k.startswith("gold_reward/") and not k.endswith("_stderr"))
+    columns[1:1] = [(k, f"gold {k.partition('/')[2]}") for k in per_task]  # prompts of several tasks: gold per task
     shown = [(k, h) for k, h in columns if any(k in m for m in models.values())]
     table = Table(title="alignkit eval")
     table.add_column("model")

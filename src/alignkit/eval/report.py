@@ -32,6 +32,24 @@ METHOD_KEYS = {
 }
 TABLE = ["gold_reward", "gold_gain_vs_sft", "greedy_gold_reward", "proxy_reward", "kl", "win_rate_vs_sft", "length", "distinct_2",
          "heldout_ppl", "wall_s", "peak_rss_mb"]
+PER_TASK = {"gold_reward/": "gold_reward/", "gold_gain_vs_sft/": "gold_gain/"}  # report prefix -> eval's (gold per task)
+
+
+def method_row(metrics: dict) -> dict:
+    """A method's report row from eval's per-model metrics: METHOD_KEYS, plus gold per task (gold_reward/<task>,
+    gold_gain_vs_sft/<task> and their _stderr) when the prompts spanned several tasks."""
+    row = {key: metrics.get(src) for key, src in METHOD_KEYS.items()}
+    for ours, theirs in PER_TASK.items():
+        row.update({ours + k[len(theirs):]: v for k, v in metrics.items() if k.startswith(theirs)})
+    return row
+
+
+def table_columns(methods: dict) -> list[str]:
+    """TABLE, with a gold_reward/<task> column after gold_reward for each task some row has."""
+    tasks = dict.fromkeys(k for row in methods.values() for k in row
+                          if k.startswith("gold_reward/") and not k.endswith("_stderr"))
+    i = TABLE.index("gold_reward") + 1
+    return TABLE[:i] + list(tasks) + TABLE[i:]
 
 
 def eval_stage_args(cfg: Any, done: dict[str, Path]) -> list[str]:
@@ -92,7 +110,7 @@ def build_report(stage_summaries: dict, eval_summary: dict, notes: list[str]) ->
     stage_of = {method: stage for stage, method in POLICY_METHODS.items()}
     methods: dict[str, dict] = {}
     for name, metrics in eval_summary.get("models", {}).items():
-        row = {key: metrics.get(src) for key, src in METHOD_KEYS.items()}
+        row = method_row(metrics)
         stage = stage_summaries.get(stage_of.get(name, ""), {})
         row["wall_s"] = stage.get("wall_s")
         row["peak_rss_mb"] = stage.get("peak_rss_mb")
@@ -252,11 +270,14 @@ def render_markdown(report: dict, plots: list[Path], out: Path) -> str:
                  f"estimated from its samples, beside its upper bound log n - (n-1)/n.")
     if report.get("methods"):
         lines += ["", "## Verdict", ""] + verdict_lines(report)
-    lines += ["", "| method | " + " | ".join(TABLE) + " |", "|---" * (len(TABLE) + 1) + "|"]
+    columns = table_columns(report["methods"])
+    lines += ["", "| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, row in report["methods"].items():
-        cells = [_cell(row, k) for k in TABLE]
+        cells = [_cell(row, k) for k in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Columns:", ""] + [f"- **{k}**: {GLOSSARY[k]}" for k in TABLE if k in GLOSSARY]
+    if len(columns) > len(TABLE):
+        lines.append("- **gold_reward/<task>**: gold_reward over the held-out prompts of that task only")
     lines += reward_model_lines(report, out)
     lines += ["", "## Alarms", ""]
     if report["alarms"]:

@@ -1,9 +1,9 @@
 """`alignkit eval`: what a model (or each checkpoint of a run) does on held-out prompts, in numbers.
 
 config -> targets (model dirs; run dirs expand to checkpoints/step-N + final/) -> for each: sample
-n_samples responses per prompt (and greedy) -> gold reward, proxy reward per RM, KL(policy || ref)
-from the samples, win rate vs the baseline, length, EOS, distinct-1/2, held-out perplexity -> alarms
-over each run's checkpoints -> summary.json, metrics.jsonl, samples/, plots/, a table.
+n_samples responses per prompt (and greedy) -> gold reward (each prompt by its own task, also per task),
+proxy reward per RM, KL(policy || ref) from the samples, win rate vs the baseline, length, EOS, distinct-1/2,
+held-out perplexity -> alarms over each run's checkpoints -> summary.json, metrics.jsonl, samples/, plots/, a table.
 
 Standard errors treat prompts as the independent units (a prompt's K samples are averaged first).
 Every model is sampled with the same seed (common random numbers make differences less noisy).
@@ -49,6 +49,34 @@ class Context:
     reference: tuple[Any, Any]  # (model, tokenizer)
     heldout: list[str]
     baseline: dict[str, np.ndarray] = field(default_factory=dict)  # per-sample [P, K] scores of the baseline
+    prompt_tasks: list[str] = field(default_factory=list)  # each prompt's gold task name; []: `task` for all
+
+
+def task_names(ctx: Context) -> list[str]:
+    """The gold task name of each prompt ([] without gold): its record's task, else ctx.task (build_context)."""
+    if ctx.task is None:
+        return []
+    return ctx.prompt_tasks or [ctx.task.name] * len(ctx.prompts)
+
+
+def gold_rewards(ctx: Context, prompts: list, texts: list[str], names: list[str]) -> list[float]:
+    """Gold reward of texts[i] answering prompts[i], scored by the task names[i] (one call per task)."""
+    from alignkit.data.tasks import get_task
+
+    out = [0.0] * len(texts)
+    for name in dict.fromkeys(names):
+        rows = [i for i, n in enumerate(names) if n == name]
+        task = ctx.task if name == ctx.task.name else get_task(name)
+        for i, g in zip(rows, task.gold_rewards([prompts[i] for i in rows], [texts[i] for i in rows])):
+            out[i] = g
+    return out
+
+
+def _per_task(out: dict, key: str, values, names: list[str]) -> None:
+    """`key/<task>` and `key/<task>_stderr` per task (prompts as units) when the prompts span >= 2 tasks."""
+    if len(set(names)) >= 2:
+        for name, pair in M.mean_and_stderr_by_label(values, names).items():
+            _with_stderr(out, f"{key}/{name}", pair)
 
 
 def _grouped(values: list[float], k: int) -> np.ndarray:
@@ -63,8 +91,10 @@ def reward_metrics(ctx: Context, flat_prompts: list, texts: list[str], k: int) -
     """Gold and proxy rewards of responses: (metrics, per-sample [P, K] arrays "gold", "proxy")."""
     cfg, out, scores = ctx.cfg, {}, {}
     if ctx.task is not None:
-        scores["gold"] = _grouped(ctx.task.gold_rewards(flat_prompts, texts), k)
-        _with_stderr(out, "gold_reward", M.grouped_mean_and_stderr(scores["gold"]))
+        names = task_names(ctx)
+        scores["gold"] = _grouped(gold_rewards(ctx, flat_prompts, texts, [n for n in names for _ in range(k)]), k)
+        _with_stderr(out, "gold_reward", M.grouped_mean_and_stderr(scores["gold"]))  # all prompts pooled
+        _per_task(out, "gold_reward", scores["gold"], names)
         out["gold_perfect"] = float(np.mean(scores["gold"] == 1.0))
     if ctx.reward_models:
         from alignkit.models.reward import score_texts
@@ -119,13 +149,16 @@ def evaluate_policy(model, tokenizer, ctx: Context) -> tuple[dict, dict[str, Any
         greedy = [g[0].text for g in sample_generations(None, model, tokenizer, ctx.prompts, 1, 0.0,
                                                           cfg.sampling.max_new_tokens, cfg.sampling.chunk * k,
                                                           cfg.seed, GREEDY_SPLIT)]
-        _with_stderr(out, "greedy_gold_reward", M.mean_and_stderr(ctx.task.gold_rewards(ctx.prompts, greedy)))
+        greedy_gold = gold_rewards(ctx, ctx.prompts, greedy, task_names(ctx))
+        _with_stderr(out, "greedy_gold_reward", M.mean_and_stderr(greedy_gold))
+        _per_task(out, "greedy_gold_reward", greedy_gold, task_names(ctx))
     out.update(kl_metrics(ctx, model, tokenizer, flat))
     for key, name in (("gold", "win_rate_gold"), ("proxy", "win_rate_rm")):
         if key in scores and key in ctx.baseline:
             _with_stderr(out, name, M.win_rate(scores[key], ctx.baseline[key]))
     if "gold" in scores and "gold" in ctx.baseline:  # same prompts: the paired gain over the baseline
         _with_stderr(out, "gold_gain", M.paired_difference(scores["gold"], ctx.baseline["gold"]))
+        _per_task(out, "gold_gain", scores["gold"].mean(axis=1) - ctx.baseline["gold"].mean(axis=1), task_names(ctx))
     lengths = [len(g.response_ids) for g in flat]
     stats = M.length_stats(lengths)
     out.update(length=stats["mean"], length_stderr=stats["stderr"], length_median=stats["median"], length_max=stats["max"])
@@ -135,6 +168,8 @@ def evaluate_policy(model, tokenizer, ctx: Context) -> tuple[dict, dict[str, Any
         out.update(heldout_perplexity(model, tokenizer, ctx.heldout, cfg))
     per_sample = {"text": texts, "length": lengths, "finished": [g.finished for g in flat], "prompt": flat_prompts}
     per_sample.update({f"{key}_reward": v.ravel().tolist() for key, v in scores.items()})
+    if len(set(task_names(ctx))) >= 2:
+        per_sample["task"] = [n for n in task_names(ctx) for _ in range(k)]
     return out, {"scores": scores, **per_sample}
 
 
@@ -187,6 +222,19 @@ def _task(cfg: EvalConfig):
     return get_task(name) if name else None
 
 
+def prompt_task_names(cfg: EvalConfig, records: list[dict], task) -> list[str]:
+    """Each prompt's gold task: with reward.task=auto a prompt record's own built-in task (meta "task", as
+    task: specs make them), else `task`; a task named in reward.task scores every prompt. [] without gold."""
+    from alignkit.data.tasks import TASK_NAMES
+
+    if task is None:
+        return []
+    if cfg.reward.task != "auto":
+        return [task.name] * len(records)
+    own = [(r.get("meta") or {}).get("task") for r in records]
+    return [name if name in TASK_NAMES else task.name for name in own]
+
+
 def rm_label(path: str, taken: list[str]) -> str:
     """A short unique name for a reward model: its run's name for a run's final/, else the basename."""
     p = Path(path)
@@ -198,7 +246,8 @@ def build_context(cfg: EvalConfig, reference: Target, device: torch.device) -> t
     from alignkit.data.records import load_records
 
     records, _ = load_records(cfg.prompts, "prompts")
-    prompts = [r["prompt"] for r in records][: cfg.max_prompts or None]
+    records = records[: cfg.max_prompts or None]
+    prompts = [r["prompt"] for r in records]
     heldout = [r["text"] for r in load_records(cfg.heldout_text, "text")[0]] if cfg.heldout_text else []
     rms = []
     for path in cfg.reward.models:
@@ -207,7 +256,9 @@ def build_context(cfg: EvalConfig, reference: Target, device: torch.device) -> t
         rm, tok = load_reward_model(path, seed=cfg.seed)
         rms.append((rm_label(path, [name for name, _, _ in rms]), rm.to(device).eval(), tok))
     pairs = load_records(cfg.pairs, "preference")[0] if cfg.pairs and rms else []
-    ctx = Context(cfg, prompts, _task(cfg), rms, load_target(reference, device), heldout)
+    task = _task(cfg)
+    ctx = Context(cfg, prompts, task, rms, load_target(reference, device), heldout,
+                  prompt_tasks=prompt_task_names(cfg, records, task))
     return ctx, pairs
 
 
@@ -225,7 +276,7 @@ def _json(value: Any) -> Any:
 def _write_samples(out_dir: Path, name: str, data: dict) -> None:
     path = out_dir / "samples" / f"{safe_name(name)}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    keys = [k for k in ("text", "gold_reward", "proxy_reward", "length", "finished") if k in data]
+    keys = [k for k in ("task", "text", "gold_reward", "proxy_reward", "length", "finished") if k in data]
     with open(path, "w") as f:
         for i, prompt in enumerate(data["prompt"]):
             row = {"prompt": prompt[-1]["content"], **{k: data[k][i] for k in keys}}
@@ -274,6 +325,7 @@ def evaluate_models(cfg: EvalConfig) -> dict[str, Any]:
         summary["reward_models"] = rm_pair_metrics(ctx, pairs)
     summary.update(baseline=baseline.name, reference=reference.model_dir, n_prompts=len(ctx.prompts),
                    n_samples=cfg.n_samples, task=getattr(ctx.task, "name", None),
+                   **({"tasks": list(dict.fromkeys(task_names(ctx)))} if len(set(task_names(ctx))) >= 2 else {}),
                    plots=_plots(targets, models, out_dir), wall_s=time.time() - started, peak_rss_mb=peak_rss_mb(),
                    provenance=provenance)
     (out_dir / "summary.json").write_text(json.dumps(_json(summary), indent=1))
