@@ -80,3 +80,23 @@ def test_the_stages_table_leaves_out_standard_errors(tmp_path: Path):
     md, _ = rendered(tmp_path)
     ppo_row = next(line for line in md.splitlines() if line.startswith("| ppo | 29.000"))
     assert "eval_kl: 0.000 → 0.400" in ppo_row and "stderr" not in ppo_row
+
+
+def test_gold_per_task_columns_follow_gold_when_present(tmp_path: Path):
+    import copy
+
+    from alignkit.eval.report import table_columns
+
+    md, report = rendered(tmp_path)
+    assert table_columns(report["methods"]) == TABLE and "gold_reward/" not in md  # one task: the plain table
+    two = copy.deepcopy(EVAL)
+    two["models"]["dpo"].update({"gold_reward/sort": 0.7, "gold_reward/sort_stderr": 0.02, "gold_reward/reverse": 0.42,
+                                 "gold_gain/sort": 0.2, "gold_gain/sort_stderr": 0.03})
+    report = build_report(STAGES, two, [])
+    dpo = report["methods"]["dpo"]
+    assert dpo["gold_reward/sort"] == 0.7 and dpo["gold_gain_vs_sft/sort"] == 0.2 and dpo["gold_gain_vs_sft/sort_stderr"] == 0.03
+    columns = table_columns(report["methods"])
+    assert columns[:3] == ["gold_reward", "gold_reward/sort", "gold_reward/reverse"] and columns[3:] == TABLE[1:]
+    md = render_markdown(report, [], tmp_path)
+    assert "| method | gold_reward | gold_reward/sort | gold_reward/reverse | gold_gain_vs_sft |" in md
+    assert "| 0.560 ± 0.010 | 0.700 ± 0.020 | 0.420 |" in md and "- **gold_reward/<task>**: " in md
