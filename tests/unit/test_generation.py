@@ -102,3 +102,33 @@ def test_max_prompt_tokens_keeps_the_end_of_a_long_prompt(model_dirs):
     assert whole[0].prompt_ids == roomy[0].prompt_ids == full and whole[0].response_ids == roomy[0].response_ids
     with pytest.raises(ValueError, match="max_prompt_tokens"):
         generate(model, tok, [dialogue], max_prompt_tokens=0)
+
+
+def test_shared_prompt_prefill_samples_what_a_full_prefill_samples(model_dirs, monkeypatch):
+    """n samples of a prompt share one prefill of its first W-1 columns (sampling.prompt_cache); the samples
+    are those of a prefill over all n copies, token for token, with prompts of different lengths (left
+    padding) in one batch, and a PEFT-wrapped model takes the same path."""
+    import alignkit.rollout.sampling as sampling
+
+    model, tok = load_causal_lm(str(model_dirs[0]))
+    calls = []
+    real = sampling.prompt_cache
+
+    def counted(*args):
+        out = real(*args)
+        calls.append(sum(1 for _ in out))
+        return out
+
+    monkeypatch.setattr(sampling, "prompt_cache", counted)
+    shared = _ids(generate(model, tok, PROMPTS, n=4, max_new_tokens=12, batch_size=8, seed=3))
+    assert calls == [1, 1]  # two batches (2 prompts x 4, then 1 x 4), each with a shared cache
+    monkeypatch.setattr(sampling, "prompt_cache", lambda *args: {})
+    full = _ids(generate(model, tok, PROMPTS, n=4, max_new_tokens=12, batch_size=8, seed=3))
+    assert shared == full
+    assert len({tuple(r) for r in full}) > 3  # the draws differ: the comparison is not between copies of one answer
+
+    from peft import LoraConfig, get_peft_model
+
+    monkeypatch.setattr(sampling, "prompt_cache", counted)
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert _ids(generate(wrapped, tok, PROMPTS, n=4, max_new_tokens=12, batch_size=8, seed=3)) == full  # B = 0: same model
