@@ -10,7 +10,8 @@ import torch
 
 from alignkit.ops import forward_batch, pad_right
 from alignkit.rl import RunningMoments, build_rollout, shape_scores
-from alignkit.rollout.ppo import response_logprobs, response_values
+from alignkit.rollout.ppo import batch_on, prompt_groups, response_logprobs, response_values
+from alignkit.rollout.sampling import Generation
 
 
 def tiny_llama(seed: int = 0, classifier: bool = False):
@@ -70,6 +71,32 @@ def test_response_logprobs_and_values_equal_one_unpadded_forward_per_sample():
             expected_value = critic_model.score(hidden[len(p) - 1 + t]).item()
             assert values[i, t].item() == pytest.approx(expected_value, abs=1e-5)
         assert logps[i, len(r):].abs().sum() == 0 and values[i, len(r):].abs().sum() == 0
+
+
+def test_prompt_groups_by_hand():
+    assert prompt_groups([[1, 2], [3], [1, 2], [3], [4]]) == ([0, 1, 4], [0, 1, 0, 1, 2])
+    assert prompt_groups([[1], [2]]) == ([0, 1], [0, 1])
+
+
+def test_shared_prompt_forward_equals_one_forward_per_sample_with_the_same_gradient():
+    """Samples that share a prompt run it once (rollout.ppo.response_logits): log-probs equal the plain
+    padded forward's, and so does the gradient of a loss through them (the prompt's KV cache carries it)."""
+    prompts = [[5, 6, 7], [5, 6, 7], [8, 9, 10, 11, 12], [13], [8, 9, 10, 11, 12], [5, 6, 7]]
+    responses = [[20, 21], [22, 2], [22, 23, 24, 2], [25], [30, 31, 2], [26, 27, 28, 29]]
+    samples = [Generation(p, r, "", True) for p, r in zip(prompts, responses)]
+    shared = batch_on(samples, 0, "cpu")
+    plain = {k: v for k, v in shared.items() if k not in ("prompt_first", "prompt_of_row")}
+    assert shared["prompt_first"].tolist() == [0, 2, 3]
+    results = []
+    for batch in (shared, plain):
+        actor = tiny_llama(0).train()
+        logps, _ = response_logprobs(actor, batch, temperature=0.7)
+        (logps * torch.arange(1.0, 5.0)).sum().backward()  # weights per column: a gradient that sees every token
+        results.append((logps.detach(), torch.cat([q.grad.flatten() for q in actor.parameters()])))
+    (shared_logps, shared_grad), (plain_logps, plain_grad) = results
+    assert torch.allclose(shared_logps, plain_logps, atol=1e-5)
+    assert plain_grad.abs().max() > 1e-3  # the loss reaches the weights
+    assert torch.allclose(shared_grad, plain_grad, atol=1e-5, rtol=1e-4)
 
 
 def test_value_model_shapes_and_gradient():

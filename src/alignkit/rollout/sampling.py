@@ -163,7 +163,7 @@ def generate(
     return results
 
 
-def _cache_argument(model) -> str:
+def cache_argument(model) -> str:
     """The name the model's forward gives its KV cache: `cache` in current transformers 5, `past_key_values`
     in earlier 5.x releases (the name the model itself declares, so both work)."""
     import inspect
@@ -189,7 +189,7 @@ def prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n
         return {}
     ids, mask = input_ids[::n, :-1], attention_mask[::n, :-1]
     cache = DynamicCache(config=model.config)
-    name = _cache_argument(model)
+    name = cache_argument(model)
     model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=True,
           **{name: cache})
     cache.batch_repeat_interleave(n)

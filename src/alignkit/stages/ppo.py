@@ -169,7 +169,9 @@ def update(accelerator, cfg, actor, critic, optimizers, rollout: Rollout, step: 
             rows = order[start : start + mini].tolist()
             denominators = {"tokens": rollout.mask[rows].sum().item(), "sequences": float(len(rows))}
             # micro-batches of similar lengths pad less; the loss sums over the global mini-batch, so this is free
-            mine = sorted(rows[rank::world], key=lambda i: (len(rollout.prompt_ids[i]), lengths[i]))
+            # and a prompt's samples side by side share its forward (rollout.ppo.response_logits)
+            group_order = lambda i: (len(rollout.prompt_ids[i]), rollout.prompt_ids[i], lengths[i])  # noqa: E731
+            mine = sorted(rows[rank::world], key=group_order)
             micro = [mine[i : i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
             for k, part in enumerate(micro):
                 with ExitStack() as stack:
