@@ -18,6 +18,13 @@ TINY_PRETRAIN = [
 ]
 
 
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSON-lines file (blank lines skipped)."""
+    import json
+
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 def sft_overrides(model_dir: str | Path, **extra: object) -> list[str]:
     base = {
         "model": str(model_dir), "train_data": "task:sort/sft?n=600&seed=0", "eval_data": 0.15,

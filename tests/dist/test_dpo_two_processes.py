@@ -13,8 +13,11 @@ from tests.stages.test_dpo import dpo_overrides
 pytestmark = pytest.mark.dist
 
 
-@pytest.mark.parametrize("precompute", [True, False])
+@pytest.mark.parametrize("precompute", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_dpo_two_processes_equal_one(pretrained_tiny: Path, tmp_path: Path, precompute: bool):
+    """Mechanism: the reference log-probs precomputed in shards over the processes (precompute=True, fast suite);
+    precompute=False is the shared train loop's DDP step, which the fast suite covers through
+    tests/dist/test_two_processes.py::test_sft_two_processes_equal_one (so that case is slow)."""
     # batch 8 = 2 processes x 2 micro-batches x 2 pairs, against 1 process x 2 micro-batches x 4 pairs.
     common = dpo_overrides(pretrained_tiny / "final", max_steps=4, batch_size=8, micro_batch_size=2,
                            precompute_ref=precompute, lr=5e-4)

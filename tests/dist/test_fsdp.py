@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, max_weight_diff, run_cli, sft_overrides
+from tests.helpers import REPO, max_weight_diff, read_jsonl, run_cli, sft_overrides
 
 pytestmark = pytest.mark.dist
 
@@ -24,10 +24,6 @@ FSDP_LAUNCH = [
     "--num_processes", "2",
 ]
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def fsdp_run(stage: str, args: list[str], env: dict | None = None):

@@ -36,7 +36,10 @@ def test_raft_two_processes_equal_one(pretrained_tiny: Path, tmp_path: Path):
     assert [m["loss"] for m in m2] == pytest.approx([m["loss"] for m in m1], rel=1e-4, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_best_of_n_two_processes_equal_one(pretrained_tiny: Path, tmp_path: Path):
+    """Mechanism: candidates sampled in seeded chunks over the processes and gathered; the fast suite covers it
+    through test_raft_two_processes.py::test_raft_two_processes_equal_one (the same sampler, then training)."""
     common = [
         f"model={pretrained_tiny / 'final'}", "train_data=task:sort/prompts?n=10&seed=3", "eval_data=null",
         "reward=gold", "n=3", "sampling.max_new_tokens=10", "max_length=64", "sampling.chunk=3",

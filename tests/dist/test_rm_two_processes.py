@@ -12,7 +12,10 @@ from tests.helpers import max_weight_diff, one_and_two_processes
 pytestmark = pytest.mark.dist
 
 
+@pytest.mark.slow
 def test_rm_two_processes_equal_one(pretrained_tiny: Path, tmp_path: Path):
+    """Mechanism: the shared train loop's DDP step over pair batches; the fast suite covers it through
+    tests/dist/test_two_processes.py::test_sft_two_processes_equal_one."""
     # batch 8 = 2 processes x 2 micro-batches x 2 pairs, against 1 process x 2 micro-batches x 4 pairs.
     common = [
         f"model={pretrained_tiny / 'final'}", "train_data=task:sort/prefs?n=200&seed=5", "eval_data=0.1",

@@ -12,7 +12,11 @@ from tests.helpers import max_weight_diff, one_and_two_processes
 pytestmark = pytest.mark.dist
 
 
+@pytest.mark.slow
 def test_rrhf_two_processes_equal_one(pretrained_tiny: Path, tmp_path: Path):
+    """Mechanism: the train loop's DDP step and policy samples in seeded chunks over the processes; the fast
+    suite covers them through test_two_processes.py::test_sft_two_processes_equal_one and
+    test_raft_two_processes.py::test_raft_two_processes_equal_one."""
     # Policy samples (drawn in seeded chunks spread over the processes) make K ragged, so this also checks
     # that both processes build the same lists. batch 8 = 2 processes x 2 micro-batches x 2 lists,
     # against 1 process x 2 micro-batches x 4 lists.

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import io
-import json
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ import pytest
 from alignkit import chat_cli
 from alignkit.cli import main as cli_main
 from alignkit.cli import run_stage
+from tests.helpers import read_jsonl
 
 PROMPTS = "task:sort/prompts?n=5&seed=3"
 
@@ -37,10 +37,6 @@ def run(argv: list[str], capsys) -> tuple[int, str, str]:
         cli_main(argv)
     captured = capsys.readouterr()
     return exit_info.value.code, captured.out, captured.err
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
 # ------------------------------------------------------------------------------------------------ chat

@@ -12,11 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import load_weights, max_weight_diff, run_cli, sft_overrides
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+from tests.helpers import load_weights, max_weight_diff, read_jsonl, run_cli, sft_overrides
 
 
 @pytest.fixture(scope="module")

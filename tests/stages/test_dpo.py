@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from alignkit.cli import run_stage
-from tests.helpers import max_weight_diff, run_cli
+from tests.helpers import max_weight_diff, read_jsonl, run_cli
 
 LOG2 = math.log(2.0)
 
@@ -22,10 +22,6 @@ def dpo_overrides(model_dir: str | Path, **extra: object) -> list[str]:
     }
     base.update(extra)
     return [f"{k.replace('__', '.')}={v}" for k, v in base.items()]  # sampling__chunk=4: sampling.chunk=4
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
 def train_logs(out: Path) -> list[dict]:

@@ -9,11 +9,7 @@ import pytest
 import torch
 
 from alignkit.cli import run_stage
-from tests.helpers import load_weights, max_weight_diff, run_cli
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+from tests.helpers import load_weights, max_weight_diff, read_jsonl, run_cli
 
 
 def ppo_overrides(model_dir: Path, **extra: object) -> list[str]:

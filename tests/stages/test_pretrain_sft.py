@@ -10,11 +10,7 @@ import torch
 import yaml
 
 from alignkit.cli import run_stage
-from tests.helpers import max_weight_diff, run_cli, sft_overrides
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+from tests.helpers import max_weight_diff, read_jsonl, run_cli, sft_overrides
 
 
 def test_pretrain_writes_run_dir_and_loss_falls(pretrained_tiny: Path):

@@ -11,11 +11,7 @@ import pytest
 
 from alignkit.cli import run_stage
 from alignkit.config import ConfigError
-from tests.helpers import max_weight_diff, run_cli
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+from tests.helpers import max_weight_diff, read_jsonl, run_cli
 
 
 def raft_overrides(model_dir: Path, **extra: object) -> list[str]:

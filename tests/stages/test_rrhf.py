@@ -10,11 +10,7 @@ import torch
 
 from alignkit.cli import run_stage
 from alignkit.data.tasks import get_task, load_task_records
-from tests.helpers import max_weight_diff, run_cli, untrained_rm
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+from tests.helpers import max_weight_diff, read_jsonl, run_cli, untrained_rm
 
 
 def rrhf_overrides(model_dir: Path, **extra: object) -> list[str]:
