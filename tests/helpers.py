@@ -25,6 +25,22 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def tiny_llama(seed: int = 0, classifier: bool = False, attn: str | None = None, **config: object):
+    """A 2-layer Llama (vocab 50, hidden 32, 4 heads) in eval mode, its weights seeded with `seed`: a causal LM,
+    or with classifier=True a 1-label sequence classifier (a reward model's shape). `config` overrides any
+    LlamaConfig field; `attn` sets the attention implementation."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    fields = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, max_position_embeddings=64, num_labels=1, pad_token_id=0)
+    llama = LlamaConfig(**{**fields, **config})
+    if attn is not None:
+        llama._attn_implementation = attn
+    torch.manual_seed(seed)
+    return (LlamaForSequenceClassification if classifier else LlamaForCausalLM)(llama).eval()
+
+
 def sft_overrides(model_dir: str | Path, **extra: object) -> list[str]:
     base = {
         "model": str(model_dir), "train_data": "task:sort/sft?n=600&seed=0", "eval_data": 0.15,

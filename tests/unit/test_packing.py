@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from alignkit.data.packing import chunk_stream, collate, pack_examples
+from tests.helpers import tiny_llama
 
 M = -100
 PAD = 99
@@ -102,19 +102,9 @@ def test_collate_packed_and_unpacked():
 # ------------------------------------------------------------------ equivalence on a real model
 
 
-def _tiny_llama(attn: str) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    config._attn_implementation = attn
-    return LlamaForCausalLM(config).eval()
+def _tiny_llama(attn: str):
+    return tiny_llama(attn=attn, vocab_size=100, num_key_value_heads=2, max_position_embeddings=256,
+                      pad_token_id=None, num_labels=2)
 
 
 def _summed_loss(model, batch: dict) -> tuple[float, int]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+from transformers import AutoModelForSequenceClassification, LlamaForSequenceClassification
 
 from alignkit.config import RMConfig
 from alignkit.models.reward import (
@@ -19,15 +19,13 @@ from alignkit.models.reward import (
     score_texts,
 )
 from alignkit.stages.rm import calibration, centering_sum, ordered_pairs, pair_margin, pair_summary, rows_loss_sum
+from tests.helpers import tiny_llama
 
 PROMPT = [{"role": "user", "content": "sort: c a b"}]
 
 
-def tiny_rm(seed: int = 0) -> LlamaForSequenceClassification:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=4, max_position_embeddings=64, num_labels=1, pad_token_id=0)
-    return LlamaForSequenceClassification(cfg).eval()
+def tiny_rm(seed: int = 0):
+    return tiny_llama(seed, classifier=True)
 
 
 def random_example(n: int, seed: int) -> dict:

@@ -12,16 +12,8 @@ from alignkit.ops import forward_batch, pad_right
 from alignkit.rl import RunningMoments, build_rollout, shape_scores
 from alignkit.rollout.ppo import batch_on, prompt_groups, response_logprobs, response_values
 from alignkit.rollout.sampling import Generation
+from tests.helpers import tiny_llama
 
-
-def tiny_llama(seed: int = 0, classifier: bool = False):
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
-
-    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=4, max_position_embeddings=64, num_labels=1, pad_token_id=0)
-    torch.manual_seed(seed)
-    cls = LlamaForSequenceClassification if classifier else LlamaForCausalLM
-    return cls(config).eval()
 
 
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12], [13]]

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from alignkit.runtime.sequences import pack_for_forward, sequence_logps
+from tests.helpers import tiny_llama
 
 
-def tiny_model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg).eval()
+def tiny_model():
+    return tiny_llama(pad_token_id=None, num_labels=2)  # LlamaConfig's own defaults for these two
 
 
 def example(prompt_len: int, response_len: int, seed: int) -> dict:
