@@ -58,6 +58,25 @@ def run_cli(args: list[str], env: dict | None = None, launcher: list[str] | None
     return subprocess.run(cmd, capture_output=True, text=True, env=full_env, cwd=str(REPO), timeout=600)
 
 
+def killed_and_resumed(stage: str, common: list[str], out: Path, kill_at: int, checkpoint: int,
+                       env: dict | None = None) -> subprocess.CompletedProcess:
+    """The kill/resume check of every stage: run `stage` whole into out/full, then into out/killed with a
+    SIGKILL at step `kill_at` (ALIGNKIT_KILL_AT_STEP: no chance to clean up), assert it died leaving no final/
+    and the checkpoint of step `checkpoint` as the newest complete one, rerun it with resume=true and return
+    that (successful) run; the caller compares out/full with out/killed."""
+    full = run_cli([stage, *common, f"output_dir={out / 'full'}"], env=env)
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed_dir = out / "killed"
+    killed = run_cli([stage, *common, f"output_dir={killed_dir}"], env={**(env or {}), "ALIGNKIT_KILL_AT_STEP": str(kill_at)})
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert not (killed_dir / "final").exists()
+    steps = sorted(int(p.name.split("-")[1]) for p in (killed_dir / "checkpoints").glob("step-*"))
+    assert steps and steps[-1] == checkpoint, steps
+    resumed = run_cli([stage, *common, f"output_dir={killed_dir}", "resume=true"], env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return resumed
+
+
 # On a machine without GPUs, `--multi_gpu` is accelerate's torchrun path; alignkit's Accelerator(cpu=True)
 # then joins the processes into one gloo group. (`--cpu` alone starts a single process.)
 LAUNCH = [

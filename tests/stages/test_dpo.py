@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from alignkit.cli import run_stage
-from tests.helpers import max_weight_diff, read_jsonl, run_cli
+from tests.helpers import killed_and_resumed, max_weight_diff, read_jsonl, run_cli
 
 LOG2 = math.log(2.0)
 
@@ -108,16 +108,8 @@ def test_ipo_label_smoothing_and_sft_term_first_losses(pretrained_tiny: Path, tm
 
 def test_resume_after_kill_equals_uninterrupted_and_reuses_reference(pretrained_tiny: Path, tmp_path: Path):
     common = dpo_overrides(pretrained_tiny / "final", max_steps=6, save_steps=2, log_steps=2)
-    full = run_cli(["dpo", *common, f"output_dir={tmp_path / 'full'}"])
-    assert full.returncode == 0, full.stderr[-3000:]
-
     killed_dir = tmp_path / "killed"
-    killed = run_cli(["dpo", *common, f"output_dir={killed_dir}"], env={"ALIGNKIT_KILL_AT_STEP": "3"})
-    assert killed.returncode == -9, killed.stderr[-3000:]
-    assert (killed_dir / "checkpoints" / "step-2").exists() and not (killed_dir / "final").exists()
-
-    resumed = run_cli(["dpo", *common, f"output_dir={killed_dir}", "resume=true"])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = killed_and_resumed("dpo", common, tmp_path, kill_at=3, checkpoint=2)
     assert "step 2/6" in resumed.stderr
     assert json.loads((killed_dir / "summary.json").read_text())["ref_logps"] == "cached"
     assert max_weight_diff(tmp_path / "full" / "final", killed_dir / "final") < 1e-5

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from alignkit.cli import run_stage
-from tests.helpers import max_weight_diff, read_jsonl, run_cli, sft_overrides
+from tests.helpers import killed_and_resumed, max_weight_diff, read_jsonl, run_cli, sft_overrides
 
 
 def test_pretrain_writes_run_dir_and_loss_falls(pretrained_tiny: Path):
@@ -75,17 +75,8 @@ def test_sft_with_lora_moves_only_adapters_and_exports_merged(pretrained_tiny: P
 
 def test_resume_after_kill_equals_uninterrupted(pretrained_tiny: Path, tmp_path: Path):
     common = sft_overrides(pretrained_tiny / "final", max_steps=8, save_steps=3)
-    full = run_cli(["sft", *common, f"output_dir={tmp_path / 'full'}"])
-    assert full.returncode == 0, full.stderr[-3000:]
-
     killed_dir = tmp_path / "killed"
-    killed = run_cli(["sft", *common, f"output_dir={killed_dir}"], env={"ALIGNKIT_KILL_AT_STEP": "5"})
-    assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL: no chance to clean up
-    assert not (killed_dir / "final").exists()
-    assert (killed_dir / "checkpoints" / "step-3").exists()  # newest complete checkpoint
-
-    resumed = run_cli(["sft", *common, f"output_dir={killed_dir}", "resume=true"])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = killed_and_resumed("sft", common, tmp_path, kill_at=5, checkpoint=3)
     assert "resumed from" in resumed.stderr and "step 3/8" in resumed.stderr
     assert max_weight_diff(tmp_path / "full" / "final", killed_dir / "final") < 1e-5
     steps = [m["step"] for m in read_jsonl(killed_dir / "metrics.jsonl") if "loss" in m]

@@ -12,7 +12,7 @@ import torch
 from alignkit.cli import run_stage
 from alignkit.config import ConfigError
 from alignkit.data.records import DataError
-from tests.helpers import max_weight_diff, run_cli
+from tests.helpers import killed_and_resumed, max_weight_diff, run_cli
 
 
 def rm_overrides(model_dir: Path, train_data: str, **extra: object) -> list[str]:
@@ -103,14 +103,8 @@ def test_ranked_lists_train(pretrained_tiny: Path, tmp_path: Path):
 def test_resume_after_kill_equals_uninterrupted(pretrained_tiny: Path, tmp_path: Path):
     common = rm_overrides(pretrained_tiny / "final", "task:sort/prefs?n=200&seed=5", batch_size=8,
                           micro_batch_size=4, max_steps=6, save_steps=2, log_steps=2, eval_data=0.1)
-    full = run_cli(["rm", *common, f"output_dir={tmp_path / 'full'}"], env={"OMP_NUM_THREADS": "1"})
-    assert full.returncode == 0, full.stderr[-3000:]
     killed_dir = tmp_path / "killed"
-    killed = run_cli(["rm", *common, f"output_dir={killed_dir}"], env={"ALIGNKIT_KILL_AT_STEP": "3", "OMP_NUM_THREADS": "1"})
-    assert killed.returncode == -9, killed.stderr[-3000:]
-    assert (killed_dir / "checkpoints" / "step-2").exists() and not (killed_dir / "final").exists()
-    resumed = run_cli(["rm", *common, f"output_dir={killed_dir}", "resume=true"], env={"OMP_NUM_THREADS": "1"})
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = killed_and_resumed("rm", common, tmp_path, kill_at=3, checkpoint=2, env={"OMP_NUM_THREADS": "1"})
     assert "step 2/6" in resumed.stderr
     assert max_weight_diff(tmp_path / "full" / "final", killed_dir / "final") < 1e-5
     full_summary = json.loads((tmp_path / "full" / "summary.json").read_text())

@@ -10,7 +10,7 @@ import torch
 
 from alignkit.cli import run_stage
 from alignkit.data.tasks import get_task, load_task_records
-from tests.helpers import max_weight_diff, read_jsonl, run_cli, untrained_rm
+from tests.helpers import killed_and_resumed, max_weight_diff, read_jsonl, run_cli, untrained_rm
 
 
 def rrhf_overrides(model_dir: Path, **extra: object) -> list[str]:
@@ -167,16 +167,8 @@ def test_resume_after_kill_equals_uninterrupted(pretrained_tiny: Path, tmp_path:
         pretrained_tiny / "final", max_steps=8, save_steps=3, log_steps=2, reward="gold", policy_samples=1,
         sampling__max_new_tokens=12, train_data="task:sort/ranked?n=60&seed=4",
     )
-    full = run_cli(["rrhf", *common, f"output_dir={tmp_path / 'full'}"])
-    assert full.returncode == 0, full.stderr[-3000:]
-
     killed_dir = tmp_path / "killed"
-    killed = run_cli(["rrhf", *common, f"output_dir={killed_dir}"], env={"ALIGNKIT_KILL_AT_STEP": "5"})
-    assert killed.returncode == -9, killed.stderr[-3000:]
-    assert not (killed_dir / "final").exists() and (killed_dir / "checkpoints" / "step-3").exists()
-
-    resumed = run_cli(["rrhf", *common, f"output_dir={killed_dir}", "resume=true"])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = killed_and_resumed("rrhf", common, tmp_path, kill_at=5, checkpoint=3)
     assert "resumed from" in resumed.stderr and "step 3/8" in resumed.stderr
     assert max_weight_diff(tmp_path / "full" / "final", killed_dir / "final") < 1e-5
     assert (tmp_path / "full" / "lists.jsonl").read_text() == (killed_dir / "lists.jsonl").read_text()
