@@ -136,7 +136,10 @@ def test_gold_rewards_and_policy_samples(pretrained_tiny: Path, tmp_path: Path):
     train_samples = sum(i["sources"].count("sample") for i in lists if i["split"] == "train")
     assert summary["samples_added"] == train_samples
     assert summary["responses_per_list"] == pytest.approx(4 + train_samples / 24)
-    assert 0.0 <= summary["sample_reward_mean"] <= 1.0 and summary["reward"] == "gold"
+    train_sample_rewards = [r for i in lists if i["split"] == "train"
+                            for r, source in zip(i["rewards"], i["sources"]) if source == "sample"]
+    assert summary["sample_reward_mean"] == pytest.approx(sum(train_sample_rewards) / len(train_sample_rewards))
+    assert summary["reward"] == "gold"
 
 
 def test_reward_model_scores_the_responses(pretrained_tiny: Path, tmp_path: Path):
