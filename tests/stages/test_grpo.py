@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from alignkit.cli import run_stage
-from tests.helpers import load_weights, max_weight_diff, run_cli
+from tests.helpers import killed_and_resumed, load_weights, max_weight_diff
 from tests.stages.test_ppo import ppo_overrides, read_jsonl
 
 
@@ -79,10 +79,7 @@ def test_dynamic_sampling_refills_equal_reward_groups(pretrained_tiny: Path, tmp
 
 def test_grpo_resume_after_kill_equals_uninterrupted(pretrained_tiny: Path, tmp_path: Path):
     common = grpo_overrides(pretrained_tiny / "final", max_steps=4, save_steps=2, eval_steps=0)
-    run_stage("grpo", [*common, f"output_dir={tmp_path / 'full'}"])
-    killed = run_cli(["grpo", *common, f"output_dir={tmp_path / 'killed'}"], env={"ALIGNKIT_KILL_AT_STEP": "3"})
-    assert killed.returncode == -9, killed.stderr[-3000:]
-    run_stage("grpo", [*common, f"output_dir={tmp_path / 'killed'}", "resume=true"])
+    killed_and_resumed("grpo", common, tmp_path, kill_at=3, checkpoint=2)
     assert max_weight_diff(tmp_path / "full" / "final", tmp_path / "killed" / "final") < 1e-5
 
 

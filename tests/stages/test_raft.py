@@ -11,7 +11,7 @@ import pytest
 
 from alignkit.cli import run_stage
 from alignkit.config import ConfigError
-from tests.helpers import max_weight_diff, read_jsonl, run_cli
+from tests.helpers import killed_and_resumed, max_weight_diff, read_jsonl, run_cli
 
 
 def raft_overrides(model_dir: Path, **extra: object) -> list[str]:
@@ -113,17 +113,9 @@ def test_fine_tuning_moves_the_policy_toward_the_kept_responses(pretrained_tiny:
 
 def test_resume_after_kill_equals_uninterrupted(pretrained_tiny: Path, tmp_path: Path):
     common = raft_overrides(pretrained_tiny / "final", iterations=3)
-    full = run_cli(["raft", *common, f"output_dir={tmp_path / 'full'}"])
-    assert full.returncode == 0, full.stderr[-3000:]
-
     killed_dir = tmp_path / "killed"
-    killed = run_cli(["raft", *common, f"output_dir={killed_dir}"], env={"ALIGNKIT_KILL_AT_STEP": "3"})
-    assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL in the middle of iteration 1
-    assert not (killed_dir / "final").exists()
-    assert [p.name for p in (killed_dir / "checkpoints").iterdir() if p.name.startswith("step")] == ["step-2"]
-
-    resumed = run_cli(["raft", *common, f"output_dir={killed_dir}", "resume=true"])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # SIGKILL at step 3, in the middle of iteration 1: the resume starts from step-2
+    resumed = killed_and_resumed("raft", common, tmp_path, kill_at=3, checkpoint=2)
     assert "resumed from" in resumed.stderr and "iteration 1" in resumed.stderr
     assert max_weight_diff(tmp_path / "full" / "final", killed_dir / "final") < 1e-5
     for k in range(3):
