@@ -35,7 +35,8 @@ def main() -> None:
     from alignkit.losses import aggregate_loss, clipped_policy_terms, importance_ratio
     from alignkit.models.loading import load_causal_lm
     from alignkit.rl import RunningMoments
-    from alignkit.rollout.ppo import batch_on, disable_dropout, load_reference, response_logprobs
+    from alignkit.rollout.forwards import batch_on, response_logprobs
+    from alignkit.rollout.ppo import disable_dropout, load_reference
     from alignkit.rollout.rewards import gold_rewards
     from alignkit.rollout.sampling import Generation, sample_texts
     from alignkit.runtime.setup import BatchPlan

@@ -10,7 +10,7 @@ import torch
 
 from alignkit.ops import forward_batch, pad_right
 from alignkit.rl import RunningMoments, build_rollout, shape_scores
-from alignkit.rollout.ppo import batch_on, prompt_groups, response_logprobs, response_values
+from alignkit.rollout.forwards import batch_on, prompt_groups, response_logprobs, response_values
 from alignkit.rollout.sampling import Generation
 from tests.helpers import tiny_llama
 

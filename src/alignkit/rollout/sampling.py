@@ -172,28 +172,41 @@ def cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
+def prefix_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, width: int,
+                 first: torch.Tensor, of_row: torch.Tensor) -> dict[str, Any]:
+    """{the model's cache argument: a DynamicCache} holding the keys and values of columns 0 .. width-2 of
+    the rows `first` [U] (one per distinct prompt), indexed out to every row by of_row [B] (row b gets
+    prompt of_row[b]'s). The rows then run from column width-1 on with it. Under autograd the gradient
+    reaches the weights through the cache. Only one column is projected on the vocabulary (its logits are
+    never read). Shared by sampling (prompt_cache) and the online-RL forwards (rollout.forwards.response_logits).
+    """
+    from transformers import DynamicCache
+
+    cache, name = DynamicCache(config=model.config), cache_argument(model)
+    model(input_ids=input_ids[first, : width - 1], attention_mask=attention_mask[first, : width - 1],
+          position_ids=position_ids[first, : width - 1], use_cache=True, logits_to_keep=1, **{name: cache})
+    cache.batch_select_indices(of_row)
+    return {name: cache}
+
+
 @torch.no_grad()
 def prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int) -> dict[str, Any]:
     """The KV cache of the prompts' first W-1 columns, computed once per prompt and repeated for its n samples.
 
     input_ids, attention_mask [B,W]: left-padded prompts, each repeated n times in a row (B = P*n). Returns
-    {cache-argument-name: DynamicCache over [B, W-1]} for `model.generate`, which then runs only the last
-    prompt column and the new tokens; {} when there is no column to share (W == 1). The n copies of a prompt
-    have the same keys and values, so one prefill of P rows replaces a prefill of P*n rows: the same
-    logits, so the same samples for the same seed (tested), at 1/n of the prompt forward (measured on the
-    tiny task with n=8: a third of a rollout's sampling time).
+    prefix_cache's {cache-argument-name: DynamicCache over [B, W-1]} for `model.generate`, which then runs
+    only the last prompt column and the new tokens; {} when there is no column to share (W == 1). The n
+    copies of a prompt have the same keys and values, so one prefill of P rows replaces a prefill of P*n
+    rows: the same logits, so the same samples for the same seed (tested), at 1/n of the prompt forward
+    (measured on the tiny task with n=8: a third of a rollout's sampling time).
     """
-    from transformers import DynamicCache
-
-    if input_ids.shape[1] < 2:
+    rows, width = input_ids.shape
+    if width < 2:
         return {}
-    ids, mask = input_ids[::n, :-1], attention_mask[::n, :-1]
-    cache = DynamicCache(config=model.config)
-    name = cache_argument(model)
-    model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=True,
-          **{name: cache})
-    cache.batch_repeat_interleave(n)
-    return {name: cache}
+    device = input_ids.device
+    positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    return prefix_cache(model, input_ids, attention_mask, positions, width, torch.arange(0, rows, n, device=device),
+                        torch.arange(rows, device=device) // n)
 
 
 def map_chunks(accelerator: Accelerator | None, items: list, chunk: int, fn: Callable[[int, list], list]) -> list:

@@ -19,8 +19,8 @@ proxy reward (reward model on text, or the task's gold reward) -> per step:
   6. KL controller update; metrics; reward-hacking alarms; eval every `eval_steps`; atomic checkpoint.
 Every random draw derives from (seed, step), so `resume=true` reproduces an uninterrupted run.
 PPO and the GRPO family are one stage (one rollout, one update, options), kept in one file that reads top
-to bottom; sampling, forwards, prompts, rewards, loading and evaluation are in rollout/ppo.py, the rollout's
-math (rl.build_rollout, rl.shape_scores) in rl.py.
+to bottom; sampling, prompts, rewards, loading and evaluation are in rollout/ppo.py, the policy and critic
+forwards in rollout/forwards.py, the rollout's math (rl.build_rollout, rl.shape_scores) in rl.py.
 """
 
 from __future__ import annotations
@@ -46,9 +46,9 @@ from alignkit.losses import (LOSS_AGGREGATIONS, RATIO_LEVELS, clip_fraction, cli
 from alignkit.ops import masked_mean
 from alignkit.rl import (ADVANTAGE_ESTIMATORS, GROUP_ESTIMATORS, KL_KINDS, AdaptiveKLController, FixedKLController,
                          Rollout, RunningMoments, kl_penalty)
-from alignkit.rollout.ppo import (batch_on, collect, disable_dropout, evaluate_policy, load_critic, load_reference,
-                                  prompt_room, response_logprobs, response_values, reward_functions, save_critic,
-                                  stats_from_update, truncated_prompts)
+from alignkit.rollout.forwards import batch_on, response_logprobs, response_values
+from alignkit.rollout.ppo import (collect, disable_dropout, evaluate_policy, load_critic, load_reference, prompt_room,
+                                  reward_functions, save_critic, stats_from_update, truncated_prompts)
 from alignkit.rollout.rewards import task_name_for
 from alignkit.rollout.sampling import Generation
 from alignkit.runtime.checkpoint import checkpoint_to_resume, load_checkpoint, save_checkpoint
@@ -169,7 +169,7 @@ def update(accelerator, cfg, actor, critic, optimizers, rollout: Rollout, step: 
             rows = order[start : start + mini].tolist()
             denominators = {"tokens": rollout.mask[rows].sum().item(), "sequences": float(len(rows))}
             # micro-batches of similar lengths pad less; the loss sums over the global mini-batch, so this is free
-            # and a prompt's samples side by side share its forward (rollout.ppo.response_logits)
+            # and a prompt's samples side by side share its forward (rollout.forwards.response_logits)
             group_order = lambda i: (len(rollout.prompt_ids[i]), rollout.prompt_ids[i], lengths[i])  # noqa: E731
             mine = sorted(rows[rank::world], key=group_order)
             micro = [mine[i : i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]

@@ -1,0 +1,88 @@
+"""The policy and critic forwards over (prompt, response) samples, shared by the rollout's no-grad forwards
+(rollout.ppo.rollout_forwards) and the update (stages/ppo.py micro_step): a padded batch of samples, the logits
+that score each response token (a prompt shared by several rows runs once), log-probs, entropy and values.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from alignkit.ops import entropy_from_logits, forward_batch, logprobs_from_logits
+from alignkit.rollout.sampling import Generation, prefix_cache
+
+
+def prompt_groups(prompt_ids: list[list[int]]) -> tuple[list[int], list[int]]:
+    """(first row of each distinct prompt [U], the distinct prompt of every row [B]), in order of appearance.
+
+    [[1, 2], [3], [1, 2]] -> ([0, 1], [0, 1, 0])."""
+    first: list[int] = []
+    seen: dict[tuple[int, ...], int] = {}
+    of_row = []
+    for row, ids in enumerate(prompt_ids):
+        key = tuple(ids)
+        if key not in seen:
+            seen[key] = len(first)
+            first.append(row)
+        of_row.append(seen[key])
+    return first, of_row
+
+
+def batch_on(samples: list[Generation], pad_id: int, device) -> dict[str, torch.Tensor]:
+    """ops.forward_batch of these samples, on `device`; plus prompt_first [U] and prompt_of_row [B]
+    (prompt_groups) when some rows share a prompt, so response_logits runs each prompt once."""
+    prompts = [s.prompt_ids for s in samples]
+    batch = forward_batch(prompts, [s.response_ids for s in samples], pad_id)
+    first, of_row = prompt_groups(prompts)
+    if len(first) < len(samples):
+        batch.update(prompt_first=torch.tensor(first), prompt_of_row=torch.tensor(of_row))
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def response_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits [B,R,V] of the positions that choose each response token (column k scores response token k).
+
+    Rows that share a prompt (the G samples of a group: batch_on's prompt_first / prompt_of_row) share its
+    forward: the first W-1 prompt columns run once per distinct prompt, their KV cache (with its autograd
+    graph) is indexed out to every row, and the rows run only the last prompt column and the response. The
+    same function of the weights as one padded forward over whole sequences (tested: equal log-probs and
+    gradients), at a fraction of the tokens when prompts are longer than responses (tiny sort task, G=8:
+    prompts are 3/4 of the rollout's tokens). Otherwise one forward; only the R+1 last columns are projected
+    on the vocabulary (`logits_to_keep`).
+    """
+    ids, mask, positions = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
+    n_response = batch["labels"].shape[1]
+    width = ids.shape[1] - n_response  # W: the prompt columns
+    inner = getattr(model, "module", model)  # DDP / FSDP wrappers
+    checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in inner.modules()) and inner.training
+    if "prompt_first" not in batch or width < 2 or checkpointing:  # (checkpointing turns the cache off)
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                     logits_to_keep=n_response + 1).logits[:, :-1]
+    # The prefix runs through the unwrapped module: DDP then sees one forward per backward, and the
+    # gradient reaches the same parameters through the cache.
+    shared = prefix_cache(inner, ids, mask, positions, width, batch["prompt_first"], batch["prompt_of_row"])
+    return model(input_ids=ids[:, width - 1 :], attention_mask=mask, position_ids=positions[:, width - 1 :],
+                 use_cache=True, logits_to_keep=n_response + 1, **shared).logits[:, :-1]
+
+
+def response_logprobs(model, batch: dict[str, torch.Tensor], temperature: float, with_entropy: bool = False,
+                      entropy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log-probs [B,R] of the response tokens under logits / temperature, entropy [B,R] or None).
+
+    entropy_grad=False: the entropy is only logged, so it is computed outside the autograd graph (no backward
+    through a second vocabulary-wide softmax).
+
+    The logits are response_logits' (one forward, or a shared forward per prompt). Padding positions hold 0.
+    """
+    logits = response_logits(model, batch).float() / temperature  # column k scores response token k
+    logps = logprobs_from_logits(logits, batch["labels"])
+    entropy = None
+    if with_entropy:  # detached logits build no graph for a logged-only entropy
+        entropy = entropy_from_logits(logits if entropy_grad else logits.detach()) * batch["mask"]
+    return logps, entropy
+
+
+def response_values(critic, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Critic values [B,R]: value of the state each response token is chosen in (0 on padding)."""
+    n_response = batch["labels"].shape[1]
+    values = critic(batch["input_ids"], batch["attention_mask"], batch["position_ids"], n_response + 1)
+    return values[:, :-1] * batch["mask"]
