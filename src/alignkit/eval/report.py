@@ -4,6 +4,9 @@ report.json = {"stages": {stage: summary}, "methods": {method: {gold_reward, pro
 win_rate_vs_sft, length, distinct_2, wall_s, peak_rss_mb, ...}}, "alarms": [...], "notes": [...]}.
 `methods` has `base` (after pretraining), `sft`, and each policy method that ran; best-of-n's row (from its
 own summary) has its KL estimate as `kl` and `kl_upper_bound`, the bound log n - (n-1)/n.
+
+Past 400 lines on purpose: the report's rows (method_row, table_columns) and report.md's rendering read one
+set of column names, kept in one module so the markdown and report.html (eval/html_report.py) cannot drift.
 """
 
 from __future__ import annotations
