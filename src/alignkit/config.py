@@ -90,6 +90,23 @@ class ScorerConfig:
     batch_size: int = opt(32, "responses per reward-model forward")
 
 
+JUDGE_TEMPLATE = (
+    "Which response answers the request better?\n\nRequest: {prompt}\n\nResponse A: {first}\n\n"
+    "Response B: {second}\n\nAnswer with one letter, A or B."
+)
+
+
+@dataclass
+class JudgeConfig:
+    """`judge.*`: an LLM judge (annotator=judge, RLAIF): a causal chat LM picks the better of two responses."""
+
+    model: Union[str, None] = opt(None, "the judge: any causal chat LM (path, id, smollm2-135m-instruct)")
+    template: str = opt(JUDGE_TEMPLATE, "the judge's user message; {prompt}, {first} and {second} are filled in")
+    options: list[str] = opt(["A", "B"], "the answers naming the first and the second response (their first tokens are read)")
+    batch_size: int = opt(8, "judge prompts per forward")
+    max_length: int = opt(512, "token cap of a judge prompt (a longer one loses its start)")
+
+
 @dataclass
 class RewardConfig(ScorerConfig):
     """`reward.*`: what scores the responses a stage samples or ranks. `reward: gold` sets reward.source."""
@@ -860,6 +877,46 @@ class PipelineConfig:
     seed: int = opt(0, "seed given to every stage")
 
 
+@dataclass
+class IterateConfig:
+    """`alignkit iterate`: rounds of sample -> select -> label -> refresh the reward model -> policy round -> eval."""
+
+    output_dir: str = opt("runs/iterate", "the run directory: round-<r>/<step>/, rounds.jsonl, final/, plots/")
+    config_dir: str = opt("configs/tiny", "folder of the steps' base configs: label.yaml, rm.yaml, eval.yaml and "
+                          "<stage>.yaml of the policy method (their model, data and output_dir are set per round)")
+    sft_model: str = opt("runs/tiny/sft/final", "the SFT policy: round 1 starts from it; KL anchor; retrain start")
+    rm_model: Union[str, None] = opt(None, "reward model of round 0 (e.g. a pipeline's rm/final); null: round 0 "
+                                     "trains one on initial_label_budget labels of the SFT model's samples")
+    heldout_rm: Union[str, None] = opt(None, "a fixed reward model whose proxy is reported every round (Gao et al. 2022's "
+                                       "held-out RM); null: round 0's reward model")
+    rounds: int = opt(3, "policy rounds R (round 0 is the SFT model and the first reward model)")
+    prompts: str = opt("task:sort/prompts?n=2000&seed=21", "prompts to label: shuffled once, each round's labelling "
+                       "takes the next prompts_per_round of them")
+    prompts_per_round: int = opt(64, "prompts sampled (n responses each) for a round's labelling")
+    policy_prompts: str = opt("task:sort/prompts?n=2000", "train_data of the policy rounds")
+    eval_prompts: str = opt("task:sort/prompts_eval?n=200", "held-out prompts of every round's eval (the same each round)")
+    probe_prompts: str = opt("task:sort/prompts?n=64&seed=77", "held-out prompts whose samples of each round's policy, "
+                             "labelled by gold, measure the reward model's gold accuracy on what the policy now writes")
+    probe_pairs: int = opt(128, "gold-labelled random pairs of the probe (measurement only, not in the label budget)")
+    n: int = opt(4, "responses sampled per labelling prompt (candidate pairs: every two distinct ones)")
+    label_budget: int = opt(128, "comparisons labelled per round (0: none; with rm_refresh=none the frozen arm)")
+    initial_label_budget: int = opt(256, "comparisons of SFT samples labelled for round 0's reward model (rm_model null)")
+    select: str = opt("random", "which comparisons get the labels: random, uncertainty or ensemble (alignkit label select)")
+    annotator: str = opt("task", "who labels: task (simulated labeler), gold, rm (reward.model as judge) or judge (judge.*)")
+    judge: JudgeConfig = opt(JudgeConfig(), "the LLM judge of annotator=judge")
+    rm_refresh: str = opt("continue", "after labelling: continue (train the previous reward model on all labels so far), "
+                          "retrain (from sft_model on all labels so far) or none (the frozen reward model)")
+    rm_epochs: float = opt(2.0, "passes of each reward-model refresh over all labels so far")
+    rm_ensemble: int = opt(1, "reward models per refresh (k seeds: alignkit rm ensemble=k); select=ensemble needs >= 2")
+    policy_method: str = opt("grpo", "the policy round: ppo, grpo, rloo, dr_grpo, reinforce_pp (the grpo stage with that "
+                             "advantage), raft, or rejection_sampling (best-of-n fine-tuning)")
+    policy_steps: int = opt(20, "steps of each policy round (ppo/grpo: PPO steps; raft: iterations)")
+    kl_anchor: str = opt("sft", "the policy round's KL reference: sft (the SFT model) or previous (the previous round's policy)")
+    overrides: list[str] = opt([], "per-step overrides '<step>.<key>=<value>', step one of label, rm, policy, probe, eval")
+    launcher: str = opt("", "command prefix of every step, e.g. 'accelerate launch --num_processes 2'")
+    seed: int = opt(0, "seed of every step (a round's steps derive theirs from it and the round)")
+
+
 # --------------------------------------------------------------------------------------------
 # Reward model and offline preference optimisation
 
@@ -881,6 +938,10 @@ class RMConfig(TrainConfig):
     row_tokens: int = opt(0, "tokens per packed forward row (0: max_length); responses are packed padding-free")
     calibration_buckets: int = opt(
         4, "held-out calibration: accuracy per this many equal-count buckets of |reward difference| (4: quartiles)"
+    )
+    ensemble: int = opt(
+        1, "k > 1 trains k reward models from k seeds (own head init and data order; members/member-<i>/), "
+        "and final/ is the ensemble: the mean is the reward, the spread the disagreement (score, ppo and eval read it)"
     )
 
 
@@ -941,10 +1002,23 @@ class LabelConfig(RunConfig):
     annotator: str = opt(
         "task",
         "who ranks: task (the built-in task's simulated annotator: gold + length_bias * items + noise * Gumbel), "
-        "gold (the gold reward itself), rm (a reward model as AI judge: reward.model)",
+        "gold (the gold reward itself), rm (a reward model as AI judge: reward.model), judge (an LLM judge: judge.*; "
+        "pairs only, so label_budget > 0)",
     )
     noise: float = opt(0.1, "annotator=task: Gumbel noise scale (annotators disagree; 0: always by gold)")
     length_bias: float = opt(0.05, "annotator=task: utility added per item of the response (a bias gold does not share)")
+    judge: JudgeConfig = opt(JudgeConfig(), "the LLM judge of annotator=judge")
+    label_budget: int = opt(
+        0, "comparisons labelled from the train prompts' samples (active labelling: pairs.jsonl holds only those); "
+        "0: every response is scored and ranked (ranked.jsonl)"
+    )
+    eval_label_budget: int = opt(0, "comparisons labelled from the eval prompts' samples (random pairs; 0: label_budget)")
+    select: str = opt(
+        "random",
+        "which candidate pairs (every two distinct responses of a prompt) get the label_budget labels: random, "
+        "uncertainty (reward margin of select_model closest to 0) or ensemble (largest spread of an ensemble's margins)",
+    )
+    select_model: Union[str, None] = opt(None, "reward model (or ensemble directory) whose margins select=uncertainty|ensemble read")
 
 
 @dataclass

@@ -284,3 +284,85 @@ def raft_filter(
     flat = rewards.reshape(1, -1)
     keep = _keep_count(flat.shape[1], top_fraction, top_k)
     return _top_mask_rows(flat, keep).reshape(rewards.shape)
+
+
+# ----------------------------------------------------------------------- which comparisons to label
+# Active labelling for iterative RLHF (`alignkit label select=...`, `alignkit iterate`): N candidate pairs,
+# a budget of labels, and a reward model's (or an ensemble's) margins r(first) - r(second) per pair.
+
+
+def candidate_pairs(n: int) -> list[tuple[int, int]]:
+    """Every unordered pair (i, j), i < j, of n responses to one prompt, in lexicographic order."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    return [(i, j) for i in range(n) for j in range(i + 1, n)]
+
+
+def _check_budget(n: int, budget: int) -> int:
+    if budget < 0:
+        raise ValueError(f"budget must be >= 0, got {budget}")
+    return min(budget, n)
+
+
+def select_random_pairs(n: int, budget: int, generator: torch.Generator) -> list[int]:
+    """min(budget, n) distinct pair indices drawn uniformly without replacement, in ascending order."""
+    keep = _check_budget(n, budget)
+    return sorted(torch.randperm(n, generator=generator)[:keep].tolist())
+
+
+def select_uncertain_pairs(margins: torch.Tensor, budget: int) -> list[int]:
+    """Uncertainty sampling: the min(budget, N) pairs whose reward margin is closest to 0. margins [N] -> indices.
+
+    A margin near 0 is a pair the reward model cannot tell apart (Bradley-Terry probability near 1/2), the
+    label it learns most from. Ties go to the lower index; returned in ascending index order."""
+    if margins.dim() != 1:
+        raise ValueError(f"margins must be [N], got shape {tuple(margins.shape)}")
+    if torch.isnan(margins).any():
+        raise ValueError("margins contain NaN")
+    keep = _check_budget(margins.numel(), budget)
+    order = torch.sort(margins.abs(), stable=True).indices
+    return sorted(order[:keep].tolist())
+
+
+def select_disagreement_pairs(member_margins: torch.Tensor, budget: int) -> list[int]:
+    """Query by committee: the min(budget, N) pairs the ensemble disagrees on most. member_margins [M,N] -> indices.
+
+    Disagreement is the standard deviation over the M members of the margin (ddof=0), the same spread as
+    eval.metrics.ensemble_disagreement. Ties go to the lower index; returned in ascending index order."""
+    if member_margins.dim() != 2 or member_margins.shape[0] < 2:
+        raise ValueError(f"member_margins must be [M>=2, N], got shape {tuple(member_margins.shape)}")
+    if torch.isnan(member_margins).any():
+        raise ValueError("margins contain NaN")
+    keep = _check_budget(member_margins.shape[1], budget)
+    spread = member_margins.double().std(dim=0, unbiased=False)
+    order = torch.sort(spread, descending=True, stable=True).indices
+    return sorted(order[:keep].tolist())
+
+
+def first_option_probability(option_logits: torch.Tensor) -> torch.Tensor:
+    """A judge's probability that the FIRST shown response is better. option_logits [N,2] -> [N].
+
+    option_logits are the next-token logits of the two option tokens ("A", "B") after the judge prompt;
+    the probability is renormalised over those two tokens: softmax(option_logits)[:, 0]."""
+    if option_logits.dim() != 2 or option_logits.shape[1] != 2:
+        raise ValueError(f"option_logits must be [N,2], got shape {tuple(option_logits.shape)}")
+    return torch.softmax(option_logits.double(), dim=1)[:, 0]
+
+
+def position_swapped_preference(p_first_ab: torch.Tensor, p_first_ba: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position-swap debiasing of a pairwise judge. p_first_* [N] -> (prob a is better [N], tie [N] bool).
+
+    p_first_ab: the judge's probability that the first response is better when shown (a, b); p_first_ba:
+    the same with the order swapped, (b, a), so 1 - p_first_ba is its probability for a in that order.
+    The preference for a is the mean of the two; a tie where the two orders disagree on the winner
+    (one says a, the other b: the judge follows the position, not the content), or where both are exactly
+    1/2 (Zheng et al. 2023, MT-Bench, section 3.4: "declare a tie if the two orders are inconsistent")."""
+    if p_first_ab.shape != p_first_ba.shape or p_first_ab.dim() != 1:
+        raise ValueError(f"p_first_ab and p_first_ba must be [N] alike, got {tuple(p_first_ab.shape)} and "
+                         f"{tuple(p_first_ba.shape)}")
+    a_in_first = p_first_ab.double()
+    a_in_second = 1.0 - p_first_ba.double()
+    prob_a = (a_in_first + a_in_second) / 2
+    tie = (a_in_first > 0.5) != (a_in_second > 0.5)
+    tie = tie | ((a_in_first == 0.5) & (a_in_second == 0.5))
+    return prob_a, tie

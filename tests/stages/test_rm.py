@@ -189,3 +189,35 @@ def test_score_refuses_a_causal_lm_and_prompt_only_records(pretrained_tiny: Path
         main(["--model", str(pretrained_tiny / "final"), "--data", str(tmp_path / "prompts.jsonl"), "--out", str(tmp_path / "o")])
     with pytest.raises(DataError, match="prompts.jsonl:1.*score needs responses"):
         main(["--model", str(planted_run / "final"), "--data", str(tmp_path / "prompts.jsonl"), "--out", str(tmp_path / "o")])
+
+
+def test_ensemble_trains_k_seeded_members_and_scores_their_mean(pretrained_tiny: Path, tmp_path: Path):
+    from alignkit.models.reward import RewardEnsemble, load_reward_model, score_texts
+
+    data = write_jsonl(tmp_path / "planted.jsonl", planted_pairs(200, 3))
+    common = rm_overrides(pretrained_tiny / "final", str(data), max_steps=8)
+    summary = run_stage("rm", common + ["ensemble=2", f"output_dir={tmp_path / 'ens'}"])
+    final = tmp_path / "ens" / "final"
+    assert json.loads((final / "ensemble.json").read_text()) == {"members": ["member-0", "member-1"]}
+    assert max_weight_diff(final / "member-0", final / "member-1") > 1e-3  # two seeds: two models
+    assert summary["ensemble"] == 2 and len(summary["member_summaries"]) == 2
+    assert summary["eval_accuracy"] == pytest.approx(sum(s["eval_accuracy"] for s in summary["member_summaries"]) / 2)
+
+    ensemble, tok = load_reward_model(str(final))
+    assert isinstance(ensemble, RewardEnsemble)
+    prompts, responses = ["sort: c a b", "sort: b a"], ["ok a b c", "no b a"]
+    members = [load_reward_model(str(final / f"member-{i}"))[0] for i in range(2)]
+    each = [score_texts(m, tok, prompts, responses, 4, 64) for m in members]
+    assert score_texts(ensemble, tok, prompts, responses, 4, 64) == pytest.approx(
+        [(a + b) / 2 for a, b in zip(*each)], abs=1e-6)
+    per_member = score_texts(ensemble, tok, prompts, responses, 4, 64, per_member=True)
+    assert len(per_member) == 2 and all(m == pytest.approx(e, abs=1e-6) for m, e in zip(per_member, each))
+
+    # a refresh continues each member from its own previous weights (member i from member i)
+    again = run_stage("rm", common + ["ensemble=2", f"model={final}", "max_steps=2", f"output_dir={tmp_path / 'more'}"])
+    assert again["ensemble"] == 2
+    for i in range(2):
+        assert max_weight_diff(final / f"member-{i}", tmp_path / "more" / "final" / f"member-{i}") < \
+            max_weight_diff(final / f"member-{1 - i}", tmp_path / "more" / "final" / f"member-{i}")
+    with pytest.raises(ConfigError, match="ensemble of 2"):
+        run_stage("rm", common + ["ensemble=3", f"model={final}", f"output_dir={tmp_path / 'three'}"])

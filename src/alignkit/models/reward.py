@@ -22,7 +22,9 @@ the same rewards through `AutoModelForSequenceClassification` as through `packed
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -150,12 +152,18 @@ def load_reward_model(
     or scratch preset gets a new score head initialised from `seed` (an RM checkpoint keeps its own).
     A scratch:* preset is a fresh, untrained model: it is refused unless new_head (ppo's critic may start as one).
     The tokenizer gets a chat template, and a pad token that is not the end-of-turn token;
-    config.pad_token_id is set.
+    config.pad_token_id is set. An ensemble directory (ensemble.json) loads as a RewardEnsemble to score
+    with; with new_head, its first member is the start.
     """
     from transformers import AutoModelForSequenceClassification
 
     from alignkit.models.loading import ModelError, _check_exists, is_scratch, resolve_model_path
 
+    members = ensemble_members(name_or_path)
+    if members is not None and not new_head:
+        return load_reward_ensemble(members, tokenizer, dtype=dtype)
+    if members is not None:  # a model STARTED from an ensemble (a critic, say) starts from its first member
+        name_or_path = str(members[0])
     if is_scratch(name_or_path):
         if not new_head:
             raise ModelError(f"{name_or_path} is an untrained model, not a reward model: make one with "
@@ -186,6 +194,52 @@ def load_reward_model(
     return model, tok
 
 
+# ------------------------------------------------------------------------------------- ensembles
+
+ENSEMBLE_FILE = "ensemble.json"
+
+
+class RewardEnsemble(torch.nn.Module):
+    """k reward models that score alike: the reward is their mean, their spread is the disagreement.
+
+    `alignkit rm ensemble=k` writes one as final/ensemble.json + final/member-<i>/ (each a plain reward model);
+    load_reward_model returns this for such a directory, and every scorer (packed_rewards, score_texts, PPO,
+    best-of-n, RAFT, `alignkit score`, eval) uses the mean through packed_rewards. `.config` is the first
+    member's (the members share the tokenizer and so the pad id)."""
+
+    def __init__(self, members: list[torch.nn.Module]):
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs >= 2 reward models, got {len(members)}")
+        self.members = torch.nn.ModuleList(members)
+        self.config = members[0].config
+
+
+def ensemble_members(path: str) -> list[Path] | None:
+    """The member directories of an ensemble directory (its ensemble.json), else None."""
+    index = Path(path) / ENSEMBLE_FILE
+    if not index.is_file():
+        return None
+    names = json.loads(index.read_text())["members"]
+    return [Path(path) / name for name in names]
+
+
+def load_reward_ensemble(members: list[Path], tokenizer: Any = None, dtype: torch.dtype = torch.float32):
+    """(RewardEnsemble, the first member's tokenizer); every member must read the same token ids."""
+    from alignkit.models.loading import ModelError
+
+    loaded = [load_reward_model(str(path), tokenizer, dtype=dtype) for path in members]
+    vocab = loaded[0][1].get_vocab()
+    for path, (_, tok) in zip(members, loaded):
+        if tok.get_vocab() != vocab:
+            raise ModelError(f"ensemble member {path} has another tokenizer than {members[0]}")
+    return RewardEnsemble([model for model, _ in loaded]), loaded[0][1]
+
+
+def write_ensemble_index(final_dir: Path, member_names: list[str]) -> None:
+    (Path(final_dir) / ENSEMBLE_FILE).write_text(json.dumps({"members": member_names}, indent=1))
+
+
 # ------------------------------------------------------------------------------------- rewards
 
 
@@ -212,6 +266,8 @@ def packed_rewards(model: Any, examples: list[dict], pad_id: int, row_tokens: in
     token. Differentiable; runs the base transformer once over rows of up to `row_tokens` tokens
     (examples isolated by position-id resets) and the score head only on the N last hidden states.
     """
+    if isinstance(model, RewardEnsemble):
+        return member_rewards(model, examples, pad_id, row_tokens).mean(dim=0)
     base, head = _base_and_head(model)
     device = next(model.parameters()).device
     batch = pack_for_forward(examples, row_tokens, pad_id, device)
@@ -219,6 +275,11 @@ def packed_rewards(model: Any, examples: list[dict], pad_id: int, row_tokens: in
     last = last_positions(batch["segment"], len(examples))
     picked = hidden.reshape(-1, hidden.shape[-1])[last]  # [N,H]
     return head(picked)[:, 0].float()
+
+
+def member_rewards(ensemble: RewardEnsemble, examples: list[dict], pad_id: int, row_tokens: int) -> torch.Tensor:
+    """Each member's reward of each example. -> [M,N]."""
+    return torch.stack([packed_rewards(member, examples, pad_id, row_tokens) for member in ensemble.members])
 
 
 class PackedRewardModel(torch.nn.Module):
@@ -266,8 +327,10 @@ def score_texts(
     responses: list[str],
     batch_size: int = 16,
     max_length: int = 1024,
-) -> list[float]:
-    """Reward of each (prompt, response) pair; prompts are messages or a user string.
+    per_member: bool = False,
+) -> list[float] | list[list[float]]:
+    """Reward of each (prompt, response) pair; prompts are messages or a user string (per_member: an
+    ensemble's rewards per member, [M][N]).
 
     Texts are tokenized with the RM's own tokenizer; a response longer than max_length is scored on
     its last max_length tokens. `batch_size` examples are packed into each forward.
@@ -275,18 +338,25 @@ def score_texts(
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     examples = [reward_example(tokenizer, p, r, max_length, keep_cut_response=True) for p, r in zip(prompts, responses)]
-    return score_examples(model, examples, batch_size, max_length)
+    return score_examples(model, examples, batch_size, max_length, per_member)
 
 
-def score_examples(model: Any, examples: list[dict], batch_size: int, row_tokens: int) -> list[float]:
-    """Rewards of token examples (from `reward_example`), `batch_size` per packed forward, no grad."""
+def score_examples(model: Any, examples: list[dict], batch_size: int, row_tokens: int,
+                   per_member: bool = False) -> list[float] | list[list[float]]:
+    """Rewards of token examples (from `reward_example`), `batch_size` per packed forward, no grad.
+
+    per_member (a RewardEnsemble): each member's rewards, [M][N], instead of their mean."""
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    if per_member and not isinstance(model, RewardEnsemble):
+        raise ValueError("per_member scores need a reward-model ensemble (alignkit rm ensemble=k)")
+    score = member_rewards if per_member else packed_rewards
     was_training = model.training
     model.eval()
-    rewards: list[float] = []
+    parts: list[torch.Tensor] = []
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
-            chunk = examples[start : start + batch_size]
-            rewards.extend(packed_rewards(model, chunk, pad_id, row_tokens).tolist())
+            parts.append(score(model, examples[start : start + batch_size], pad_id, row_tokens))
     model.train(was_training)
-    return rewards
+    if not parts:
+        return [[] for _ in model.members] if per_member else []
+    return torch.cat(parts, dim=-1).tolist()

@@ -98,6 +98,28 @@ def score_with(
     return out
 
 
+def member_scores_with(
+    accelerator: Accelerator, ensemble, rm_tokenizer, prompts: list, responses: list[list[str]], batch_size: int,
+    max_length: int
+) -> list[list[list[float]]]:
+    """Each ensemble member's score of every response: [prompt][response][member], spread over processes."""
+    from alignkit.models.reward import score_texts
+
+    pairs = [(p, r) for p, texts in zip(prompts, responses) for r in texts]
+
+    def score(_: int, part: list[tuple]) -> list[list[float]]:
+        per_member = score_texts(ensemble, rm_tokenizer, [p for p, _ in part], [r for _, r in part], batch_size,
+                                 max_length, per_member=True)  # [M][n]
+        return [list(column) for column in zip(*per_member)]
+
+    flat = map_chunks(accelerator, pairs, batch_size * 4, score)
+    out, start = [], 0
+    for texts in responses:
+        out.append(flat[start : start + len(texts)])
+        start += len(texts)
+    return out
+
+
 def rewards_for(
     accelerator: Accelerator,
     source: str,

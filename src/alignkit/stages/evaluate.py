@@ -107,6 +107,12 @@ def reward_metrics(ctx: Context, flat_prompts: list, texts: list[str], k: int) -
             out[f"proxy_reward_{name}"] = float(r.mean())
         if len(ctx.reward_models) >= 2:
             out["rm_disagreement"] = M.ensemble_disagreement(per_rm.reshape(len(per_rm), -1))
+        for name, rm, tok in ctx.reward_models:  # an ensemble directory (alignkit rm ensemble=k): its own spread
+            if hasattr(rm, "members"):
+                members = np.asarray(score_texts(rm, tok, flat_prompts, texts, cfg.reward.batch_size, cfg.max_length,
+                                                 per_member=True))  # [M, P*K]
+                out[f"rm_disagreement_{name}"] = M.ensemble_disagreement(members)
+                out.setdefault("rm_disagreement", out[f"rm_disagreement_{name}"])
     return out, scores
 
 

@@ -21,6 +21,13 @@ calibration (accuracy per quantile bucket of |r_chosen - r_rejected|, summary's
 `eval_calibration`), and, when records carry the built-in task's gold rewards, `gold_accuracy`:
 agreement with the GOLD preference (gold ties skipped), which tells whether the RM learned the
 task or the annotators' noise and length bias (`label_gold_agreement` is the labels' own).
+
+Ensembles (`ensemble=k`): k members trained as k ordinary runs in members/member-<i>/, each with its own
+seed (a fresh head initialisation and data order) from the same starting model, then copied into final/
+beside an ensemble.json. k seeds rather than k heads on one shared backbone: members that share the
+transformer share its errors, and their spread then understates the uncertainty that active labelling
+and the disagreement alarm read (Coste et al. 2023 train independent members for this reason). Started from
+an ensemble (model=<ensemble>/final, an iterative refresh), member i continues member i.
 """
 
 from __future__ import annotations
@@ -295,7 +302,67 @@ def _load_model(accelerator, cfg: RMConfig, train_records: list[dict]):
     return model, tokenizer
 
 
+def member_start(model: str, i: int, k: int) -> str:
+    """Where member i starts: member i of an ensemble `model` (which must have k members), else `model`."""
+    from alignkit.models.reward import ensemble_members
+
+    members = ensemble_members(model)
+    if members is None:
+        return model
+    if len(members) != k:
+        raise ConfigError(f"model {model} is an ensemble of {len(members)} reward models; ensemble={k} continues "
+                          f"it only with as many members")
+    return str(members[i])
+
+
+def run_ensemble(cfg: RMConfig) -> dict:
+    """k members, each an ordinary (resumable) run in members/member-<i>/, then final/ = the ensemble."""
+    import dataclasses
+    import shutil
+    from pathlib import Path
+
+    from alignkit.models.reward import write_ensemble_index
+    from alignkit.runtime.setup import derive_seed
+    from alignkit.runtime.logging import read_summary
+
+    started = time.time()
+    accelerator = start_run(cfg)
+    out = Path(cfg.output_dir)
+    summaries, names = [], []
+    for i in range(cfg.ensemble):
+        member_dir = out / "members" / f"member-{i}"
+        names.append(f"member-{i}")
+        if (member_dir / "summary.json").exists():  # finished before a kill: never redone
+            summaries.append(read_summary(member_dir))
+            continue
+        member = dataclasses.replace(cfg, ensemble=1, seed=derive_seed(cfg.seed, "member", i), output_dir=str(member_dir),
+                                     model=member_start(cfg.model, i, cfg.ensemble), resume=member_dir.exists(),
+                                     overwrite=False)
+        summaries.append(run(member))
+    if accelerator.is_main_process:
+        final, tmp = out / "final", out / ".tmp-final"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name in names:
+            shutil.copytree(out / "members" / name / "final", tmp / name)
+        write_ensemble_index(tmp, names)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    accelerator.wait_for_everyone()
+    summary: dict[str, Any] = {"ensemble": cfg.ensemble, "members": [s.get("eval_accuracy") for s in summaries]}
+    for key in ("eval_accuracy", "eval_gold_accuracy", "steps", "train_pairs"):
+        values = [s[key] for s in summaries if isinstance(s.get(key), (int, float))]
+        if values:
+            summary[key] = sum(values) / len(values) if key.startswith("eval") else values[0]
+    summary["member_summaries"] = [{k: v for k, v in s.items() if k != "provenance"} for s in summaries]
+    return finish_run(accelerator, cfg, summary, started)
+
+
 def run(cfg: RMConfig) -> dict:
+    if cfg.ensemble < 1:
+        raise ConfigError(f"ensemble must be >= 1 reward models, got {cfg.ensemble}")
+    if cfg.ensemble > 1:
+        return run_ensemble(cfg)
     started = time.time()
     _check_config(cfg)
     accelerator = start_run(cfg)
