@@ -24,6 +24,7 @@ STAGES: dict[str, tuple[str, type, str]] = {
     "grpo": ("alignkit.stages.ppo", C.GRPOConfig, "GRPO: the ppo stage without a critic, group-normalised advantages, KL as a loss term"),
     "raft": ("alignkit.stages.raft", C.RAFTConfig, "reward-ranked fine-tuning: sample, keep the best by reward, fine-tune, repeat"),
     "best-of-n": ("alignkit.stages.best_of_n", C.BestOfNConfig, "best-of-n / rejection sampling: n samples per prompt, keep the highest reward"),
+    "iterate": ("alignkit.stages.iterate", C.IterateConfig, "iterative RLHF: rounds of sample, select and label comparisons (simulated, gold, RM or LLM judge), refresh the reward model, policy round, eval"),
     "select": ("alignkit.stages.select", C.SelectConfig, "data selection: k-center coreset from task centres (Chen et al. 2023), random / k-means baselines, near-duplicate removal"),
     "eval": ("alignkit.stages.evaluate", C.EvalConfig, "evaluate models or checkpoints: gold/proxy reward, KL, win rate, diversity, alarms"),
     "pipeline": ("alignkit.stages.pipeline", C.PipelineConfig, "every stage end to end, then eval and a report"),

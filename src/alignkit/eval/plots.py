@@ -271,3 +271,27 @@ def plot_gold_vs_samples(runs: dict[str, list[dict]], path: str | Path, key: str
     ax.grid(alpha=0.3)
     ax.legend()
     return save_figure(fig, path, dpi=120)
+
+
+def plot_rounds(arms: dict[str, list[dict]], path: str | Path) -> Path:
+    """Iterative RLHF per round (rounds.jsonl lines of `alignkit iterate`), one colour per arm: held-out gold
+    (with standard errors), the proxy of the reward model each round trained on, and the proxy of a fixed
+    held-out reward model (Gao et al. 2022's over-optimisation picture: the proxy climbs, gold follows or not)."""
+    fig, (left, mid, right) = plt.subplots(1, 3, figsize=(13.5, 4.0))
+    for i, (arm, lines) in enumerate(arms.items()):
+        colour = f"C{i}"
+        rounds = [line["round"] for line in lines]
+        gold = [line.get("gold_reward", math.nan) for line in lines]
+        left.errorbar(rounds, gold, yerr=[line.get("gold_reward_stderr", 0.0) or 0.0 for line in lines], color=colour,
+                      marker="o", capsize=3, label=arm)
+        mid.plot(rounds, [line.get("proxy_current") if line.get("proxy_current") is not None else math.nan
+                          for line in lines], color=colour, marker="s", label=arm)
+        right.plot(rounds, [line.get("proxy_heldout") if line.get("proxy_heldout") is not None else math.nan
+                            for line in lines], color=colour, marker="^", label=arm)
+    left.set(title="held-out gold reward", xlabel="round", ylabel=AXIS_LABELS["gold_reward"])
+    mid.set(title="proxy: the round's reward model", xlabel="round", ylabel=AXIS_LABELS["proxy_reward"])
+    right.set(title="proxy: a fixed held-out reward model", xlabel="round", ylabel=AXIS_LABELS["proxy_reward"])
+    for ax in (left, mid, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return save_figure(fig, path)

@@ -6,4 +6,4 @@ importing any stage module; a stage module never imports another one (tests/unit
 
 # Stages whose final/ is a policy to evaluate, under the method name the report uses.
 POLICY_METHODS = {"pretrain": "base", "sft": "sft", "dpo": "dpo", "rrhf": "rrhf", "ppo": "ppo", "grpo": "grpo",
-                  "raft": "raft", "best_of_n": "best_of_n"}
+                  "raft": "raft", "best_of_n": "best_of_n", "iterate": "iterate"}

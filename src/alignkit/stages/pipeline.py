@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shlex
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from alignkit.config import ConfigError, PipelineConfig
+from alignkit.runtime.launch import run_stage_process as run_cli_stage
 
 # Inputs each stage takes from earlier stages: config key -> path under the pipeline directory.
 WIRING: dict[str, dict[str, str]] = {
@@ -34,6 +32,7 @@ WIRING: dict[str, dict[str, str]] = {
     "grpo": {"model": "sft/final", "reward.model": "rm/final"},
     "raft": {"model": "sft/final", "reward.model": "rm/final"},
     "best_of_n": {"model": "sft/final", "reward.model": "rm/final"},
+    "iterate": {"sft_model": "sft/final", "rm_model": "rm/final"},
 }
 
 
@@ -72,7 +71,7 @@ def stage_overrides(stage: str, cfg: PipelineConfig, done: dict[str, Path], extr
 
     out = Path(cfg.output_dir)
     keys = {k for k, *_ in field_help(STAGES[cli_name(stage) if cli_name(stage) in STAGES else stage][1])}
-    args = [f"output_dir={out / stage}", f"seed={cfg.seed}", "resume=true"]
+    args = [f"output_dir={out / stage}", f"seed={cfg.seed}"] + (["resume=true"] if "resume" in keys else [])
     for key, upstream in WIRING.get(stage, {}).items():
         source = upstream.split("/")[0]
         if key in keys and source in done:
@@ -82,51 +81,10 @@ def stage_overrides(stage: str, cfg: PipelineConfig, done: dict[str, Path], extr
 
 
 def run_stage_process(stage: str, config_file: Path, args: list[str], launcher: str, log_path: Path) -> None:
-    """Run one stage as `python -m alignkit <stage> ...`, its output shown live and appended to log_path.
-
-    A stage that fails raises RunStopped with the log's last lines and the command that reruns it alone.
-    Ctrl-C reaches the stage too (same process group): the pipeline waits while the stage checkpoints,
-    then stops; SIGTERM sent to the pipeline alone is passed on to the stage. Either way, rerunning the
-    same pipeline command continues (complete stages are skipped, the interrupted one resumes)."""
+    """Run one stage as its own process (runtime.launch.run_stage_process) under its CLI name."""
     from alignkit.cli import STAGES
-    from alignkit.runtime.guards import RunStopped
 
-    name = cli_name(stage) if cli_name(stage) in STAGES else stage
-    prefix = shlex.split(launcher) if launcher else [sys.executable]
-    cmd = [*prefix, "-m", "alignkit", name, "--config", str(config_file), *args]
-    shown = " ".join(shlex.quote(c) for c in cmd)
-    print(f"[pipeline] {shown}", file=sys.stderr, flush=True)
-    interrupted = False
-    with open(log_path, "a") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))
-        try:
-            while True:
-                try:
-                    _copy_output(proc, log)
-                    break
-                except KeyboardInterrupt:  # the stage got it too: let it finish its step and checkpoint
-                    if interrupted:
-                        raise
-                    interrupted = True
-            code = proc.wait()
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-    if code in (130, 143) or interrupted:
-        raise RunStopped(f"interrupted in stage {stage} ({log_path.parent}); rerun the same pipeline command to "
-                         "continue: complete stages are skipped, this one resumes", 130 if code != 143 else 143)
-    if code != 0:
-        tail = "\n".join("    " + line for line in log_path.read_text(errors="replace").splitlines()[-12:])
-        raise RunStopped(f"stage {stage} failed with exit code {code}; the end of {log_path}:\n{tail}\n"
-                         f"rerun it alone: {shown}\nthen rerun the pipeline to continue after it")
-
-
-def _copy_output(proc: subprocess.Popen, log) -> None:
-    """Show the stage's output live and keep it in its log."""
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        sys.stderr.write(line)
-        log.write(line)
+    run_cli_stage(cli_name(stage) if cli_name(stage) in STAGES else stage, stage, config_file, args, launcher, log_path)
 
 
 def evaluate_and_report(cfg: PipelineConfig, done: dict[str, Path], stage_summaries: dict, notes: list[str],
