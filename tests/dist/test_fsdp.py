@@ -245,8 +245,11 @@ def test_lora_under_fsdp_refused_at_start(pretrained_tiny: Path, tmp_path: Path)
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="ppo/grpo are refused under FSDP (runtime/stage.py FSDP_UNSUPPORTED): "
                    "stages/ppo.py must prepare actor and critic in separate accelerator.prepare calls (FSDP2 takes one "
-                   "model per call), run collect/evaluate_policy inside runtime.train_loop.whole_weights, and "
-                   "rollout/ppo.py save_critic must gather the sharded critic (accelerator.get_state_dict + "
+                   "model per call) and run collect (train_step) and evaluate_policy (run.evaluate) inside "
+                   "runtime.train_loop.whole_weights of the actor (and critic); rollout/forwards.response_logits must "
+                   "skip its shared-prompt prefix forward on a sharded model (a second forward on only the processes "
+                   "whose rows share a prompt: the all-gathers no longer pair up, the update hangs); rollout/ppo.py "
+                   "save_critic must gather the sharded critic (accelerator.get_state_dict + "
                    "models.loading.gathered_weights) as save_final does")
 @pytest.mark.parametrize("stage", ["ppo", "grpo"])
 def test_ppo_fsdp_equals_one_process(pretrained_tiny: Path, tmp_path: Path, stage: str):
