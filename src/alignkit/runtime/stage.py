@@ -109,12 +109,44 @@ def undo_failed_start() -> None:
     _STARTS.clear()
 
 
+# Stages that cannot run sharded yet, and why (the exact failure without this refusal); every other stage that
+# trains is tested under FSDP in tests/dist/test_fsdp.py.
+FSDP_UNSUPPORTED = {
+    stage: ("accelerate prepares one model per prepare() call under FSDP2 and the stage prepares actor and critic "
+            "together (\"Only one model is supported when using FSDP2\"), and its rollout samples and scores per-process "
+            "chunks on the sharded actor outside runtime.train_loop.whole_weights (a gloo \"collective mismatch\")")
+    for stage in ("ppo", "grpo")
+}
+
+
+def refuse_under_fsdp(accelerator: Accelerator, cfg: Any) -> None:
+    """A ConfigError at start, before any loading, for what FSDP cannot run here: LoRA (final/ would merge
+    adapters of sharded weights: models.loading.save_model refuses it, after the whole training) and the
+    stages in FSDP_UNSUPPORTED. Both run under DDP (configs/accelerate/ddp.yaml)."""
+    from accelerate.utils import DistributedType
+
+    from alignkit.config import ConfigError
+
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return
+    stage = stage_name(cfg)
+    lora = getattr(cfg, "lora", None)
+    if lora is not None and lora.r > 0:
+        raise ConfigError(f"{stage}: LoRA under FSDP is not supported (lora.r={lora.r}): final/ merges the adapters "
+                          "into the base weights, which FSDP holds in shards; train LoRA with "
+                          "--config_file configs/accelerate/ddp.yaml, or set lora.r=0 to train every weight sharded")
+    if stage in FSDP_UNSUPPORTED:
+        raise ConfigError(f"{stage} does not run under FSDP yet: {FSDP_UNSUPPORTED[stage]}; run it with "
+                          "--config_file configs/accelerate/ddp.yaml")
+
+
 def start_run(cfg: Any) -> Accelerator:
     """Accelerator, seeds, and `output_dir/config.yaml` (the fully resolved config, plus its provenance block:
     runtime.provenance), after check_output_dir agreed to write there."""
     from alignkit.runtime.provenance import run_provenance
 
     accelerator = make_accelerator(cfg.mixed_precision)
+    refuse_under_fsdp(accelerator, cfg)
     seed_everything(cfg.seed)
     if accelerator.is_main_process:
         created = prepare_output_dir(cfg.output_dir)

@@ -219,19 +219,29 @@ def whole_weights(model: torch.nn.Module):
     unshard), so forwards in it communicate nothing. Needed wherever processes run different numbers of
     forwards: held-out rows split unevenly over them, generation of different lengths; otherwise every
     forward is an all-gather that one process would wait for in vain. This is torch's documented eval
-    recipe (FSDPModule.set_reshard_after_forward(False) for evals, back for training). Not sharded: a no-op."""
+    recipe (FSDPModule.set_reshard_after_forward(False) for evals, back for training). Not sharded: a no-op.
+
+    transformers' generate() also syncs the processes on every new token when the model is FSDP-managed
+    (synced_gpus: an all_reduce per step, so a process that runs fewer or shorter generate calls than another
+    waits forever). It reads that from the `_is_fsdp_managed_module` flag torch's fully_shard sets; inside,
+    the weights are whole and a forward needs no peer, so the flag is lowered and restored on exit."""
     from torch.distributed.fsdp import FSDPModule
 
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     if not units:
         yield
         return
+    flagged = [m for m in model.modules() if getattr(m, "_is_fsdp_managed_module", False)]
     for unit in units:  # the same modules in the same order on every process: the all-gathers pair up
         unit.set_reshard_after_forward(False, recurse=False)
         unit.unshard()
+    for module in flagged:
+        module._is_fsdp_managed_module = False
     try:
         yield
     finally:
+        for module in flagged:
+            module._is_fsdp_managed_module = True
         for unit in units:
             unit.reshard()
             # FSDP2 keeps the root gathered between forward and backward (its default); the others reshard

@@ -49,7 +49,7 @@ from alignkit.runtime.guards import NonFiniteGuard, StopRequests, injected_nan_f
 from alignkit.runtime.logging import RunLogger
 from alignkit.runtime.setup import BatchPlan, build_optimizer, build_scheduler, derive_seed
 from alignkit.runtime.stage import finish_run, load_policy, load_train_eval, start_run
-from alignkit.runtime.train_loop import KILL_ENV, save_final
+from alignkit.runtime.train_loop import KILL_ENV, save_final, whole_weights
 from alignkit.selection import raft_filter
 from alignkit.rollout.rewards import Scorer, reward_matrix
 from alignkit.rollout.sampling import EVAL_SPLIT, ITERATION_SPLIT, check_sampling_config, sample_candidates
@@ -207,8 +207,9 @@ def evaluate_policy(accelerator: Accelerator, cfg: RAFTConfig, model, tokenizer,
     if not records:
         return {}
     prompts = [r["prompt"] for r in records]
-    candidates = sample_candidates(accelerator, model, tokenizer, prompts, cfg.eval_samples, cfg, cfg.seed, EVAL_SPLIT,
-                                   cfg.eval_temperature)
+    with whole_weights(model):  # under FSDP: processes sample different chunks, so no all-gather per forward
+        candidates = sample_candidates(accelerator, model, tokenizer, prompts, cfg.eval_samples, cfg, cfg.seed,
+                                       EVAL_SPLIT, cfg.eval_temperature)
     scorer(prompts, candidates)
     out = {}
     for key, name in [("reward", "proxy_reward"), ("gold", "gold_reward")]:
@@ -246,8 +247,9 @@ def run_iteration(accelerator: Accelerator, cfg: RAFTConfig, k: int, model, toke
         prompts, candidates, mask = read_iteration(Path(cfg.output_dir) / f"iter-{k}")
     else:
         prompts = [r["prompt"] for r in iteration_prompts(records, k, cfg.prompts_per_iteration, cfg.seed)]
-        candidates = sample_candidates(accelerator, model, tokenizer, prompts, cfg.samples_per_prompt, cfg, cfg.seed,
-                                       (ITERATION_SPLIT, k))
+        with whole_weights(model):  # as in evaluate_policy: per-process chunks of generation
+            candidates = sample_candidates(accelerator, model, tokenizer, prompts, cfg.samples_per_prompt, cfg,
+                                           cfg.seed, (ITERATION_SPLIT, k))
         scorer(prompts, candidates)
         mask = keep_mask(reward_matrix(candidates, "reward"), cfg)
         if accelerator.is_main_process:
