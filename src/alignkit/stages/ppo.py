@@ -237,11 +237,11 @@ def load_run(accelerator: Accelerator, cfg: PPOConfig, say) -> SimpleNamespace:
     eval_prompts = eval_prompts[: cfg.max_eval_rows] if cfg.max_eval_rows > 0 else eval_prompts
     proxy, gold = reward_functions(accelerator, cfg)
     ref = load_reference(cfg, actor, accelerator.device)  # None: the LoRA actor with its adapters off
-    critic, critic_tokenizer, critic_source = (load_critic(cfg, tokenizer, say) if cfg.advantage == "gae"
-                                               and not cfg.share_backbone else (None, None, None))
-    # share_backbone: the critic is a head on the actor's last hidden state (critic-free estimators: none at all)
+    # share_backbone: the critic is a head on the actor's last hidden state; critic-free estimators load none
     value_head = value_head_for(actor, cfg.seed).to(accelerator.device) if cfg.share_backbone else None
-    critic_source = "shared backbone" if value_head is not None else critic_source
+    no_critic = (None, None, "shared backbone" if cfg.share_backbone else None)
+    critic, critic_tokenizer, critic_source = (load_critic(cfg, tokenizer, say) if cfg.advantage == "gae" and
+                                               not cfg.share_backbone else no_critic)
     plan = BatchPlan(len(prompts), cfg.rollout_batch_size, cfg.rollout_batch_size, 1, 0, cfg.seed)
     steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * plan.steps_per_epoch))
     betas = (cfg.adam_beta1, cfg.adam_beta2)
@@ -253,16 +253,16 @@ def load_run(accelerator: Accelerator, cfg: PPOConfig, say) -> SimpleNamespace:
                                        "weight_decay": cfg.weight_decay})
     schedulers = [build_scheduler(o, cfg.lr_schedule, cfg.warmup_steps, steps, cfg.min_lr_ratio) for o in optimizers]
     # the head is a model of its own for accelerate: DDP all-reduces its gradient, checkpoints hold its weights
-    actor, *models_and_optimizers = accelerator.prepare(actor, *[m for m in (critic, value_head) if m is not None],
-                                                        *optimizers)
-    optimizers = models_and_optimizers[-len(optimizers):]
-    critic = models_and_optimizers[0] if critic is not None else None
-    value_head = models_and_optimizers[0] if value_head is not None else None
+    second = [m for m in (critic, value_head) if m is not None]  # at most one of them
+    actor, *prepared = accelerator.prepare(actor, *second, *optimizers)
+    optimizers = prepared[len(second):]
+    critic, value_head = (prepared[0] if m is not None else None for m in (critic, value_head))
     accelerator.register_for_checkpointing(*schedulers)
     return SimpleNamespace(actor=actor, ref=ref, critic=critic, value_head=value_head, tokenizer=tokenizer,
-                           critic_tokenizer=critic_tokenizer, critic_source=critic_source, prompts=prompts, eval_prompts=eval_prompts, truncated=truncated,
-                           eval_truncated=eval_truncated, invalid=invalid, proxy=proxy, gold=gold, plan=plan,
-                           steps=steps, optimizers=optimizers, schedulers=schedulers)
+                           critic_tokenizer=critic_tokenizer, critic_source=critic_source, prompts=prompts,
+                           eval_prompts=eval_prompts, truncated=truncated, eval_truncated=eval_truncated,
+                           invalid=invalid, proxy=proxy, gold=gold, plan=plan, steps=steps, optimizers=optimizers,
+                           schedulers=schedulers)
 
 
 def training_state(accelerator: Accelerator, cfg: PPOConfig) -> SimpleNamespace:
