@@ -158,7 +158,7 @@ def quality_worker(spec: dict) -> dict:
 
     summary = run_stage("ppo", ["--config", str(REPO / "configs/tiny/rl-gold/ppo.yaml"), f"model={spec['model']}",
                                 f"output_dir={spec['output_dir']}", *spec["options"]])
-    keys = ("eval_gold_reward_before", "eval_gold_reward_before_stderr", "eval_gold_reward", "eval_gold_reward_stderr",
+    keys = ("eval_gold_reward_before", "eval_gold_reward_stderr_before", "eval_gold_reward", "eval_gold_reward_stderr",
             "eval_kl", "wall_s")
     return {k: summary.get(k) for k in keys}
 
@@ -231,7 +231,7 @@ def render(report: dict, args: argparse.Namespace) -> str:
             f"worker on {report['cpus']} CPUs; fp32 matmul peak (1024^3) {peaks[0]:.1f} GFLOP/s before, "
             f"{peaks[1]:.1f} after.")
     if args.quality:
-        rows = [[name, f"{r['eval_gold_reward_before']:.3f} +- {r['eval_gold_reward_before_stderr']:.3f}",
+        rows = [[name, f"{r['eval_gold_reward_before']:.3f} +- {r['eval_gold_reward_stderr_before']:.3f}",
                  f"{r['eval_gold_reward']:.3f} +- {r['eval_gold_reward_stderr']:.3f}", f"{r['eval_kl']:.2f}",
                  f"{r['wall_s']:.0f}"] for name, r in report["runs"].items()]
         return head + "\n\n" + markdown_table(["setup", "held-out gold before", "after", "KL", "wall s"], rows)
