@@ -1079,6 +1079,19 @@ class PPOConfig(TrainConfig):
     )
     critic_lr: float = opt(1e-5, "critic peak learning rate (its own AdamW, same schedule)")
     critic_warmup_steps: int = opt(0, "first PPO steps that train only the critic (the actor waits for sane values)")
+    share_backbone: bool = opt(
+        False, "advantage=gae: actor and critic share ONE transformer, the critic a scalar head on the actor's last "
+        "hidden state (one forward gives log-probs and values; loss = policy loss + vf_coef * value loss, one "
+        "optimizer, the head at critic_lr); saves a model copy and its optimizer state; final/ stays a plain "
+        "causal LM, the head is saved beside it as final_value_head.safetensors (no final_critic/)"
+    )
+    vf_coef: float = opt(0.1, "share_backbone: weight of the value loss in the shared loss (the separate critic's "
+                         "value loss has its own optimizer and no weight)")
+    offload_frozen: bool = opt(
+        False, "keep the frozen reference and reward model on the CPU, moved to the accelerator only for the rollout "
+        "forwards that read them (then back): the update phase has the accelerator's memory to itself; same "
+        "results, slower transfers; no-op on a CPU-only run"
+    )
     rollout_batch_size: int = opt(32, "GLOBAL prompts per PPO step, chosen from (seed, step)")
     samples_per_prompt: int = opt(1, "responses sampled per prompt in a rollout")
     mini_batch_size: int = opt(0, "GLOBAL sequences per optimizer update (0: the whole rollout)")

@@ -107,3 +107,20 @@ def test_rl_tables():
     table = bench_rl.floor_table(floors, peak_gflops=40.0)
     assert "| 0.300 | 500 | 1666.7 | 53.33 | 10.00 | 25.0 |" in table  # 6 * 1e6 * 500 / 0.3 s = 10 GFLOP/s
     assert bench_rl.gflops(2e9, 0.5) == pytest.approx(4.0)
+
+
+def test_ppo_memory_counts_each_resident_tensor_once():
+    import torch
+
+    from bench import bench_ppo_memory
+
+    actor, critic = torch.nn.Linear(4, 3), torch.nn.Linear(4, 1, bias=False)
+    ref = torch.nn.Linear(4, 3).requires_grad_(False)
+    shared = torch.nn.Module()
+    shared.weight = actor.weight  # a tensor two models share (a LoRA base, tied embeddings) counts once
+    counts = bench_ppo_memory.held_parameters({"actor": actor, "critic": critic, "reference": ref, "tied": shared,
+                                                "value_head": None}, offloaded={"reference"})
+    assert counts == {"params_held": 15 + 4 + 15, "params_on_device_in_update": 19, "params_trainable": 19,
+                      "models": ["actor", "critic", "reference", "tied"]}
+    assert set(bench_ppo_memory.SETUPS) == {"plain", "share_backbone", "lora", "offload_frozen",
+                                            "gradient_checkpointing"}

@@ -172,3 +172,103 @@ def test_shape_scores_penalty_normalisation_and_clip():
     assert running.std == pytest.approx(seen.std().item())
     expected = (torch.tensor([10.0, -2.0]) - seen.mean()) / seen.std()
     assert second.tolist() == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- PPO's models in less memory
+
+
+def shared_prompt_samples() -> list[Generation]:
+    prompts = [[5, 6, 7], [5, 6, 7], [8, 9, 10, 11, 12], [13]]
+    responses = [[20, 21], [22, 2], [22, 23, 24, 2], [25]]
+    return [Generation(p, r, "", True) for p, r in zip(prompts, responses)]
+
+
+@pytest.mark.parametrize("share_prompts", [True, False])
+def test_shared_backbone_values_come_from_the_policy_forward(share_prompts: bool):
+    """share_backbone: one policy forward gives the log-probs (equal to response_logprobs') and the value head's
+    values on the last hidden state of the positions that choose each response token; the gradient of a loss
+    on both reaches the backbone and the head."""
+    from alignkit.models.value import value_head_for
+    from alignkit.rollout.forwards import logprobs_and_values
+
+    samples = shared_prompt_samples()
+    batch = batch_on(samples, 0, "cpu")
+    if not share_prompts:
+        batch = {k: v for k, v in batch.items() if k not in ("prompt_first", "prompt_of_row")}
+    actor = tiny_llama(0).train()
+    head = value_head_for(actor, seed=3)
+    logps, entropy, values = logprobs_and_values(actor, head, batch, temperature=0.7, with_entropy=True)
+    with torch.no_grad():
+        plain, plain_entropy = response_logprobs(actor, batch, temperature=0.7, with_entropy=True)
+    assert torch.allclose(logps, plain, atol=1e-5) and torch.allclose(entropy, plain_entropy, atol=1e-5)
+    for i, s in enumerate(samples):
+        with torch.no_grad():
+            hidden = actor.model(torch.tensor([s.prompt_ids + s.response_ids])).last_hidden_state[0]
+        for t in range(len(s.response_ids)):
+            expected = head.score(hidden[len(s.prompt_ids) - 1 + t]).item()
+            assert values[i, t].item() == pytest.approx(expected, abs=1e-5)
+        assert values[i, len(s.response_ids):].abs().sum() == 0
+    (logps.sum() + values.sum()).backward()
+    assert head.score.weight.grad.abs().sum() > 0 and actor.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+
+
+def test_value_head_saves_and_loads(tmp_path):
+    from alignkit.models.value import load_value_head, save_value_head, value_head_for
+
+    head = value_head_for(tiny_llama(0), seed=1)
+    assert head.score.weight.shape == (1, 32) and torch.equal(value_head_for(tiny_llama(0), seed=1).score.weight,
+                                                              head.score.weight)  # seeded
+    save_value_head(head, tmp_path / "head.safetensors")
+    again = load_value_head(tmp_path / "head.safetensors")
+    assert torch.equal(again.score.weight, head.score.weight)
+
+
+def test_lora_reference_is_the_policy_with_adapters_off():
+    """A LoRA actor holds no reference copy (load_reference -> None): the reference log-probs are the policy's with
+    its adapters disabled, i.e. exactly the starting weights, however far the adapters have moved."""
+    import copy
+    from types import SimpleNamespace
+
+    from alignkit.models.lora import LoraOptions, apply_lora
+    from alignkit.rollout.forwards import reference_logprobs
+    from alignkit.rollout.ppo import load_reference
+
+    start = tiny_llama(0)
+    actor = apply_lora(copy.deepcopy(start), LoraOptions(r=4))
+    assert load_reference(SimpleNamespace(ref_model=None, offload_frozen=False), actor, "cpu") is None
+    assert load_reference(SimpleNamespace(ref_model=None, offload_frozen=False), start, "cpu") is not None
+    with torch.no_grad():
+        for name, p in actor.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # the adapters have trained
+    batch = batch_on(shared_prompt_samples(), 0, "cpu")
+    with torch.no_grad():
+        ref = reference_logprobs(None, actor, batch, 0.7)
+        expected = response_logprobs(start, batch, 0.7)[0]
+        moved = response_logprobs(actor, batch, 0.7)[0]
+    assert torch.equal(ref, expected)
+    assert (moved - expected).abs().max() > 1e-2  # the adapters are back on after the block
+
+
+def test_resident_moves_a_frozen_model_for_the_block_only():
+    from alignkit.rollout.forwards import resident
+
+    class Spy:
+        def __init__(self):
+            self.moves = []
+
+        def to(self, device):
+            self.moves.append(str(device))
+            return self
+
+    spy = Spy()
+    with resident(spy, "cuda:0", offload=True):
+        assert spy.moves == ["cuda:0"]
+    assert spy.moves == ["cuda:0", "cpu"]
+    with pytest.raises(RuntimeError), resident(spy, "cuda:0", offload=True):
+        raise RuntimeError("a failed forward still hands the memory back")
+    assert spy.moves[-1] == "cpu"
+    off = Spy()
+    with resident(off, "cuda:0", offload=False), resident(None, "cuda:0", offload=True):
+        pass
+    assert off.moves == []

@@ -44,3 +44,47 @@ def load_value_model(name_or_path: str, seed: int = 0) -> tuple[ValueModel, Any]
 def same_vocabulary(a: Any, b: Any) -> bool:
     """True when two tokenizers map every token to the same id (a critic must read the policy's ids)."""
     return a.get_vocab() == b.get_vocab()
+
+
+class ValueHead(torch.nn.Module):
+    """`share_backbone=true`'s critic: a scalar linear head on the ACTOR's last hidden state (after the final
+    norm, the input of the LM head), so one transformer serves policy and critic (one forward gives logits and
+    values). Shaped like ValueModel's score head (a bias-free Linear) and initialised the same way: normal with
+    the model's initializer_range, from `seed`. `forward(hidden[..., H]) -> values[...]` (float32)."""
+
+    def __init__(self, hidden_size: int, seed: int = 0, std: float = 0.02, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.score = torch.nn.Linear(hidden_size, 1, bias=False, dtype=dtype)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            torch.nn.init.normal_(self.score.weight, std=std)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.score(hidden.to(self.score.weight.dtype)).squeeze(-1).float()
+
+
+def value_head_for(policy: torch.nn.Module, seed: int) -> ValueHead:
+    """A fresh ValueHead sized and typed for `policy` (a causal LM, plain or peft-wrapped)."""
+    config, output = policy.config, policy.get_output_embeddings()
+    return ValueHead(output.weight.shape[1], seed, getattr(config, "initializer_range", 0.02), output.weight.dtype)
+
+
+def save_value_head(head: ValueHead, path) -> None:
+    """The head's weight as safetensors (`score.weight` [1, H]), written to a temporary file then renamed."""
+    import os
+
+    from safetensors.torch import save_file
+
+    tmp = f"{path}.tmp"
+    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, tmp)
+    os.replace(tmp, path)
+
+
+def load_value_head(path, dtype: torch.dtype = torch.float32) -> ValueHead:
+    """The ValueHead saved by save_value_head."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path))
+    head = ValueHead(weights["score.weight"].shape[1], dtype=dtype)
+    head.load_state_dict(weights)
+    return head

@@ -1,9 +1,14 @@
 """The policy and critic forwards over (prompt, response) samples, shared by the rollout's no-grad forwards
 (rollout.ppo.rollout_forwards) and the update (stages/ppo.py micro_step): a padded batch of samples, the logits
-that score each response token (a prompt shared by several rows runs once), log-probs, entropy and values.
+that score each response token (a prompt shared by several rows runs once), log-probs, entropy and values
+(of a separate critic, or of a value head on the policy's own last hidden state: share_backbone), and the
+reference's log-probs (a frozen copy, or the LoRA policy with its adapters off); and where a frozen model
+lives between the forwards that read it (offload_frozen: resident).
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 
@@ -38,8 +43,23 @@ def batch_on(samples: list[Generation], pad_id: int, device) -> dict[str, torch.
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def response_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits [B,R,V] of the positions that choose each response token (column k scores response token k).
+@contextmanager
+def output_layer_inputs(model):
+    """A list that fills with the inputs of `model`'s output projection (the LM head) while in the block: the
+    last hidden states (after the final norm) of exactly the positions projected on the vocabulary, with their
+    autograd graph. A hook instead of output_hidden_states, which would keep every layer's states alive."""
+    inner = getattr(model, "module", model)  # DDP / FSDP wrappers
+    seen: list[torch.Tensor] = []
+    handle = inner.get_output_embeddings().register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def response_logits(model, batch: dict[str, torch.Tensor], keep_hidden: bool = False):
+    """Logits [B,R,V] of the positions that choose each response token (column k scores response token k);
+    keep_hidden: (logits, last hidden states [B,R,H] of the same positions).
 
     Rows that share a prompt (the G samples of a group: batch_on's prompt_first / prompt_of_row) share its
     forward: the first W-1 prompt columns run once per distinct prompt, their KV cache (with its autograd
@@ -49,6 +69,10 @@ def response_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     prompts are 3/4 of the rollout's tokens). Otherwise one forward; only the R+1 last columns are projected
     on the vocabulary (`logits_to_keep`).
     """
+    if keep_hidden:
+        with output_layer_inputs(model) as seen:
+            logits = response_logits(model, batch)
+        return logits, seen[-1][:, :-1]  # (the shared prefix's one projected column came first)
     ids, mask, positions = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
     n_response = batch["labels"].shape[1]
     width = ids.shape[1] - n_response  # W: the prompt columns
@@ -73,7 +97,13 @@ def response_logprobs(model, batch: dict[str, torch.Tensor], temperature: float,
 
     The logits are response_logits' (one forward, or a shared forward per prompt). Padding positions hold 0.
     """
-    logits = response_logits(model, batch).float() / temperature  # column k scores response token k
+    return scored(response_logits(model, batch), batch, temperature, with_entropy, entropy_grad)
+
+
+def scored(logits: torch.Tensor, batch: dict[str, torch.Tensor], temperature: float, with_entropy: bool,
+           entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log-probs [B,R], entropy [B,R] or None) of response_logits' logits: response_logprobs' arithmetic."""
+    logits = logits.float() / temperature  # column k scores response token k
     logps = logprobs_from_logits(logits, batch["labels"])
     entropy = None
     if with_entropy:  # detached logits build no graph for a logged-only entropy
@@ -81,8 +111,50 @@ def response_logprobs(model, batch: dict[str, torch.Tensor], temperature: float,
     return logps, entropy
 
 
+def logprobs_and_values(model, value_head, batch: dict[str, torch.Tensor], temperature: float,
+                        with_entropy: bool = False, entropy_grad: bool = True):
+    """share_backbone: (log-probs [B,R], entropy [B,R] or None, values [B,R]) from ONE forward of the policy,
+    the values read by `value_head` (models.value.ValueHead) off the hidden states the LM head projects."""
+    logits, hidden = response_logits(model, batch, keep_hidden=True)
+    logps, entropy = scored(logits, batch, temperature, with_entropy, entropy_grad)
+    return logps, entropy, value_head(hidden) * batch["mask"]
+
+
+def head_values(model, value_head, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """share_backbone's critic warm-up: values [B,R] of `value_head` on the policy's hidden states computed
+    without a gradient (the backbone waits; only the head learns). `model` unwrapped: no DDP forward runs
+    whose parameters get no gradient."""
+    with torch.no_grad():
+        _, hidden = response_logits(model, batch, keep_hidden=True)
+    return value_head(hidden) * batch["mask"]
+
+
+def reference_logprobs(ref, policy, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+    """Log-probs [B,R] under the frozen reference: `ref`, or with ref None (a LoRA policy) the policy with its
+    adapters disabled (peft's disable_adapter: the base weights, exactly the starting policy; no copy held)."""
+    if ref is not None:
+        return response_logprobs(ref, batch, temperature)[0]
+    with policy.disable_adapter():
+        return response_logprobs(policy, batch, temperature)[0]
+
+
 def response_values(critic, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Critic values [B,R]: value of the state each response token is chosen in (0 on padding)."""
     n_response = batch["labels"].shape[1]
     values = critic(batch["input_ids"], batch["attention_mask"], batch["position_ids"], n_response + 1)
     return values[:, :-1] * batch["mask"]
+
+
+@contextmanager
+def resident(model, device, offload: bool):
+    """offload_frozen: a frozen model (reference, reward model) kept on the CPU is moved to `device` for the
+    block (the rollout phase that reads it) and back to the CPU after it, so the update phase has the
+    accelerator's memory for the actor and critic. No-op without offload, for None, and on a CPU-only run."""
+    if model is None or not offload:
+        yield model
+        return
+    model.to(device)
+    try:
+        yield model
+    finally:
+        model.to("cpu")

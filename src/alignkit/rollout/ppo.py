@@ -18,7 +18,8 @@ from accelerate import Accelerator
 from alignkit.data.chat import render_prompt
 from alignkit.ops import masked_mean
 from alignkit.rl import Rollout, build_rollout, overlong_penalty, shape_scores, varied_groups
-from alignkit.rollout.forwards import batch_on, response_logprobs, response_values
+from alignkit.rollout.forwards import (batch_on, logprobs_and_values, reference_logprobs, resident,
+                                       response_logprobs, response_values)
 from alignkit.rollout.rewards import gold_rewards, load_scorer, score_with, task_name_for
 from alignkit.rollout.sampling import (EVAL_SPLIT, ITERATION_SPLIT, REFILL_SPLIT, Generation, Split, map_chunks,
                                        sample_generations)
@@ -109,9 +110,10 @@ def draw_rollout_samples(accelerator, cfg, actor, tokenizer, prompts: list, rows
 
 
 def collect(accelerator, cfg, actor, ref, critic, tokenizer, prompts, plan, step, kl_coef, proxy, gold,
-            running) -> tuple[Rollout, dict[str, Any]]:
+            running, value_head=None) -> tuple[Rollout, dict[str, Any]]:
     """Rollout of `step` (the stage's step 1-4: samples, scores, no-grad forwards, rl.build_rollout) and its
-    statistics (the metrics users expect, plus the per-sample series)."""
+    statistics (the metrics users expect, plus the per-sample series). The values come from `critic`, or with
+    share_backbone from `value_head` on the actor's forward."""
     n = cfg.samples_per_prompt
     t0 = time.perf_counter()
     drawn, sampling = draw_rollout_samples(accelerator, cfg, actor, tokenizer, prompts, plan.global_rows(step), step,
@@ -119,15 +121,17 @@ def collect(accelerator, cfg, actor, ref, critic, tokenizer, prompts, plan, step
     samples, raw, golds = drawn["samples"], drawn["raw"], drawn["gold"]
     t1 = time.perf_counter()
     need_old, need_ref = forwards_needed(cfg, len(samples))
-    forwards = rollout_forwards(accelerator, actor, ref, critic, samples, tokenizer.pad_token_id, cfg.sampling.temperature,
-                                cfg.forward_batch_size, need_old, need_ref)
+    with resident(ref, accelerator.device, cfg.offload_frozen and need_ref):
+        forwards = rollout_forwards(accelerator, actor, ref, critic, samples, tokenizer.pad_token_id,
+                                    cfg.sampling.temperature, cfg.forward_batch_size, need_old, need_ref, value_head)
+    valued = critic is not None or value_head is not None
     finished = torch.tensor([s.finished for s in samples])
     # missing-EOS and overlong penalties are in `penalised`; normalisation and clipping follow
     scores = shape_scores(drawn["penalised"].flatten(), finished, 0.0, cfg.reward_norm, cfg.reward_clip, running)
     rollout = build_rollout(
         [s.prompt_ids for s in samples], [s.response_ids for s in samples], finished.tolist(),
         [f.logprobs for f in forwards], [f.ref_logprobs for f in forwards],
-        [f.values for f in forwards] if critic is not None else None,
+        [f.values for f in forwards] if valued else None,
         scores, tokenizer.pad_token_id, kl_coef, cfg.kl_estimator, cfg.gamma, cfg.lam, cfg.whiten_advantages,
         advantage=cfg.advantage, group_size=n, kl_in=cfg.kl_in, has_old_logprobs=need_old, has_ref_logprobs=need_ref)
     t2 = time.perf_counter()
@@ -144,7 +148,7 @@ def collect(accelerator, cfg, actor, ref, critic, tokenizer, prompts, plan, step
     }
     if not (need_old and need_ref):  # the KL is filled in by the update (stats_from_update), or never read
         del stats["kl"], stats["non_score_reward"]
-    if critic is not None:
+    if valued:
         raw_advantages = (rollout.returns - rollout.values) * mask
         stats.update(returns_mean=masked_mean(rollout.returns, mask).item(),
                      values_mean=masked_mean(rollout.values, mask).item(),
@@ -173,30 +177,37 @@ def forwards_needed(cfg: Any, n_sequences: int) -> tuple[bool, bool]:
 
 
 def rollout_forwards(accelerator: Accelerator, actor, ref, critic, samples: list[Generation], pad_id: int,
-                     temperature: float, chunk: int, need_old: bool = True,
-                     need_ref: bool = True) -> list[RolloutForwards]:
+                     temperature: float, chunk: int, need_old: bool = True, need_ref: bool = True,
+                     value_head=None) -> list[RolloutForwards]:
     """Per sample its RolloutForwards (old log-probs, reference log-probs, values, entropy sum).
 
     No gradient; the models run unwrapped (no DDP collectives) in eval mode, in fixed chunks over processes.
-    critic None (critic-free estimators): values are 0. A forward not needed (forwards_needed) is not run:
-    without the old one, log-probs and entropy are 0 (the update fills them in); without the reference, its
-    log-probs are the old ones (KL 0).
+    critic None (critic-free estimators): values are 0; value_head (share_backbone): the values are read off
+    the actor's forward, which then always runs. ref None: the actor with its LoRA adapters off
+    (forwards.reference_logprobs). A forward not needed (forwards_needed) is not run: without the old one,
+    log-probs and entropy are 0 (the update fills them in); without the reference, its log-probs are the old
+    ones (KL 0).
     """
-    actor, critic = accelerator.unwrap_model(actor), (accelerator.unwrap_model(critic) if critic is not None else None)
-    modes = [(m, m.training) for m in (actor, ref, critic) if m is not None]
+    unwrap = lambda m: accelerator.unwrap_model(m) if m is not None else None  # noqa: E731
+    actor, critic, value_head = unwrap(actor), unwrap(critic), unwrap(value_head)
+    modes = [(m, m.training) for m in (actor, ref, critic, value_head) if m is not None]
 
     def forward(_: int, part: list[Generation]) -> list[RolloutForwards]:
-        if not (need_old or need_ref or critic is not None):
+        if not (need_old or need_ref or critic is not None or value_head is not None):
             return [RolloutForwards(*(torch.zeros(len(s.response_ids)),) * 3, 0.0) for s in part]
         batch = batch_on(part, pad_id, accelerator.device)
         # The same autocast as the training forward (a prepared model runs under it; the reference is not
         # prepared), so at step 0 the ratio is 1 and the KL 0 in bf16 too.
         with torch.no_grad(), accelerator.autocast():
             zeros = torch.zeros_like(batch["mask"])
-            logps, entropy = (response_logprobs(actor, batch, temperature, with_entropy=True) if need_old
-                              else (zeros, zeros))
-            ref_logps = response_logprobs(ref, batch, temperature)[0] if need_ref else logps
             values = response_values(critic, batch) if critic is not None else zeros
+            if value_head is not None:  # share_backbone: one forward, the log-probs come with the values
+                logps, entropy, values = logprobs_and_values(actor, value_head, batch, temperature, with_entropy=True)
+            elif need_old:
+                logps, entropy = response_logprobs(actor, batch, temperature, with_entropy=True)
+            else:
+                logps, entropy = zeros, zeros
+            ref_logps = reference_logprobs(ref, actor, batch, temperature) if need_ref else logps
         out = []
         for i, s in enumerate(part):
             n = len(s.response_ids)
@@ -242,8 +253,9 @@ def evaluate_policy(accelerator: Accelerator, actor, ref, tokenizer, prompts: li
                                cfg.sampling.max_new_tokens, cfg.sampling.chunk, cfg.seed, split=EVAL_SPLIT,
                                max_prompt_tokens=cfg.max_length - cfg.sampling.max_new_tokens)
     texts = grouped([s.text for s in samples], n)
-    forwards = rollout_forwards(accelerator, actor, ref, None, samples, tokenizer.pad_token_id, cfg.sampling.temperature,
-                                cfg.forward_batch_size)
+    with resident(ref, accelerator.device, cfg.offload_frozen):
+        forwards = rollout_forwards(accelerator, actor, ref, None, samples, tokenizer.pad_token_id,
+                                    cfg.sampling.temperature, cfg.forward_batch_size)
     kl = [float((f.logprobs - f.ref_logprobs).sum()) for f in forwards]
     out: dict[str, float] = {}
     series = {"reward": proxy(prompts, texts), "kl": grouped(kl, n),
@@ -287,9 +299,12 @@ def reward_functions(accelerator: Accelerator, cfg: Any) -> tuple[RewardFn, Rewa
         return gold, gold
     rm, rm_tokenizer = load_scorer(accelerator, cfg.reward.model)
     rm.requires_grad_(False)
+    if cfg.offload_frozen:  # on the accelerator only while it scores (resident)
+        rm.to("cpu")
 
     def proxy(prompts: list, texts: list[list[str]]) -> list[list[float]]:
-        return score_with(accelerator, rm, rm_tokenizer, prompts, texts, cfg.reward.batch_size, cfg.max_length)
+        with resident(rm, accelerator.device, cfg.offload_frozen):
+            return score_with(accelerator, rm, rm_tokenizer, prompts, texts, cfg.reward.batch_size, cfg.max_length)
 
     return proxy, gold
 
@@ -308,20 +323,32 @@ def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def load_reference(cfg: Any, actor) -> torch.nn.Module:
-    """The frozen reference: cfg.ref_model, else a copy of the starting policy."""
+def load_reference(cfg: Any, actor, device) -> torch.nn.Module | None:
+    """The frozen reference on `device` (the CPU with offload_frozen): cfg.ref_model, else a copy of the
+    starting policy; None for a LoRA actor without ref_model: its base weights (adapters disabled) ARE the
+    starting policy (forwards.reference_logprobs), so no copy is held."""
     import copy
 
     from alignkit.models.loading import load_causal_lm
+    from alignkit.models.lora import is_peft_model
 
+    if cfg.ref_model is None and is_peft_model(actor):
+        return None
     ref = copy.deepcopy(actor) if cfg.ref_model is None else load_causal_lm(cfg.ref_model)[0]
     ref.requires_grad_(False)
-    return disable_dropout(ref).eval()
+    return disable_dropout(ref).eval().to("cpu" if cfg.offload_frozen else device)
 
 
 def load_critic(cfg: Any, tokenizer, log) -> tuple[torch.nn.Module, Any, str]:
     """(critic, its tokenizer, where it came from): critic_model, else the RM (InstructGPT) when it reads
-    the policy's token ids, else the policy with a fresh seeded head."""
+    the policy's token ids, else the policy with a fresh seeded head; with gradient checkpointing as the actor."""
+    critic, tok, source = _load_critic(cfg, tokenizer, log)
+    if cfg.gradient_checkpointing:  # the critic's activations are as large as the actor's: recompute both
+        critic.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return critic, tok, source
+
+
+def _load_critic(cfg: Any, tokenizer, log) -> tuple[torch.nn.Module, Any, str]:
     import copy
 
     from alignkit.config import ConfigError

@@ -2,8 +2,9 @@
 
 PPO (InstructGPT; Ziegler et al. 2019; Schulman et al. 2017) with critic and GAE, or a critic-free estimator
 (`advantage=grpo|dr_grpo|rloo|reinforce_pp`) with DAPO's and GSPO's options; `alignkit grpo` is this stage
-with GRPO's defaults. config -> prompts -> actor (the SFT policy), frozen reference, critic (gae only),
-proxy reward (reward model on text, or the task's gold reward) -> per step:
+with GRPO's defaults. config -> prompts -> actor (the SFT policy), frozen reference (the LoRA actor with its
+adapters off: no copy), critic (gae only; `share_backbone`: a value head on the actor), proxy reward (reward model
+on text, or the task's gold reward; `offload_frozen` keeps the frozen ones on the CPU between uses) -> per step:
   1. rollout: `rollout_batch_size` prompts chosen from (seed, step), `samples_per_prompt` responses each,
      sampled with the KV cache in fixed seeded chunks (any process count samples the same tokens); with
      `dynamic_sampling`, groups whose rewards are all equal are dropped and more prompts sampled (DAPO);
@@ -15,7 +16,8 @@ proxy reward (reward model on text, or the task's gold reward) -> per step:
      group / batch-normalised advantages;
   5. `ppo_epochs` passes of mini-batches of `mini_batch_size` sequences: clipped policy loss (token or
      sequence ratio, asymmetric clip, + KL term, + entropy bonus) reduced by `loss_agg` over the GLOBAL
-     mini-batch; clipped value loss on the critic; gradients all-reduced by DDP, clipped, AdamW steps;
+     mini-batch; clipped value loss on the critic (share_backbone: + vf_coef x it, one backward); gradients
+     all-reduced by DDP, clipped, AdamW steps;
   6. KL controller update; metrics; reward-hacking alarms; eval every `eval_steps`; atomic checkpoint.
 Every random draw derives from (seed, step), so `resume=true` reproduces an uninterrupted run.
 PPO and the GRPO family are one stage (one rollout, one update, options), kept in one file that reads top
@@ -46,7 +48,8 @@ from alignkit.losses import (LOSS_AGGREGATIONS, RATIO_LEVELS, clip_fraction, cli
 from alignkit.ops import masked_mean
 from alignkit.rl import (ADVANTAGE_ESTIMATORS, GROUP_ESTIMATORS, KL_KINDS, AdaptiveKLController, FixedKLController,
                          Rollout, RunningMoments, kl_penalty)
-from alignkit.rollout.forwards import batch_on, response_logprobs, response_values
+from alignkit.models.value import save_value_head, value_head_for
+from alignkit.rollout.forwards import batch_on, head_values, logprobs_and_values, response_logprobs, response_values
 from alignkit.rollout.ppo import (collect, disable_dropout, evaluate_policy, load_critic, load_reference, prompt_room,
                                   reward_functions, save_critic, stats_from_update, truncated_prompts)
 from alignkit.rollout.rewards import task_name_for
@@ -77,6 +80,8 @@ def check_config(cfg: PPOConfig) -> None:
     for key in positive:
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.share_backbone and (cfg.advantage != "gae" or cfg.critic_model):
+        raise ConfigError("share_backbone puts the critic's head on the actor: it needs advantage=gae and no critic_model")
     if cfg.advantage in ("grpo", "rloo") and cfg.samples_per_prompt < 2:
         raise ConfigError(f"advantage={cfg.advantage} compares responses to the same prompt: samples_per_prompt "
                           f"must be >= 2, got {cfg.samples_per_prompt}")
@@ -97,10 +102,11 @@ def check_config(cfg: PPOConfig) -> None:
 
 
 def micro_step(accelerator, cfg, actor, critic, rollout: Rollout, rows: list[int], totals: dict[str, float],
-               train_actor: bool, kl_coef: float, pad_id: int) -> dict[str, torch.Tensor]:
+               train_actor: bool, kl_coef: float, pad_id: int, value_head=None) -> dict[str, torch.Tensor]:
     """Backward of one micro-batch's share of the mini-batch losses: numerators over the micro-batch divided by
     the GLOBAL mini-batch denominators `totals` ("tokens", "sequences"), so micro-batches and processes add up
-    to the loss of the whole mini-batch."""
+    to the loss of the whole mini-batch. value_head (share_backbone): the values come from the actor's forward
+    and policy loss + vf_coef * value loss is ONE backward."""
     samples = [Generation(rollout.prompt_ids[i], rollout.response_ids[i, : int(rollout.mask[i].sum())].tolist(), "", True)
                for i in rows]
     batch = batch_on(samples, pad_id, accelerator.device)
@@ -110,10 +116,13 @@ def micro_step(accelerator, cfg, actor, critic, rollout: Rollout, rows: list[int
         take(t) for t in (rollout.logprobs, rollout.ref_logprobs, rollout.advantages, rollout.values, rollout.returns))
     share = mask.sum() / totals["tokens"]  # token means below become sums over the global token count
     world = accelerator.num_processes
-    out = {}
+    out, values, loss = {}, None, None
     if train_actor:
-        logps, entropy = response_logprobs(actor, batch, cfg.sampling.temperature, entropy_grad=cfg.entropy_coef != 0,
-                                           with_entropy=cfg.entropy_coef != 0 or not rollout.has_old_logprobs)
+        entropy_args = (cfg.entropy_coef != 0 or not rollout.has_old_logprobs, cfg.entropy_coef != 0)  # with, grad
+        if value_head is not None:  # share_backbone: one forward gives the log-probs and the values
+            logps, entropy, values = logprobs_and_values(actor, value_head, batch, cfg.sampling.temperature, *entropy_args)
+        else:
+            logps, entropy = response_logprobs(actor, batch, cfg.sampling.temperature, *entropy_args)
         if not rollout.has_old_logprobs:  # one update per rollout: this policy sampled it (forwards_needed)
             old_logps = logps.detach()
             out["rollout_entropy_sum"] = entropy.detach().sum()
@@ -133,33 +142,45 @@ def micro_step(accelerator, cfg, actor, critic, rollout: Rollout, rows: list[int
             per_token = per_token - cfg.entropy_coef * entropy
         denominator = totals["tokens"] if cfg.loss_agg == "token_mean" else totals["sequences"]
         policy_loss = loss_numerator(per_token, mask, cfg.loss_agg, cfg.sampling.max_new_tokens) / denominator
-        accelerator.backward(policy_loss * world)  # DDP averages over processes: scale back to the global sum
+        loss = policy_loss
         out["policy_loss"] = policy_loss.detach()
         out["clipfrac"] = clip_fraction(ratio.detach(), advantages, mask, low, high) * share
         out["approx_kl"] = masked_mean(kl_penalty(old_logps, logps.detach(), "k3"), mask) * share
         out["ratio"] = masked_mean(ratio.detach(), mask) * share
+    elif value_head is not None:  # share_backbone's critic warm-up: the head learns, the backbone waits
+        values = head_values(accelerator.unwrap_model(actor), value_head, batch)
     if critic is not None:
+        if loss is not None:  # the actor's graph is freed before the critic's forward builds its own
+            accelerator.backward(loss * world)  # DDP averages over processes: scale back to the global sum
+            loss = None
         values = response_values(critic, batch)
+    if values is not None:
         value_loss = ppo_value_loss(values, old_values, returns, mask, cfg.value_clip_eps) * share
-        accelerator.backward(value_loss * world)
+        weighted = value_loss * (cfg.vf_coef if value_head is not None else 1.0)
+        loss = weighted if loss is None else loss + weighted
         out["value_loss"] = value_loss.detach()
         clipped = ((values.detach() - old_values).abs() > cfg.value_clip_eps).float()
         out["value_clipfrac"] = masked_mean(clipped, mask) * share
+    if loss is not None:
+        accelerator.backward(loss * world)
     return out
 
 
 def update(accelerator, cfg, actor, critic, optimizers, rollout: Rollout, step: int, train_actor: bool,
-           kl_coef: float, pad_id: int, guard: NonFiniteGuard) -> dict[str, float]:
+           kl_coef: float, pad_id: int, guard: NonFiniteGuard, value_head=None) -> dict[str, float]:
     """`ppo_epochs` passes of mini-batches over the rollout; returns metrics averaged over the updates.
-    optimizers: [actor's, critic's] (the critic's only with a critic). A mini-batch whose gradient norm is
-    not finite is skipped by every model (guard)."""
+    optimizers: [actor's, critic's] (the critic's only with a critic; with value_head, share_backbone, one
+    over both). A mini-batch whose gradient norm is not finite is skipped by every model (guard)."""
     n, world, rank = len(rollout), accelerator.num_processes, accelerator.process_index
     mini = cfg.mini_batch_size or n
     totals: dict[str, torch.Tensor] = {}
-    trained = [(name, m, o) for name, m, o in zip(("grad_norm", "critic_grad_norm"), (actor, critic), optimizers)
-               if m is not None and (m is not actor or train_actor)]
+    if value_head is not None:  # one optimizer, one gradient norm over the shared backbone and the head
+        trained = [("grad_norm", (actor, value_head), optimizers[0])]
+    else:
+        trained = [(name, (m,), o) for name, m, o in zip(("grad_norm", "critic_grad_norm"), (actor, critic), optimizers)
+                   if m is not None and (m is not actor or train_actor)]
     norms = {name: 0.0 for name, _, _ in trained}
-    for model in (actor, critic):
+    for model in (actor, critic, value_head):
         if model is not None:
             model.train()  # dropout is off (disable_dropout): train mode computes what the rollout did
     updates, lengths = 0, rollout.mask.sum(1).tolist()
@@ -176,13 +197,15 @@ def update(accelerator, cfg, actor, critic, optimizers, rollout: Rollout, step: 
             for k, part in enumerate(micro):
                 with ExitStack() as stack:
                     if k < len(micro) - 1:  # all-reduce gradients only on the last micro-batch
-                        for _, model, _ in trained:
-                            stack.enter_context(accelerator.no_sync(model))
+                        for _, models, _ in trained:
+                            for model in models:
+                                stack.enter_context(accelerator.no_sync(model))
                     for key, value in micro_step(accelerator, cfg, actor, critic, rollout, part, denominators,
-                                                 train_actor, kl_coef, pad_id).items():
+                                                 train_actor, kl_coef, pad_id, value_head).items():
                         totals[key] = totals.get(key, 0.0) + value.float()
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-            step_norms = {name: accelerator.clip_grad_norm_(model.parameters(), max_norm) for name, model, _ in trained}
+            step_norms = {name: accelerator.clip_grad_norm_([p for m in models for p in m.parameters()], max_norm)
+                          for name, models, _ in trained}
             if guard.check(accelerator, step + 1, "loss or gradient norm", *step_norms.values()):
                 for name, _, optimizer in trained:  # all models step, or none (a skipped step keeps them in step)
                     norms[name] += float(step_norms[name])
@@ -213,25 +236,33 @@ def load_run(accelerator: Accelerator, cfg: PPOConfig, say) -> SimpleNamespace:
     eval_prompts, eval_truncated = truncated_prompts(tokenizer, eval_records, cfg)
     eval_prompts = eval_prompts[: cfg.max_eval_rows] if cfg.max_eval_rows > 0 else eval_prompts
     proxy, gold = reward_functions(accelerator, cfg)
-    ref = load_reference(cfg, actor).to(accelerator.device)
-    critic, critic_tokenizer, critic_source = (load_critic(cfg, tokenizer, say) if cfg.advantage == "gae"
-                                               else (None, None, None))  # critic-free estimators load none
+    ref = load_reference(cfg, actor, accelerator.device)  # None: the LoRA actor with its adapters off
+    # share_backbone: the critic is a head on the actor's last hidden state; critic-free estimators load none
+    value_head = value_head_for(actor, cfg.seed).to(accelerator.device) if cfg.share_backbone else None
+    no_critic = (None, None, "shared backbone" if cfg.share_backbone else None)
+    critic, critic_tokenizer, critic_source = (load_critic(cfg, tokenizer, say) if cfg.advantage == "gae" and
+                                               not cfg.share_backbone else no_critic)
     plan = BatchPlan(len(prompts), cfg.rollout_batch_size, cfg.rollout_batch_size, 1, 0, cfg.seed)
     steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * plan.steps_per_epoch))
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     optimizers = [build_optimizer(actor, cfg.lr, cfg.weight_decay, betas)]
     if critic is not None:
         optimizers.append(build_optimizer(critic, cfg.critic_lr, cfg.weight_decay, betas))
+    if value_head is not None:  # the head joins the actor's optimizer, at the critic's learning rate
+        optimizers[0].add_param_group({"params": list(value_head.parameters()), "lr": cfg.critic_lr,
+                                       "weight_decay": cfg.weight_decay})
     schedulers = [build_scheduler(o, cfg.lr_schedule, cfg.warmup_steps, steps, cfg.min_lr_ratio) for o in optimizers]
-    if critic is not None:
-        actor, critic, *optimizers = accelerator.prepare(actor, critic, *optimizers)
-    else:
-        actor, *optimizers = accelerator.prepare(actor, *optimizers)
+    # the head is a model of its own for accelerate: DDP all-reduces its gradient, checkpoints hold its weights
+    second = [m for m in (critic, value_head) if m is not None]  # at most one of them
+    actor, *prepared = accelerator.prepare(actor, *second, *optimizers)
+    optimizers = prepared[len(second):]
+    critic, value_head = (prepared[0] if m is not None else None for m in (critic, value_head))
     accelerator.register_for_checkpointing(*schedulers)
-    return SimpleNamespace(actor=actor, ref=ref, critic=critic, tokenizer=tokenizer, critic_tokenizer=critic_tokenizer,
-                           critic_source=critic_source, prompts=prompts, eval_prompts=eval_prompts, truncated=truncated,
-                           eval_truncated=eval_truncated, invalid=invalid, proxy=proxy, gold=gold, plan=plan,
-                           steps=steps, optimizers=optimizers, schedulers=schedulers)
+    return SimpleNamespace(actor=actor, ref=ref, critic=critic, value_head=value_head, tokenizer=tokenizer,
+                           critic_tokenizer=critic_tokenizer, critic_source=critic_source, prompts=prompts,
+                           eval_prompts=eval_prompts, truncated=truncated, eval_truncated=eval_truncated,
+                           invalid=invalid, proxy=proxy, gold=gold, plan=plan, steps=steps, optimizers=optimizers,
+                           schedulers=schedulers)
 
 
 def training_state(accelerator: Accelerator, cfg: PPOConfig) -> SimpleNamespace:
@@ -259,16 +290,17 @@ def train_step(accelerator, cfg: PPOConfig, r: SimpleNamespace, s: SimpleNamespa
     kl_coef = s.kl_ctl.value
     moments = asdict(s.running)  # restored when the rollout is not finite, so NaN never enters the statistics
     rollout, info = collect(accelerator, cfg, r.actor, r.ref, r.critic, r.tokenizer, r.prompts, r.plan, step, kl_coef,
-                            r.proxy, r.gold, s.running)
+                            r.proxy, r.gold, s.running, r.value_head)
     rollout.scores.mul_(injected_nan_factor(step))
     t1 = time.perf_counter()
     if s.guard.check(accelerator, step + 1, "rewards, advantages or value targets", rollout.scores, rollout.rewards,
                      rollout.advantages, rollout.returns):
         metrics = update(accelerator, cfg, r.actor, r.critic, r.optimizers, rollout, step,
-                         step >= cfg.critic_warmup_steps, kl_coef, r.tokenizer.pad_token_id, s.guard)
+                         step >= cfg.critic_warmup_steps, kl_coef, r.tokenizer.pad_token_id, s.guard, r.value_head)
     else:
         metrics, s.running = {}, RunningMoments(**moments)
-    lrs = [scheduler.get_last_lr()[0] for scheduler in r.schedulers]
+    lrs = [scheduler.get_last_lr()[0] for scheduler in r.schedulers]  # the actor's, the critic's
+    lrs += [r.schedulers[0].get_last_lr()[-1]] if r.value_head is not None else []  # (the head's group is last)
     for scheduler in r.schedulers:
         scheduler.step()
     stats_from_update(info["stats"], metrics, len(rollout), info["tokens"])
@@ -281,7 +313,7 @@ def train_step(accelerator, cfg: PPOConfig, r: SimpleNamespace, s: SimpleNamespa
     state["tokens"] += info["tokens"]
     record = {**info["stats"], **metrics, "lr": lrs[0], "time_update": time.perf_counter() - t1,
               "samples": state["samples"], "samples_per_s": info["stats"]["sampled"] / elapsed,
-              "tokens_per_s": info["tokens"] / elapsed, **({"critic_lr": lrs[1]} if r.critic is not None else {})}
+              "tokens_per_s": info["tokens"] / elapsed, **({"critic_lr": lrs[-1]} if len(lrs) > 1 else {})}
     state["first"] = state["first"] or record
     state["last"] = record
     return record, info
@@ -367,4 +399,6 @@ def run(cfg: PPOConfig) -> dict[str, Any]:
     save_final(accelerator, r.actor, r.tokenizer, cfg.output_dir)
     if r.critic is not None:
         save_critic(accelerator, r.critic, r.critic_tokenizer, cfg.output_dir)
+    if r.value_head is not None and accelerator.is_main_process:  # final/ stays a plain causal LM
+        save_value_head(accelerator.unwrap_model(r.value_head), os.path.join(cfg.output_dir, "final_value_head.safetensors"))
     return finish_run(accelerator, cfg, run_summary(cfg, r, s, after, world), started)
