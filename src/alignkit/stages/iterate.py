@@ -228,23 +228,68 @@ def probe_accuracy(rm_path: str, pairs_file: Path, max_length: int = 256) -> dic
             "probe_pairs": len(hits)}
 
 
+def samples_by_prompt(eval_dir: Path, model: str) -> tuple[list[str], list[str], int]:
+    """(prompts, responses, samples per prompt) of an eval's samples/<model>.jsonl (prompt-major)."""
+    rows = [json.loads(line) for line in (eval_dir / "samples" / f"{model}.jsonl").read_text().splitlines() if line]
+    k = json.loads((eval_dir / "summary.json").read_text())["n_samples"]
+    return [r["prompt"] for r in rows], [r["text"] for r in rows], k
+
+
+def rm_view(rm_path: str, heldout_path: str, eval_dir: Path, max_length: int = 256) -> dict[str, float]:
+    """What the reward models make of the round's held-out samples, next to gold.
+
+    proxy_win_rate: how often the round's reward model prefers the policy's sample k of a prompt to the SFT
+    model's sample k (the eval samples both with the same seed), the counterpart of eval's win_rate_gold on one
+    scale; proxy_gold_gap = proxy_win_rate - win_rate_gold, 0 when the reward model judges the policy's gain as
+    gold does, growing when the policy wins on the proxy only (over-optimisation). proxy_heldout: the mean
+    score of the policy's samples under a FIXED reward model (Gao et al. 2022's held-out RM)."""
+    import numpy as np
+
+    from alignkit.eval import metrics as M
+    from alignkit.models.reward import load_reward_model, score_texts
+
+    has_policy = (eval_dir / "samples" / "policy.jsonl").exists()
+    policy = samples_by_prompt(eval_dir, "policy" if has_policy else "sft")
+    out: dict[str, float] = {}
+    for key, path in (("proxy_current", rm_path), ("proxy_heldout", heldout_path)):
+        rm, tok = load_reward_model(path)
+        scores = np.array(score_texts(rm, tok, policy[0], policy[1], 64, max_length)).reshape(-1, policy[2])
+        out[key] = float(scores.mean())
+        if key == "proxy_current" and has_policy:
+            sft = samples_by_prompt(eval_dir, "sft")
+            sft_scores = np.array(score_texts(rm, tok, sft[0], sft[1], 64, max_length)).reshape(-1, sft[2])
+            out["proxy_win_rate"], out["proxy_win_rate_stderr"] = M.win_rate(scores, sft_scores)
+    gold = json.loads((eval_dir / "summary.json").read_text())["models"].get("policy", {})
+    if "proxy_win_rate" in out and "win_rate_gold" in gold:
+        out["win_rate_gold"] = gold["win_rate_gold"]
+        out["proxy_gold_gap"] = out["proxy_win_rate"] - gold["win_rate_gold"]
+    elif not has_policy:
+        out["proxy_gold_gap"] = 0.0  # round 0: the SFT model against itself
+    return out
+
+
+def round_alarms(lines: list[dict]) -> list[str]:
+    """The reward-hacking alarms over the rounds so far (eval.alarms), the proxy being the FIXED held-out reward
+    model's (the current one changes every round, so its rise says nothing); each alarm named with its round."""
+    from alignkit.eval.alarms import AlarmConfig, check_all
+
+    series = [{"step": line["round"], **{k: line[k] for k in ("gold_reward", "gold_reward_stderr", "kl") if k in line},
+               "proxy_reward": line.get("proxy_heldout")} for line in lines if line.get("proxy_heldout") is not None]
+    return [f"{a.name}@round-{a.step}" for a in check_all(series, None, AlarmConfig())]
+
+
 def round_line(steps: Steps, r: int, rm: str, heldout: str, labels_total: int, labels_round: int) -> dict[str, Any]:
     """rounds.jsonl's line of round r from its eval and probe (and label) summaries."""
     summary = steps.summary(r, "eval")
     models = summary["models"]
     policy = models.get("policy", models["sft"])
-    # proxy_reward_<rm name>, in eval's order: the current reward model, then the held-out one
-    proxies = [k for k in policy if k.startswith("proxy_reward_") and not k.endswith("_stderr")]
     line: dict[str, Any] = {"round": r, "rm": rm, "labels_total": labels_total, "labels_round": labels_round}
-    for key in ("gold_reward", "gold_reward_stderr", "gold_gain", "gold_gain_stderr", "proxy_reward", "proxy_reward_stderr",
-                "kl", "kl_stderr", "rm_disagreement", "mean_length"):
+    for key in ("gold_reward", "gold_reward_stderr", "gold_gain", "gold_gain_stderr", "win_rate_gold", "kl", "kl_stderr",
+                "rm_disagreement", "length"):
         if key in policy:
             line[key] = policy[key]
-    line["proxy_current"] = policy.get(proxies[0]) if proxies else None
-    line["proxy_heldout"] = policy.get(proxies[-1]) if proxies else None
-    if line["proxy_current"] is not None and line.get("gold_reward") is not None:
-        line["proxy_gold_gap"] = line["proxy_current"] - line["gold_reward"]
-    line["alarms"] = [a["name"] for a in summary.get("alarms", []) if a.get("model") in ("policy", None)]
+    line.update(rm_view(rm, heldout, steps.dir(r, "eval")))
+    line["eval_alarms"] = [a["name"] for a in summary.get("alarms", []) if a.get("model") in ("policy", None)]
     if steps.done(r, "probe"):
         line.update(probe_accuracy(rm, steps.dir(r, "probe") / "pairs.jsonl"))
     if steps.done(r, "label"):
@@ -261,8 +306,7 @@ def measure(steps: Steps, cfg: IterateConfig, r: int, policy: str, rm: str, held
                                                  f"n={cfg.n}", f"label_budget={cfg.probe_pairs}", "select=random",
                                                  "annotator=gold", f"seed={derive_seed(cfg.seed, 'probe', r)}",
                                                  *task_arg(cfg)])
-    rms = [rm] if rm == heldout else [rm, heldout]
-    steps.run(r, "eval", "eval", "eval", eval_args(cfg, policy if r > 0 else None, rms))
+    steps.run(r, "eval", "eval", "eval", eval_args(cfg, policy if r > 0 else None, [rm]))
 
 
 def probe_prompt_file(cfg: IterateConfig) -> Path:
@@ -288,7 +332,12 @@ def run(cfg: IterateConfig) -> dict[str, Any]:
     probe_file = probe_prompt_file(cfg)
     lines_path = out / "rounds.jsonl"
     lines = [json.loads(line) for line in lines_path.read_text().splitlines()] if lines_path.exists() else []
-    write = lambda line: (lines.append(line), lines_path.open("a").write(json.dumps(line) + "\n"))  # noqa: E731
+
+    def write(line: dict) -> None:
+        line["alarms"] = round_alarms([*lines, line])
+        lines.append(line)
+        with lines_path.open("a") as handle:
+            handle.write(json.dumps(line) + "\n")
 
     # Round 0: the SFT policy and the first reward model.
     pair_files: list[Path] = []
