@@ -29,6 +29,14 @@ QUICK = [
     "raft.iterations=2", "raft.prompts_per_iteration=8", "raft.samples_per_prompt=2", "raft.keep_top_k=1",
     "raft.batch_size=8", "raft.micro_batch_size=8", "raft.sampling.max_new_tokens=16",
     "best_of_n.train_data=task:sort/prompts_eval?n=16", "best_of_n.n=2", "best_of_n.sampling.max_new_tokens=16",
+    "iterate.rounds=1", "iterate.prompts_per_round=8", "iterate.label_budget=8", "iterate.policy_steps=1",
+    "iterate.probe_pairs=8", "iterate.probe_prompts=task:sort/prompts?n=8&seed=77",
+    "iterate.eval_prompts=task:sort/prompts_eval?n=8",
+    "iterate.overrides=" + json.dumps([
+        "label.sampling.max_new_tokens=16", "probe.sampling.max_new_tokens=16", "rm.batch_size=8", "rm.warmup_steps=0",
+        "policy.rollout_batch_size=4", "policy.samples_per_prompt=2", "policy.mini_batch_size=8",
+        "policy.micro_batch_size=8", "policy.eval_data=task:sort/prompts_eval?n=4", "policy.save_steps=0",
+        "policy.sampling.max_new_tokens=16", "eval.n_samples=1", "eval.greedy=false", "eval.sampling.max_new_tokens=16"]),
     "eval.n_samples=2", "eval.prompts=task:sort/prompts_eval?n=40", "eval.heldout_text=task:sort/pretrain?n=20&seed=99",
     "eval.pairs=task:sort/prefs?n=40&seed=99", "eval.sampling.max_new_tokens=16",
 ]
@@ -36,7 +44,7 @@ QUICK = [
 
 def test_pipeline_runs_every_available_stage_and_reports(tmp_path: Path):
     out = tmp_path / "pipe"
-    stages = ["pretrain", "sft", "label", "rm", "dpo", "rrhf", "ppo", "grpo", "raft", "best_of_n"]
+    stages = ["pretrain", "sft", "label", "rm", "dpo", "rrhf", "ppo", "grpo", "raft", "best_of_n", "iterate"]
     report = run_stage("pipeline", [f"output_dir={out}", f"stages=[{', '.join(stages)}]",
                                     f"overrides={json.dumps(QUICK)}"])
     ran = [s for s in stages if (out / s / "summary.json").exists()]
@@ -50,10 +58,12 @@ def test_pipeline_runs_every_available_stage_and_reports(tmp_path: Path):
     assert f"train_data: {out / 'label' / 'pairs.jsonl'}" in (out / "dpo" / "config.yaml").read_text()
     for stage in ("ppo", "grpo", "raft", "best_of_n"):
         assert yaml.safe_load((out / stage / "config.yaml").read_text())["reward"]["model"] == str(out / "rm" / "final")
+    iterate_cfg = yaml.safe_load((out / "iterate" / "config.yaml").read_text())  # round 0: the pipeline's SFT and RM
+    assert iterate_cfg["sft_model"] == str(out / "sft" / "final") and iterate_cfg["rm_model"] == str(out / "rm" / "final")
 
     saved = json.loads((out / "report.json").read_text())
     assert set(saved) >= {"stages", "methods", "alarms"}
-    assert set(saved["methods"]) == {"base", "sft", "dpo", "rrhf", "ppo", "grpo", "raft", "best_of_n"}
+    assert set(saved["methods"]) == {"base", "sft", "dpo", "rrhf", "ppo", "grpo", "raft", "best_of_n", "iterate"}
     # best-of-n is a procedure, not a model: its row comes from its own summary, with its KL estimated from
     # the samples and the analytic upper bound beside it
     bon = saved["methods"]["best_of_n"]
