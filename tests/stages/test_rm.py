@@ -213,6 +213,18 @@ def test_ensemble_trains_k_seeded_members_and_scores_their_mean(pretrained_tiny:
     per_member = score_texts(ensemble, tok, prompts, responses, 4, 64, per_member=True)
     assert len(per_member) == 2 and all(m == pytest.approx(e, abs=1e-6) for m, e in zip(per_member, each))
 
+    # `alignkit score` and ppo (proxy = the mean; critic started from the first member) take the directory
+    from alignkit.stages.score import main as score_main
+    from tests.stages.test_ppo import ppo_overrides
+
+    assert score_main(["--model", str(final), "--data", str(data), "--out", str(tmp_path / "scored.jsonl")]) == 0
+    scored = [json.loads(x) for x in (tmp_path / "scored.jsonl").read_text().splitlines()]
+    first = score_texts(ensemble, tok, [scored[0]["prompt"]], [scored[0]["chosen"]], 4, 256)[0]
+    assert scored[0]["chosen_reward"] == pytest.approx(first, abs=1e-5)
+    ppo = run_stage("ppo", ppo_overrides(pretrained_tiny / "final", output_dir=tmp_path / "ppo", max_steps=1,
+                                         **{"reward": "rm", "reward.model": str(final)}))
+    assert ppo["critic_init"] == str(final) and (tmp_path / "ppo" / "final_critic").is_dir()
+
     # a refresh continues each member from its own previous weights (member i from member i)
     again = run_stage("rm", common + ["ensemble=2", f"model={final}", "max_steps=2", f"output_dir={tmp_path / 'more'}"])
     assert again["ensemble"] == 2
