@@ -1,7 +1,8 @@
 """FSDP2 through accelerate (configs/accelerate/fsdp.yaml) with 2 CPU processes over gloo trains the same
 model as one process, resumes after a kill from its sharded checkpoints, and writes a final/ that plain
-transformers loads (gathered from the shards): pretrain, sft, rm, dpo, rrhf and raft. ppo/grpo and LoRA are
-refused at start, with the reason (runtime/stage.py refuse_under_fsdp).
+transformers loads (gathered from the shards): pretrain, sft, rm, dpo, rrhf, raft, ppo (with its critic:
+final_critic/) and grpo. LoRA (every stage) and ppo's share_backbone are refused at start, with the reason
+(runtime/stage.py refuse_under_fsdp).
 
 Each run is `accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 2 -m alignkit ...`:
 launch reads the config (FSDP_* variables), alignkit's make_accelerator turns accelerate's FSDP mode on
@@ -218,16 +219,48 @@ def ppo_fsdp_overrides(model_dir: Path, stage: str) -> list[str]:
                          eval_steps=2)
 
 
-@pytest.mark.parametrize("stage", ["ppo", pytest.param("grpo", marks=pytest.mark.slow)])  # the same check
-def test_ppo_under_fsdp_refused_at_start(pretrained_tiny: Path, tmp_path: Path, stage: str):
-    # Without the refusal: ppo (advantage=gae) stops in accelerator.prepare(actor, critic, ...) with accelerate's
-    # "ValueError: Only one model is supported when using FSDP2", grpo aborts in its first held-out sampling with
-    # gloo's "Received data size doesn't match expected size. Is there a distributed collective mismatch".
+def test_ppo_fsdp_equals_one_process_and_resumes_after_kill(pretrained_tiny: Path, tmp_path: Path):
+    # advantage=gae: actor and critic each sharded (one accelerator.prepare per model), the rollout sampled and
+    # scored in per-process chunks inside whole_weights, the update one forward per micro-batch. Killed at step 3,
+    # resumed from the sharded checkpoint of step 2 (both models, both optimizers), it equals one process run
+    # through: the same rollouts (the same samples), losses, actor and critic.
+    common = [*ppo_fsdp_overrides(pretrained_tiny / "final", "ppo"), "max_steps=4", "save_steps=2"]
+    one = run_cli(["ppo", *common, f"output_dir={tmp_path / 'one'}"], env=ONE_THREAD)
+    assert one.returncode == 0, one.stderr[-3000:]
+    killed_dir = tmp_path / "fsdp"
+    killed = fsdp_run("ppo", [*common, f"output_dir={killed_dir}"], env={"ALIGNKIT_KILL_AT_STEP": "3"})
+    assert killed.returncode != 0 and not (killed_dir / "final").exists(), killed.stderr[-3000:]
+    assert [p.name for p in (killed_dir / "checkpoints").glob("step-*")] == ["step-2"]
+    assert_sharded_checkpoint(killed_dir)
+    step = killed_dir / "checkpoints" / "step-2"
+    assert (step / "pytorch_model_fsdp_1").is_dir() and (step / "optimizer_1").is_dir()  # the critic's shards
+    resumed = fsdp_run("ppo", [*common, f"output_dir={killed_dir}", "resume=true"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and "step 2/4" in resumed.stderr
+
+    s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (tmp_path / "one", killed_dir))
+    assert (s1["num_processes"], s2["num_processes"]) == (1, 2) and s1["samples"] == s2["samples"]
+    for key in ("eval_gold_reward_before", "eval_gold_reward", "eval_kl", "gold_reward_last", "kl_last"):
+        assert s2[key] == pytest.approx(s1[key], rel=1e-4, abs=1e-5), key
+    for key in ("policy_loss", "value_loss", "reward"):
+        l1, l2 = train_losses(tmp_path / "one", key), train_losses(killed_dir, key)
+        assert [s for s, _ in l2] == [s for s, _ in l1] == [1, 2, 3, 4], key
+        assert [v for _, v in l2] == pytest.approx([v for _, v in l1], rel=1e-4, abs=1e-5), key
+    assert max_weight_diff(tmp_path / "one" / "final", killed_dir / "final") < 1e-4
+    assert max_weight_diff(tmp_path / "one" / "final_critic", killed_dir / "final_critic") < 1e-4
+    assert_plain_transformers_loads(killed_dir / "final")
+    assert_plain_transformers_loads(killed_dir / "final_critic", "AutoModelForSequenceClassification")
+
+
+def test_ppo_share_backbone_under_fsdp_refused_at_start(pretrained_tiny: Path, tmp_path: Path):
+    # Without the refusal: accelerate's FSDP2 prepare of the actor with its optimizer (which holds the value head's
+    # parameters too) stops with "KeyError: A parameter in the optimizer couldn't be switched to its sharded version"
     out = tmp_path / "run"
-    refused = fsdp_run(stage, [*ppo_fsdp_overrides(pretrained_tiny / "final", stage), f"output_dir={out}"])
+    refused = fsdp_run("ppo", [*ppo_fsdp_overrides(pretrained_tiny / "final", "ppo"), "share_backbone=true",
+                               f"output_dir={out}"])
     assert refused.returncode != 0
-    assert f"alignkit {stage}: config error: {stage} does not run under FSDP yet" in refused.stderr, refused.stderr[-3000:]
-    assert "Only one model is supported when using FSDP2" in refused.stderr and "whole_weights" in refused.stderr
+    assert ("alignkit ppo: config error: ppo: share_backbone under FSDP is not supported: the value head's "
+            "parameters join the actor's optimizer") in refused.stderr, refused.stderr[-3000:]
     assert "configs/accelerate/ddp.yaml" in refused.stderr
     assert not out.exists()  # refused before loading anything or writing the run directory
 
@@ -242,20 +275,13 @@ def test_lora_under_fsdp_refused_at_start(pretrained_tiny: Path, tmp_path: Path)
     assert not out.exists()
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="ppo/grpo are refused under FSDP (runtime/stage.py FSDP_UNSUPPORTED): "
-                   "stages/ppo.py must prepare actor and critic in separate accelerator.prepare calls (FSDP2 takes one "
-                   "model per call) and run collect (train_step) and evaluate_policy (run.evaluate) inside "
-                   "runtime.train_loop.whole_weights of the actor (and critic); rollout/forwards.response_logits must "
-                   "skip its shared-prompt prefix forward on a sharded model (a second forward on only the processes "
-                   "whose rows share a prompt: the all-gathers no longer pair up, the update hangs); rollout/ppo.py "
-                   "save_critic must gather the sharded critic (accelerator.get_state_dict + "
-                   "models.loading.gathered_weights) as save_final does")
+@pytest.mark.slow  # ppo: test_ppo_fsdp_equals_one_process_and_resumes_after_kill in the fast suite
 @pytest.mark.parametrize("stage", ["ppo", "grpo"])
 def test_ppo_fsdp_equals_one_process(pretrained_tiny: Path, tmp_path: Path, stage: str):
-    """The acceptance test for ppo under FSDP: drop the xfail and the FSDP_UNSUPPORTED entries together."""
+    """ppo (gae, with a critic) and grpo (critic-free, KL in the loss, one update per rollout) under FSDP equal
+    one process, uninterrupted."""
     common = ppo_fsdp_overrides(pretrained_tiny / "final", stage)
-    two = fsdp_run(stage, [*common, f"output_dir={tmp_path / 'two'}"])  # first: it fails in seconds while refused
+    two = fsdp_run(stage, [*common, f"output_dir={tmp_path / 'two'}"])
     assert two.returncode == 0, two.stderr[-3000:]
     one = run_cli([stage, *common, f"output_dir={tmp_path / 'one'}"], env=ONE_THREAD)
     assert one.returncode == 0, one.stderr[-3000:]

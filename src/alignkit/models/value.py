@@ -32,7 +32,8 @@ class ValueModel(torch.nn.Module):
         base, head = _base_and_head(self.model)
         hidden = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       use_cache=False).last_hidden_state
-        return head(hidden[:, -n_keep:]).squeeze(-1).float()
+        # a copy, not a view: FSDP2 warns about a view output (an in-place op on it would skip its backward hook)
+        return head(hidden[:, -n_keep:]).squeeze(-1).float().clone()
 
 
 def load_value_model(name_or_path: str, seed: int = 0) -> tuple[ValueModel, Any]:

@@ -14,6 +14,7 @@ import torch
 
 from alignkit.ops import entropy_from_logits, forward_batch, logprobs_from_logits
 from alignkit.rollout.sampling import Generation, prefix_cache
+from alignkit.runtime.train_loop import is_sharded
 
 
 def prompt_groups(prompt_ids: list[list[int]]) -> tuple[list[int], list[int]]:
@@ -67,7 +68,7 @@ def response_logits(model, batch: dict[str, torch.Tensor], keep_hidden: bool = F
     same function of the weights as one padded forward over whole sequences (tested: equal log-probs and
     gradients), at a fraction of the tokens when prompts are longer than responses (tiny sort task, G=8:
     prompts are 3/4 of the rollout's tokens). Otherwise one forward; only the R+1 last columns are projected
-    on the vocabulary (`logits_to_keep`).
+    on the vocabulary (`logits_to_keep`); always one forward on a sharded model (runtime.train_loop.is_sharded).
     """
     if keep_hidden:
         with output_layer_inputs(model) as seen:
@@ -78,7 +79,9 @@ def response_logits(model, batch: dict[str, torch.Tensor], keep_hidden: bool = F
     width = ids.shape[1] - n_response  # W: the prompt columns
     inner = getattr(model, "module", model)  # DDP / FSDP wrappers
     checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in inner.modules()) and inner.training
-    if "prompt_first" not in batch or width < 2 or checkpointing:  # (checkpointing turns the cache off)
+    # Sharded (FSDP2, outside whole_weights): every forward is an all-gather, so every process runs one per
+    # micro-batch (the shared prefix would be a second forward on only the processes whose rows share a prompt)
+    if "prompt_first" not in batch or width < 2 or checkpointing or is_sharded(inner):  # (checkpointing: no cache)
         return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
                      logits_to_keep=n_response + 1).logits[:, :-1]
     # The prefix runs through the unwrapped module: DDP then sees one forward per backward, and the

@@ -374,17 +374,25 @@ def _load_critic(cfg: Any, tokenizer, log) -> tuple[torch.nn.Module, Any, str]:
 
 
 def save_critic(accelerator: Accelerator, critic, tokenizer, output_dir: str) -> None:
-    """`output_dir/final_critic/` (AutoModelForSequenceClassification format), written atomically."""
+    """`output_dir/final_critic/` (AutoModelForSequenceClassification format), written atomically; under FSDP
+    gathered from the shards."""
     import shutil
     from pathlib import Path
 
-    from alignkit.models.loading import save_model
+    from accelerate.utils import DistributedType
+
+    from alignkit.models.loading import gathered_weights, save_model
 
     accelerator.wait_for_everyone()
+    # sharded: accelerate gathers the full state dict (a collective: every process calls it), as save_final does
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    full = accelerator.get_state_dict(critic) if sharded else None
     if accelerator.is_main_process:
         final, tmp = Path(output_dir) / "final_critic", Path(output_dir) / ".tmp-final_critic"
         shutil.rmtree(tmp, ignore_errors=True)
-        save_model(accelerator.unwrap_model(critic).model, tokenizer, tmp)
+        unwrapped = accelerator.unwrap_model(critic)
+        with gathered_weights(unwrapped, full):
+            save_model(unwrapped.model, tokenizer, tmp)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
     accelerator.wait_for_everyone()

@@ -111,18 +111,19 @@ def undo_failed_start() -> None:
 
 # Stages that cannot run sharded yet, and why (the exact failure without this refusal); every other stage that
 # trains is tested under FSDP in tests/dist/test_fsdp.py.
-FSDP_UNSUPPORTED = {
-    stage: ("accelerate prepares one model per prepare() call under FSDP2 and the stage prepares actor and critic "
-            "together (\"Only one model is supported when using FSDP2\"), and its rollout samples and scores per-process "
-            "chunks on the sharded actor outside runtime.train_loop.whole_weights (a gloo \"collective mismatch\")")
-    for stage in ("ppo", "grpo")
-}
+FSDP_UNSUPPORTED: dict[str, str] = {}
+# Options that cannot run sharded, and why: ppo's share_backbone puts its value head's parameters in the actor's
+# optimizer, and accelerate's FSDP2 prepare maps an optimizer onto the shards of the one model prepared with it
+SHARE_BACKBONE_UNDER_FSDP = ("the value head's parameters join the actor's optimizer, and FSDP2 prepares one model "
+                             "per optimizer (accelerate: \"A parameter in the optimizer couldn't be switched to its "
+                             "sharded version\")")
 
 
 def refuse_under_fsdp(accelerator: Accelerator, cfg: Any) -> None:
     """A ConfigError at start, before any loading, for what FSDP cannot run here: LoRA (final/ would merge
-    adapters of sharded weights: models.loading.save_model refuses it, after the whole training) and the
-    stages in FSDP_UNSUPPORTED. Both run under DDP (configs/accelerate/ddp.yaml)."""
+    adapters of sharded weights: models.loading.save_model refuses it, after the whole training; it also covers
+    ppo's LoRA reference, the actor with its adapters off), ppo's share_backbone and the stages in
+    FSDP_UNSUPPORTED. Both run under DDP (configs/accelerate/ddp.yaml)."""
     from accelerate.utils import DistributedType
 
     from alignkit.config import ConfigError
@@ -135,6 +136,10 @@ def refuse_under_fsdp(accelerator: Accelerator, cfg: Any) -> None:
         raise ConfigError(f"{stage}: LoRA under FSDP is not supported (lora.r={lora.r}): final/ merges the adapters "
                           "into the base weights, which FSDP holds in shards; train LoRA with "
                           "--config_file configs/accelerate/ddp.yaml, or set lora.r=0 to train every weight sharded")
+    if getattr(cfg, "share_backbone", False):
+        raise ConfigError(f"{stage}: share_backbone under FSDP is not supported: {SHARE_BACKBONE_UNDER_FSDP}; set "
+                          "share_backbone=false (a separate critic, sharded too), or run it with "
+                          "--config_file configs/accelerate/ddp.yaml")
     if stage in FSDP_UNSUPPORTED:
         raise ConfigError(f"{stage} does not run under FSDP yet: {FSDP_UNSUPPORTED[stage]}; run it with "
                           "--config_file configs/accelerate/ddp.yaml")

@@ -213,39 +213,61 @@ def _evaluate(model: torch.nn.Module, evaluate: Evaluate) -> dict[str, float]:
     return out
 
 
+# ids of the FSDP2 units whole_weights holds gathered now (is_sharded reads it)
+_HELD_WHOLE: set[int] = set()
+
+
+def _fsdp_units(model: torch.nn.Module | None) -> list:
+    """The modules torch's fully_shard made FSDP units in `model` (accelerate's FSDP2 prepare), root first."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [] if model is None else [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True when FSDP2 shards `model` (DDP / FSDP wrappers looked through) and whole_weights does not hold it
+    whole now: every forward of it is then an all-gather that every process must run in step."""
+    units = _fsdp_units(getattr(model, "module", model))
+    return any(id(unit) not in _HELD_WHOLE for unit in units)
+
+
 @contextmanager
-def whole_weights(model: torch.nn.Module):
-    """Under FSDP2, every process holds the whole weights inside (gathered once, on entry, by FSDP's own
-    unshard), so forwards in it communicate nothing. Needed wherever processes run different numbers of
+def whole_weights(*models: torch.nn.Module | None):
+    """Under FSDP2, every process holds the whole weights of `models` inside (gathered once, on entry, by FSDP's
+    own unshard), so forwards in it communicate nothing. Needed wherever processes run different numbers of
     forwards: held-out rows split unevenly over them, generation of different lengths; otherwise every
     forward is an all-gather that one process would wait for in vain. This is torch's documented eval
-    recipe (FSDPModule.set_reshard_after_forward(False) for evals, back for training). Not sharded: a no-op.
+    recipe (FSDPModule.set_reshard_after_forward(False) for evals, back for training). Not sharded (or None):
+    a no-op.
 
     transformers' generate() also syncs the processes on every new token when the model is FSDP-managed
     (synced_gpus: an all_reduce per step, so a process that runs fewer or shorter generate calls than another
     waits forever). It reads that from the `_is_fsdp_managed_module` flag torch's fully_shard sets; inside,
     the weights are whole and a forward needs no peer, so the flag is lowered and restored on exit."""
-    from torch.distributed.fsdp import FSDPModule
-
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    per_model = [u for u in (_fsdp_units(m) for m in models) if u]
+    units = [unit for model_units in per_model for unit in model_units]
     if not units:
         yield
         return
-    flagged = [m for m in model.modules() if getattr(m, "_is_fsdp_managed_module", False)]
+    roots = {id(model_units[0]) for model_units in per_model}
+    flagged = [m for model in models if model is not None for m in model.modules()
+               if getattr(m, "_is_fsdp_managed_module", False)]
     for unit in units:  # the same modules in the same order on every process: the all-gathers pair up
         unit.set_reshard_after_forward(False, recurse=False)
         unit.unshard()
     for module in flagged:
         module._is_fsdp_managed_module = False
+    _HELD_WHOLE.update(id(unit) for unit in units)
     try:
         yield
     finally:
+        _HELD_WHOLE.difference_update(id(unit) for unit in units)
         for module in flagged:
             module._is_fsdp_managed_module = True
         for unit in units:
             unit.reshard()
-            # FSDP2 keeps the root gathered between forward and backward (its default); the others reshard
-            unit.set_reshard_after_forward(unit is not units[0], recurse=False)
+            # FSDP2 keeps a root gathered between forward and backward (its default); the others reshard
+            unit.set_reshard_after_forward(id(unit) not in roots, recurse=False)
 
 
 def save_final(accelerator: Accelerator, model, tokenizer, output_dir: str | Path, save: Callable | None = None) -> Path:

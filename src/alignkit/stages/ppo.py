@@ -17,7 +17,7 @@ on text, or the task's gold reward; `offload_frozen` keeps the frozen ones on th
   5. `ppo_epochs` passes of mini-batches of `mini_batch_size` sequences: clipped policy loss (token or
      sequence ratio, asymmetric clip, + KL term, + entropy bonus) reduced by `loss_agg` over the GLOBAL
      mini-batch; clipped value loss on the critic (share_backbone: + vf_coef x it, one backward); gradients
-     all-reduced by DDP, clipped, AdamW steps;
+     all-reduced by DDP (or reduce-scattered by FSDP2), clipped, AdamW steps;
   6. KL controller update; metrics; reward-hacking alarms; eval every `eval_steps`; atomic checkpoint.
 Every random draw derives from (seed, step), so `resume=true` reproduces an uninterrupted run.
 PPO and the GRPO family are one stage (one rollout, one update, options), kept in one file that reads top
@@ -59,7 +59,7 @@ from alignkit.runtime.logging import RunLogger
 from alignkit.runtime.setup import BatchPlan, build_optimizer, build_scheduler, derive_seed
 from alignkit.runtime.guards import NonFiniteGuard, StopRequests, injected_nan_factor, send_test_signal
 from alignkit.runtime.stage import finish_run, load_policy, load_train_eval, start_run
-from alignkit.runtime.train_loop import KILL_ENV, save_final
+from alignkit.runtime.train_loop import KILL_ENV, save_final, whole_weights
 
 
 
@@ -252,11 +252,12 @@ def load_run(accelerator: Accelerator, cfg: PPOConfig, say) -> SimpleNamespace:
         optimizers[0].add_param_group({"params": list(value_head.parameters()), "lr": cfg.critic_lr,
                                        "weight_decay": cfg.weight_decay})
     schedulers = [build_scheduler(o, cfg.lr_schedule, cfg.warmup_steps, steps, cfg.min_lr_ratio) for o in optimizers]
-    # the head is a model of its own for accelerate: DDP all-reduces its gradient, checkpoints hold its weights
-    second = [m for m in (critic, value_head) if m is not None]  # at most one of them
-    actor, *prepared = accelerator.prepare(actor, *second, *optimizers)
-    optimizers = prepared[len(second):]
-    critic, value_head = (prepared[0] if m is not None else None for m in (critic, value_head))
+    # one model per prepare() (FSDP2 shards one at a time), each with its optimizer; the head is a model of its
+    # own for accelerate: DDP all-reduces its gradient, checkpoints hold its weights
+    actor, optimizers[0] = accelerator.prepare(actor, optimizers[0])
+    if critic is not None:
+        critic, optimizers[1] = accelerator.prepare(critic, optimizers[1])
+    value_head = accelerator.prepare(value_head) if value_head is not None else None
     accelerator.register_for_checkpointing(*schedulers)
     return SimpleNamespace(actor=actor, ref=ref, critic=critic, value_head=value_head, tokenizer=tokenizer,
                            critic_tokenizer=critic_tokenizer, critic_source=critic_source, prompts=prompts,
@@ -289,8 +290,9 @@ def train_step(accelerator, cfg: PPOConfig, r: SimpleNamespace, s: SimpleNamespa
     t0 = time.perf_counter()
     kl_coef = s.kl_ctl.value
     moments = asdict(s.running)  # restored when the rollout is not finite, so NaN never enters the statistics
-    rollout, info = collect(accelerator, cfg, r.actor, r.ref, r.critic, r.tokenizer, r.prompts, r.plan, step, kl_coef,
-                            r.proxy, r.gold, s.running, r.value_head)
+    with whole_weights(r.actor, r.critic, r.value_head):  # FSDP: the processes sample and score different chunks
+        rollout, info = collect(accelerator, cfg, r.actor, r.ref, r.critic, r.tokenizer, r.prompts, r.plan, step,
+                                kl_coef, r.proxy, r.gold, s.running, r.value_head)
     rollout.scores.mul_(injected_nan_factor(step))
     t1 = time.perf_counter()
     if s.guard.check(accelerator, step + 1, "rewards, advantages or value targets", rollout.scores, rollout.rewards,
@@ -354,7 +356,8 @@ def run(cfg: PPOConfig) -> dict[str, Any]:
     logger = RunLogger(cfg.output_dir, "ppo", steps, accelerator.is_main_process, s.start_step)
 
     def evaluate(step: int) -> dict[str, float]:
-        metrics = evaluate_policy(accelerator, r.actor, r.ref, r.tokenizer, r.eval_prompts, cfg, r.proxy, r.gold)
+        with whole_weights(r.actor):  # as the rollout: per-process chunks
+            metrics = evaluate_policy(accelerator, r.actor, r.ref, r.tokenizer, r.eval_prompts, cfg, r.proxy, r.gold)
         logger.log(step, {**{f"eval_{k}": v for k, v in metrics.items()}, "samples": s.state["samples"]}, show=False)
         report(s.alarms.check("eval", {"step": step, **metrics}), step)
         return metrics
