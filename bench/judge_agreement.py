@@ -9,8 +9,10 @@
     python bench/judge_agreement.py task --judge /tmp/judge/sft/final --data PAIRS.jsonl
 
 Each pair is judged in both orders (position swap); a pair whose two orders disagree is a tie. Reported:
-agreement with the label over all pairs (a tie counts 1/2), over decided pairs only, the tie rate, and how
-often the judge picks the first position, each with its standard error over pairs.
+agreement with the label over all pairs (a tie counts 1/2), over decided pairs only, by the mean of the two
+orders' probabilities alone (agreement_soft: is there a signal under the position bias?), the tie rate, and how
+often the judge picks the first position, each with its standard error over pairs. Judgements are cached in
+--out/judge_cache.jsonl.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
-def agreement(judge_model: str, pairs: list[dict], batch_size: int, max_length: int, template: str | None = None) -> dict:
+def agreement(judge_model: str, pairs: list[dict], batch_size: int, max_length: int, template: str | None = None,
+              cache: Path | None = None) -> dict:
     """Judge each (prompt, chosen, rejected) in both orders; agreement with `chosen` being the better one."""
     import torch
 
@@ -47,7 +50,8 @@ def agreement(judge_model: str, pairs: list[dict], batch_size: int, max_length: 
 
     torch.set_grad_enabled(False)
     model, tokenizer = load_causal_lm(judge_model)
-    judge = PairJudge(model, tokenizer, template or JUDGE_TEMPLATE, ["A", "B"], batch_size, max_length, name=judge_model)
+    judge = PairJudge(model, tokenizer, template or JUDGE_TEMPLATE, ["A", "B"], batch_size, max_length, cache,
+                      name=judge_model)
     prompts = [p["prompt"] for p in pairs]
     chosen, rejected = [p["chosen"] for p in pairs], [p["rejected"] for p in pairs]
     p_first_cr = judge.first_probabilities(prompts, chosen, rejected)
@@ -59,7 +63,8 @@ def agreement(judge_model: str, pairs: list[dict], batch_size: int, max_length: 
     decided = [float(p > 0.5) for p, t in zip(prob_chosen.tolist(), tie.tolist()) if not t]
     first = [float(a > 0.5) for a in p_first_cr.tolist()] + [float(b > 0.5) for b in p_first_rc.tolist()]
     out = {"judge": judge_model, "pairs": len(pairs)}
-    for key, values in (("agreement", scored), ("agreement_decided", decided), ("tie_rate", [float(t) for t in tie.tolist()]),
+    soft = [float(p > 0.5) + 0.5 * float(p == 0.5) for p in prob_chosen.tolist()]  # the mean of both orders alone
+    for key, values in (("agreement", scored), ("agreement_soft", soft), ("agreement_decided", decided), ("tie_rate", [float(t) for t in tie.tolist()]),
                         ("first_position_rate", first)):
         out[key], out[f"{key}_stderr"] = mean_se(values)
     out["decided_pairs"] = len(decided)
@@ -130,7 +135,8 @@ def main() -> None:
         for p in pairs:  # the better one by GOLD is "chosen", whoever labelled the file
             if p["meta"]["gold_chosen"] < p["meta"]["gold_rejected"]:
                 p["chosen"], p["rejected"] = p["rejected"], p["chosen"]
-    result = agreement(args.judge, pairs, args.batch_size, args.max_length)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    result = agreement(args.judge, pairs, args.batch_size, args.max_length, cache=Path(args.out) / "judge_cache.jsonl")
     print(json.dumps(result, indent=1))
 
 
