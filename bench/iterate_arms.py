@@ -5,13 +5,14 @@ with the same seed), plus the reward model's gold accuracy on each round's polic
     python bench/iterate_arms.py --run                      # the four arms below, one after the other, then the table
     python bench/iterate_arms.py --arms frozen=/tmp/arms/frozen refresh=/tmp/arms/refresh   # the table only
 
-Arms (configs/tiny/iterate.yaml; 4 rounds x 15 GRPO steps of 8 prompts x 8 samples at lr 0.05; 2048 labels in all
-by the task's simulated labeler; the eval: 300 held-out prompts x 4 samples):
-  frozen       rm_refresh=none: all 2048 labels on SFT samples up front, one reward model for every round
-  refresh      512 labels of SFT samples, then 384 per round of the current policy's samples (random pairs of the
-               1,536 candidates of 256 prompts x 4 samples), the reward model continued on all labels so far
-  uncertainty  as refresh, the 384 pairs those the current reward model's margin puts closest to 0
+Arms (configs/tiny/iterate.yaml; 4 rounds x 15 GRPO steps of 8 prompts x 8 samples at lr 0.05; 6144 labels in all
+by the task's simulated labeler; the eval: 300 held-out prompts x 4 samples; the probe: 400 gold pairs of 200 prompts):
+  frozen       rm_refresh=none: all 6144 labels on SFT samples up front, one reward model for every round
+  refresh      2048 labels of SFT samples, then 1024 per round of the current policy's samples (random pairs of the
+               3,072 candidates of 512 prompts x 4 samples), the reward model continued on all labels so far
+  uncertainty  as refresh, the 1024 pairs those the current reward model's margin puts closest to 0
   retrain      as refresh, the reward model retrained from the SFT model each round
+An earlier setting (2048 labels: 512 + 4 x 384, 256 prompts a round): bench/results/iterate_arms_2048_labels.md.
 Writes <out>/arms.md, <out>/arms.json and <out>/rounds.png (gold and proxy per round, every arm).
 """
 
@@ -29,13 +30,14 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-COMMON = ["--config", "configs/tiny/iterate.yaml", "rm_model=null", "rounds=4", "prompts_per_round=256",
-          "policy_steps=15", "eval_prompts=task:sort/prompts_eval?n=300", 'overrides=["policy.lr=0.05"]']
+COMMON = ["--config", "configs/tiny/iterate.yaml", "rm_model=null", "rounds=4", "prompts_per_round=512",
+          "prompts=task:sort/prompts?n=6000&seed=21", "policy_steps=15", "eval_prompts=task:sort/prompts_eval?n=300",
+          "probe_prompts=task:sort/prompts?n=200&seed=77", "probe_pairs=400", 'overrides=["policy.lr=0.05"]']
 ARMS = {
-    "frozen": ["initial_label_budget=2048", "label_budget=0", "rm_refresh=none"],
-    "refresh": ["initial_label_budget=512", "label_budget=384", "rm_refresh=continue", "select=random"],
-    "uncertainty": ["initial_label_budget=512", "label_budget=384", "rm_refresh=continue", "select=uncertainty"],
-    "retrain": ["initial_label_budget=512", "label_budget=384", "rm_refresh=retrain", "select=random"],
+    "frozen": ["initial_label_budget=6144", "label_budget=0", "rm_refresh=none"],
+    "refresh": ["initial_label_budget=2048", "label_budget=1024", "rm_refresh=continue", "select=random"],
+    "uncertainty": ["initial_label_budget=2048", "label_budget=1024", "rm_refresh=continue", "select=uncertainty"],
+    "retrain": ["initial_label_budget=2048", "label_budget=1024", "rm_refresh=retrain", "select=random"],
 }
 
 
