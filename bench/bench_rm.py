@@ -168,7 +168,7 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> tuple[str, d
     env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)} if args.threads else None
     results: dict[str, list[dict]] = {}
     for repeat in range(args.repeats):
-        for framework in VARIANTS:
+        for framework in VARIANTS if repeat % 2 == 0 else VARIANTS[::-1]:  # alternate: no framework always first
             tag = f"{framework}-{repeat}"
             spec = dict(s, model=model, data_file=str(data_file), output_dir=str(work / tag), steps=steps,
                         warmup=args.warmup)
@@ -181,7 +181,7 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> tuple[str, d
     header = (f"model={name} ({model}), data={s['data']} (first {s['pairs']} pairs that fit), batch={s['batch']} "
               f"(micro {s['micro']}), max_length={s['max_length']}, alignkit row_tokens={s['row_tokens'] or '0 (longest of the forward)'}, "
               f"steps={steps} (first {args.warmup} not timed), fp32, AdamW, threads/worker={args.threads or 'torch default'}, "
-              f"{args.repeats} repeat(s) interleaved, median (min-max); examples = pairs")
+              f"{args.repeats} repeat(s), order alternated, median (min-max); examples = pairs")
     text = "\n".join([header, "", variant_table(medians), "",
                       *ratio_lines(medians, [("alignkit", "trl", "alignkit rm vs TRL RewardTrainer")])])
     return text, {"settings": dict(s, model=model, steps=steps, warmup=args.warmup), "runs": results, "medians": medians}
