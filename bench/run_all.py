@@ -175,8 +175,10 @@ def render(report: dict) -> str:
     lines = [f"run_all {report['date']}: {report['cpus']} CPUs, threads/worker {report['threads']}; "
              f"fp32 matmul peak (1024^3, 1 thread) GFLOP/s: {peak_text}",
              f"versions: {versions}",
-             f"before: {report.get('uptime_before', '')}", f"after:  {report.get('uptime_after', '')}", "",
-             "```bash", report["command"], *(" ".join(shlex.quote(c) for c in p["command"]) for p in report["plan"]), "```",
+             *([f"before: {report['uptime_before']}", f"after:  {report['uptime_after']}"] if "uptime_before" in report else []),
+             "", "```bash", report["command"],
+             *(f"# table row(s) from {p['json']}" if p["command"][0] == "(existing)" else " ".join(shlex.quote(c) for c in p["command"])
+               for p in report["plan"]), "```",
              "", render_table(report["rows"])]
     if report.get("failed"):
         lines += ["", "failed: " + "; ".join(f"{f['bench']}:{f['model']} ({f['error']})" for f in report["failed"])]
