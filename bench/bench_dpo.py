@@ -35,13 +35,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
+    tiny_model_dir,
     REPO, PaddingCounter, alignkit_step_timer, count_collated_padding, count_packed_padding, emit_result, gold_quality, paired_difference,
     preference_records, preimport_alignkit, ratio_lines, rates, run_worker, summarize, trl_step_timer, variant_table,
     run_alignkit, trl_chat_pairs, write_json, write_jsonl,
 )
 
 HH_DATA = REPO.parent / "shared" / "data" / "hh-rlhf-harmless" / "dev.jsonl.gz"
-TINY_MODEL = REPO / "runs" / "tiny" / "sft" / "final"
+TINY_MODEL = tiny_model_dir()  # $ALIGNKIT_BENCH_TINY_MODEL or the first that exists (bench/common.py)
 
 # Per model: data source, pairs, max_length, global batch, micro-batch, lr, default optimizer steps, and
 # alignkit's row_tokens (0: rows as long as the longest sequence of the forward; --row-tokens overrides).

@@ -48,11 +48,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
+    tiny_model_dir,
     REPO, alignkit_step_timer, emit_result, markdown_table, preimport_alignkit, ratio_lines, rates, run_alignkit,
     run_worker, summarize, trl_step_timer, write_json,
 )
 
-TINY_MODEL = REPO / "runs" / "tiny-pipeline" / "sft" / "final"
+TINY_MODEL = tiny_model_dir()  # $ALIGNKIT_BENCH_TINY_MODEL or the first that exists (bench/common.py)
 PROMPTS = "task:sort/prompts?n=2000"
 TASK = "sort"
 

@@ -13,7 +13,8 @@ when neither framework would cut or drop them at max_length (TRL drops longer se
 prompt), so both train on the same tokens. Each framework runs in its own subprocess, one after the other;
 throughput is pairs per second over the optimizer steps after `--warmup`.
 
-alignkit packs the 2B responses of a micro-batch padding-free into rows of `row_tokens` (0: max_length) and
+alignkit packs the 2B responses of a micro-batch padding-free into rows of `row_tokens` (0: the longest
+response of the forward, so no row is wider than padding would make it) and
 runs the score head on the B*2 last hidden states; TRL pads chosen and rejected to the longest of the batch
 and runs the head on every position.
 """
@@ -31,13 +32,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
+    tiny_model_dir,
     REPO, PaddingCounter, alignkit_step_timer, count_collated_padding, count_packed_padding, emit_result,
     preimport_alignkit, ratio_lines, rates, run_alignkit, run_worker, summarize, trl_chat_pairs, trl_step_timer,
     variant_table, write_json, write_jsonl,
 )
 
 HH_DATA = REPO.parent / "shared" / "data" / "hh-rlhf-harmless" / "dev.jsonl.gz"
-TINY_MODEL = REPO / "runs" / "tiny" / "sft" / "final"
+TINY_MODEL = tiny_model_dir()  # $ALIGNKIT_BENCH_TINY_MODEL or the first that exists (bench/common.py)
 
 # Per model: data source, pairs, max_length, global batch, micro-batch, lr, default steps, alignkit row_tokens.
 SETTINGS = {
@@ -166,7 +168,7 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> tuple[str, d
     env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)} if args.threads else None
     results: dict[str, list[dict]] = {}
     for repeat in range(args.repeats):
-        for framework in VARIANTS:
+        for framework in VARIANTS if repeat % 2 == 0 else VARIANTS[::-1]:  # alternate: no framework always first
             tag = f"{framework}-{repeat}"
             spec = dict(s, model=model, data_file=str(data_file), output_dir=str(work / tag), steps=steps,
                         warmup=args.warmup)
@@ -177,9 +179,9 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> tuple[str, d
             results.setdefault(framework, []).append(result)
     medians = {label: summarize(runs) for label, runs in results.items()}
     header = (f"model={name} ({model}), data={s['data']} (first {s['pairs']} pairs that fit), batch={s['batch']} "
-              f"(micro {s['micro']}), max_length={s['max_length']}, alignkit row_tokens={s['row_tokens'] or s['max_length']}, "
+              f"(micro {s['micro']}), max_length={s['max_length']}, alignkit row_tokens={s['row_tokens'] or '0 (longest of the forward)'}, "
               f"steps={steps} (first {args.warmup} not timed), fp32, AdamW, threads/worker={args.threads or 'torch default'}, "
-              f"{args.repeats} repeat(s) interleaved, median (min-max); examples = pairs")
+              f"{args.repeats} repeat(s), order alternated, median (min-max); examples = pairs")
     text = "\n".join([header, "", variant_table(medians), "",
                       *ratio_lines(medians, [("alignkit", "trl", "alignkit rm vs TRL RewardTrainer")])])
     return text, {"settings": dict(s, model=model, steps=steps, warmup=args.warmup), "runs": results, "medians": medians}
@@ -197,7 +199,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="first steps not timed")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each variant, interleaved; the median is reported")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for the workers (0: torch default)")
-    parser.add_argument("--row-tokens", type=int, default=None, help="alignkit's row_tokens (default 0: max_length)")
+    parser.add_argument("--row-tokens", type=int, default=None, help="alignkit's row_tokens (default 0: the longest sequence of the forward)")
     parser.add_argument("--work-dir", default=None)
     parser.add_argument("--json", default=None, help="result file (default: WORK_DIR/bench_rm.json)")
     args = parser.parse_args()

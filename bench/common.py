@@ -16,6 +16,19 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT_PREFIX = "BENCH_RESULT "
+TINY_MODEL_ENV = "ALIGNKIT_BENCH_TINY_MODEL"
+# Where the tiny SFT model may be: this checkout's tiny configs or pipeline run, or the main checkout's (a worktree
+# has no runs/ of its own). $ALIGNKIT_BENCH_TINY_MODEL wins.
+TINY_CANDIDATES = [REPO / "runs" / "tiny" / "sft" / "final", REPO / "runs" / "tiny-pipeline" / "sft" / "final",
+                   Path("/work/main/runs/tiny-pipeline/sft/final"), Path("/work/main/runs/tiny/sft/final")]
+
+
+def tiny_model_dir() -> Path:
+    """The tiny SFT model directory the benches use: $ALIGNKIT_BENCH_TINY_MODEL, else the first candidate that
+    exists (else the first candidate, for the scripts' own 'missing' message)."""
+    if os.environ.get(TINY_MODEL_ENV):
+        return Path(os.environ[TINY_MODEL_ENV]).resolve()
+    return next((c for c in TINY_CANDIDATES if (c / "config.json").exists()), TINY_CANDIDATES[0])
 
 
 # ------------------------------------------------------------------------------- subprocesses

@@ -935,7 +935,11 @@ class RMConfig(TrainConfig):
     )
     margin_scale: float = opt(1.0, "multiplier of the score difference when margin=scores")
     center_rewards_coef: float = opt(0.0, "weight of mean(reward^2), keeping rewards centred near 0 (0: off)")
-    row_tokens: int = opt(0, "tokens per packed forward row (0: max_length); responses are packed padding-free")
+    row_tokens: int = opt(
+        0,
+        "tokens per packed forward row (0: the longest sequence of the forward, so packing never widens a row "
+        "beyond what padding would); responses are packed padding-free",
+    )
     calibration_buckets: int = opt(
         4, "held-out calibration: accuracy per this many equal-count buckets of |reward difference| (4: quartiles)"
     )

@@ -124,3 +124,87 @@ def test_ppo_memory_counts_each_resident_tensor_once():
                       "models": ["actor", "critic", "reference", "tied"]}
     assert set(bench_ppo_memory.SETUPS) == {"plain", "share_backbone", "lora", "offload_frozen",
                                             "gradient_checkpointing"}
+
+
+# ------------------------------------------------------------------------------ bench_sft, run_all
+
+
+def test_sft_forward_counter_and_rates():
+    from bench import bench_sft
+
+    counter = bench_sft.ForwardCounter()
+    for _ in range(6):  # 3 steps x 2 micro-batches of (samples, real tokens, forward tokens)
+        counter.add(4, 90, 100)
+    facts = counter.timed(warmup=1, last=3, accumulation=2)
+    assert (facts["timed_samples"], facts["timed_real_tokens"], facts["timed_forward_tokens"]) == (16, 360, 400)
+    assert facts["pad_fraction"] == pytest.approx(0.1)
+    spec = {"warmup": 1, "batch": 4, "micro": 2}
+    r = bench_sft.sft_rates({0: 0.0, 1: 5.0, 2: 7.0, 3: 9.0}, {0: 0.0, 1: 4.0, 2: 5.0, 3: 6.0}, counter, spec)
+    assert (r["examples_per_s"], r["examples_per_cpu_s"], r["tokens_per_s"], r["rows_per_s"]) == (4.0, 8.0, 90.0, 2.0)
+    assert bench_sft.mfu({"params": 1e6, "tokens_per_s": 1000.0}, peak_gflops=60.0) == pytest.approx(0.1)
+    for s in bench_sft.SETTINGS.values():
+        assert s["batch"] % s["micro"] == 0
+
+
+def _bench_json(tmp_path: Path, name: str, payload: dict) -> Path:
+    import json
+
+    path = tmp_path / name
+    path.write_text(json.dumps(payload))
+    return path
+
+
+def _fake_reports(tmp_path: Path) -> list[str]:
+    sft = {"models": {"tiny": {"medians": {
+        "alignkit": {**summarize([_run(30, 30, 500)]), "mfu": 0.4}, "trl": {**summarize([_run(20, 20, 600)]), "mfu": 0.25}}}},
+        "matmul_before": {"gflops": 80.0}, "matmul_after": {"gflops": 85.0}}
+    dpo = {"models": {"smollm2": {"medians": {"alignkit, ref precomputed": summarize([_run(2, 2, 500)]),
+                                              "trl, ref on the fly": summarize([_run(1, 1, 400)])}}}}
+    rl = {"medians": {"alignkit-grpo": summarize([_run(10, 10, 500)]), "trl-grpo": summarize([_run(10, 10, 500)])}}
+    return [f"sft:tiny={_bench_json(tmp_path, 'sft.json', sft)}", f"dpo:smollm2={_bench_json(tmp_path, 'dpo.json', dpo)}",
+            f"rl:tiny={_bench_json(tmp_path, 'rl.json', rl)}", f"rm:tiny={tmp_path / 'absent.json'}"]
+
+
+def test_run_all_table_from_fake_results(tmp_path):
+    import json
+
+    from bench import run_all
+
+    out = tmp_path / "table"
+    report = run_all.main(["--from-json", *_fake_reports(tmp_path), "--out", str(out)])
+    rows = {(r["bench"], r["model"], r["comparison"]): r for r in report["rows"]}
+    assert len(rows) == 3  # sft, dpo default-vs-default (the other DPO pairs are absent), grpo (rloo absent)
+    sft = rows[("sft", "tiny", "sft vs SFTTrainer (packing)")]
+    assert sft["ratio"] == pytest.approx(1.5) and sft["memory_ratio"] == pytest.approx(500 / 600) and sft["met"]
+    assert sft["matmul_gflops"] == [80.0, 85.0]
+    dpo = rows[("dpo", "smollm2", "dpo default vs DPOTrainer default")]
+    assert dpo["ratio"] == pytest.approx(2.0) and not dpo["met"]  # fast, but more memory
+    assert not rows[("rl", "tiny", "grpo vs GRPOTrainer")]["met"]
+    assert report["failed"] == [{"bench": "rm", "model": "tiny", "error": f"no {tmp_path / 'absent.json'}"}]
+    text = out.with_suffix(".md").read_text()
+    assert "| sft | tiny | sft vs SFTTrainer (packing) | 30.00 | 20.00 | x1.50 | x1.50 | x0.83 | 40.0 / 25.0 | 80.0/85.0 |" in text
+    assert "trl" in json.loads(out.with_suffix(".json").read_text())["versions"]
+    assert text.count("\n| ") == 5  # header, rule, 3 rows
+
+
+def test_run_all_arguments_and_dry_run(capsys):
+    from bench import run_all
+
+    args = run_all.parse_args(["--only", "rm,sft", "--model", "tiny", "--repeats", "2", "--steps", "4"])
+    assert (args.only, args.model) == (["sft", "rm"], ["tiny"])  # canonical order
+    entries = run_all.plan(args)
+    assert [(e["bench"], e["model"]) for e in entries] == [("sft", "tiny"), ("rm", "tiny")]
+    assert entries[0]["command"][1:3] == ["bench/bench_sft.py", "--model"]
+    assert "--repeats" in entries[1]["command"] and entries[1]["command"][-2:] == ["--steps", "4"]
+    every = run_all.plan(run_all.parse_args([]))
+    assert len(every) == len(run_all.BENCHES) * len(run_all.MODELS)
+    dpo = next(e for e in every if e["bench"] == "dpo")
+    assert dpo["command"][1:3] == ["bench/bench_dpo.py", "speed"]
+    for bad in (["--only", "sft,ppo"], ["--model", "llama"], ["--repeats", "0"]):
+        with pytest.raises(SystemExit):
+            run_all.parse_args(bad)
+    assert run_all.main(["--dry-run", "--only", "rl", "--model", "smollm2"]) is None
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 1 and "bench/bench_rl.py" in printed[0] and "--model smollm2" in printed[0]
+    for script in {e["command"][1] for e in every}:
+        assert (run_all.REPO / script).exists()

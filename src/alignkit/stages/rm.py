@@ -369,7 +369,7 @@ def run(cfg: RMConfig) -> dict:
     train_records, eval_records, invalid = load_train_eval(cfg, kind=None)
     model, tokenizer = _load_model(accelerator, cfg, train_records)
     pad_id = model.config.pad_token_id
-    row_tokens = cfg.row_tokens or cfg.max_length
+    row_tokens = cfg.row_tokens or 1  # 0: rows as long as the longest sequence of the forward (see RMConfig)
 
     train_rows, dropped, truncated = build_rows(tokenizer, train_records, cfg, "train_data")
     if not train_rows:
