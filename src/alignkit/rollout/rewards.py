@@ -78,39 +78,21 @@ def load_scorer(accelerator: Accelerator, reward_model: str):
 
 
 def score_with(
-    accelerator: Accelerator, rm, rm_tokenizer, prompts: list, responses: list[list[str]], batch_size: int, max_length: int
-) -> list[list[float]]:
-    """Scores of an already loaded reward model for every response, spread over processes and gathered."""
+    accelerator: Accelerator, rm, rm_tokenizer, prompts: list, responses: list[list[str]], batch_size: int, max_length: int,
+    per_member: bool = False,
+) -> list[list[float]] | list[list[list[float]]]:
+    """Scores of an already loaded reward model for every response, spread over processes and gathered.
+
+    per_member (an ensemble): each member's score instead of their mean, [prompt][response][member]."""
     from alignkit.models.reward import score_texts
 
     pairs = [(p, r) for p, texts in zip(prompts, responses) for r in texts]
 
-    def score(_: int, part: list[tuple]) -> list[float]:
+    def score(_: int, part: list[tuple]) -> list:
         with torch.no_grad():
-            return [float(x) for x in score_texts(rm, rm_tokenizer, [p for p, _ in part], [r for _, r in part],
-                                                  batch_size, max_length)]
-
-    flat = map_chunks(accelerator, pairs, batch_size * 4, score)
-    out, start = [], 0
-    for texts in responses:
-        out.append(flat[start : start + len(texts)])
-        start += len(texts)
-    return out
-
-
-def member_scores_with(
-    accelerator: Accelerator, ensemble, rm_tokenizer, prompts: list, responses: list[list[str]], batch_size: int,
-    max_length: int
-) -> list[list[list[float]]]:
-    """Each ensemble member's score of every response: [prompt][response][member], spread over processes."""
-    from alignkit.models.reward import score_texts
-
-    pairs = [(p, r) for p, texts in zip(prompts, responses) for r in texts]
-
-    def score(_: int, part: list[tuple]) -> list[list[float]]:
-        per_member = score_texts(ensemble, rm_tokenizer, [p for p, _ in part], [r for _, r in part], batch_size,
-                                 max_length, per_member=True)  # [M][n]
-        return [list(column) for column in zip(*per_member)]
+            scores = score_texts(rm, rm_tokenizer, [p for p, _ in part], [r for _, r in part], batch_size, max_length,
+                                 per_member=per_member)
+        return [list(column) for column in zip(*scores)] if per_member else [float(x) for x in scores]
 
     flat = map_chunks(accelerator, pairs, batch_size * 4, score)
     out, start = [], 0

@@ -10,6 +10,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+from alignkit.config import ConfigError
+
+
+def split_step_overrides(overrides: list[str], caller: str, unit: str) -> dict[str, list[str]]:
+    """Per-step overrides '<unit>.<key>=<value>' of a command that runs steps: -> {unit: ['key=value', ...]}."""
+    out: dict[str, list[str]] = {}
+    for item in overrides:
+        name, sep, rest = item.partition(".")
+        if not sep or "=" not in rest:
+            raise ConfigError(f"{caller} override '{item}' is not '<{unit}>.<key>=<value>'")
+        out.setdefault(name, []).append(rest)
+    return out
+
 
 def run_stage_process(name: str, stage: str, config_file: Path | None, args: list[str], launcher: str,
                       log_path: Path, caller: str = "pipeline") -> None:

@@ -99,20 +99,25 @@ def reward_metrics(ctx: Context, flat_prompts: list, texts: list[str], k: int) -
     if ctx.reward_models:
         from alignkit.models.reward import score_texts
 
-        per_rm = np.stack([_grouped(score_texts(rm, tok, flat_prompts, texts, cfg.reward.batch_size, cfg.max_length), k)
-                           for _, rm, tok in ctx.reward_models])  # [M, P, K]
+        rows = []
+        for name, rm, tok in ctx.reward_models:
+            # an ensemble directory (alignkit rm ensemble=k): its members scored once, their mean its reward
+            ensemble = hasattr(rm, "members")
+            per_member = {"per_member": True} if ensemble else {}
+            scored = np.asarray(score_texts(rm, tok, flat_prompts, texts, cfg.reward.batch_size, cfg.max_length,
+                                            **per_member))  # [members, P*K] or [P*K]
+            if ensemble:
+                out[f"rm_disagreement_{name}"] = M.ensemble_disagreement(scored)
+            rows.append(_grouped(scored.mean(axis=0) if ensemble else scored, k))
+        per_rm = np.stack(rows)  # [M, P, K]
         scores["proxy"] = per_rm.mean(axis=0)
         _with_stderr(out, "proxy_reward", M.grouped_mean_and_stderr(scores["proxy"]))
         for (name, _, _), r in zip(ctx.reward_models, per_rm):
             out[f"proxy_reward_{name}"] = float(r.mean())
         if len(ctx.reward_models) >= 2:
             out["rm_disagreement"] = M.ensemble_disagreement(per_rm.reshape(len(per_rm), -1))
-        for name, rm, tok in ctx.reward_models:  # an ensemble directory (alignkit rm ensemble=k): its own spread
-            if hasattr(rm, "members"):
-                members = np.asarray(score_texts(rm, tok, flat_prompts, texts, cfg.reward.batch_size, cfg.max_length,
-                                                 per_member=True))  # [M, P*K]
-                out[f"rm_disagreement_{name}"] = M.ensemble_disagreement(members)
-                out.setdefault("rm_disagreement", out[f"rm_disagreement_{name}"])
+        else:  # one ensemble: its own spread
+            out.update({"rm_disagreement": v for key, v in out.items() if key.startswith("rm_disagreement_")})
     return out, scores
 
 

@@ -36,7 +36,7 @@ from typing import Any
 
 from alignkit.config import ConfigError, IterateConfig, field_help, save_config
 from alignkit.runtime.guards import RunStopped
-from alignkit.runtime.launch import run_stage_process
+from alignkit.runtime.launch import run_stage_process, split_step_overrides
 from alignkit.runtime.setup import derive_seed
 
 STEPS = ("label", "rm", "policy", "probe", "eval")
@@ -74,20 +74,9 @@ def check_config(cfg: IterateConfig) -> None:
         raise ConfigError("round 0 needs a reward model: set rm_model, or initial_label_budget > 0 to train one")
     if cfg.rm_refresh != "none" and cfg.label_budget == 0:
         raise ConfigError(f"rm_refresh={cfg.rm_refresh} refreshes on new labels: set label_budget > 0 (or rm_refresh=none)")
-    unknown = set(split_overrides(cfg.overrides)) - set(STEPS)
+    unknown = set(split_step_overrides(cfg.overrides, "iterate", "step")) - set(STEPS)
     if unknown:
         raise ConfigError(f"overrides name unknown steps {sorted(unknown)}; steps: {', '.join(STEPS)}")
-
-
-def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
-    """['rm.lr=1e-4'] -> {'rm': ['lr=1e-4']}."""
-    out: dict[str, list[str]] = {}
-    for item in overrides:
-        step, sep, rest = item.partition(".")
-        if not sep or "=" not in rest:
-            raise ConfigError(f"iterate override '{item}' is not '<step>.<key>=<value>'")
-        out.setdefault(step, []).append(rest)
-    return out
 
 
 class Steps:
@@ -95,7 +84,7 @@ class Steps:
 
     def __init__(self, cfg: IterateConfig):
         self.cfg, self.out = cfg, Path(cfg.output_dir)
-        self.extra = split_overrides(cfg.overrides)
+        self.extra = split_step_overrides(cfg.overrides, "iterate", "step")
 
     def dir(self, r: int, step: str) -> Path:
         return self.out / f"round-{r}" / step
@@ -209,16 +198,16 @@ def eval_args(cfg: IterateConfig, policy: str | None, rms: list[str]) -> list[st
             "pairs=null", f"seed={cfg.seed}"]
 
 
-def probe_accuracy(rm_path: str, pairs_file: Path, max_length: int = 256) -> dict[str, float]:
+def probe_accuracy(reward_model: tuple, pairs_file: Path, max_length: int = 256) -> dict[str, float]:
     """The reward model's agreement with GOLD on gold-labelled pairs (gold ties skipped), with its standard error."""
     from alignkit.data.records import load_records
-    from alignkit.models.reward import load_reward_model, score_texts
+    from alignkit.models.reward import score_texts
 
     pairs = [p for p in load_records(str(pairs_file), "preference")[0]
              if p.get("meta", {}).get("gold_chosen") != p.get("meta", {}).get("gold_rejected")]
     if not pairs:
         return {}
-    rm, tok = load_reward_model(rm_path)
+    rm, tok = reward_model
     prompts = [p["prompt"] for p in pairs]
     chosen = score_texts(rm, tok, prompts, [p["chosen"] for p in pairs], 64, max_length)
     rejected = score_texts(rm, tok, prompts, [p["rejected"] for p in pairs], 64, max_length)
@@ -235,7 +224,7 @@ def samples_by_prompt(eval_dir: Path, model: str) -> tuple[list[str], list[str],
     return [r["prompt"] for r in rows], [r["text"] for r in rows], k
 
 
-def rm_view(rm_path: str, heldout_path: str, eval_dir: Path, max_length: int = 256) -> dict[str, float]:
+def rm_view(current: tuple, heldout: tuple, eval_dir: Path, max_length: int = 256) -> dict[str, float]:
     """What the reward models make of the round's held-out samples, next to gold.
 
     proxy_win_rate: how often the round's reward model prefers the policy's sample k of a prompt to the SFT
@@ -246,19 +235,20 @@ def rm_view(rm_path: str, heldout_path: str, eval_dir: Path, max_length: int = 2
     import numpy as np
 
     from alignkit.eval import metrics as M
-    from alignkit.models.reward import load_reward_model, score_texts
+    from alignkit.models.reward import score_texts
 
     has_policy = (eval_dir / "samples" / "policy.jsonl").exists()
     policy = samples_by_prompt(eval_dir, "policy" if has_policy else "sft")
     out: dict[str, float] = {}
-    for key, path in (("proxy_current", rm_path), ("proxy_heldout", heldout_path)):
-        rm, tok = load_reward_model(path)
+    views = [("proxy_current", current)] + ([] if heldout is current else [("proxy_heldout", heldout)])
+    for key, (rm, tok) in views:
         scores = np.array(score_texts(rm, tok, policy[0], policy[1], 64, max_length)).reshape(-1, policy[2])
         out[key] = float(scores.mean())
         if key == "proxy_current" and has_policy:
             sft = samples_by_prompt(eval_dir, "sft")
             sft_scores = np.array(score_texts(rm, tok, sft[0], sft[1], 64, max_length)).reshape(-1, sft[2])
             out["proxy_win_rate"], out["proxy_win_rate_stderr"] = M.win_rate(scores, sft_scores)
+    out.setdefault("proxy_heldout", out["proxy_current"])  # the held-out RM is the current one (round 0, frozen)
     gold = json.loads((eval_dir / "summary.json").read_text())["models"].get("policy", {})
     if "proxy_win_rate" in out and "win_rate_gold" in gold:
         out["win_rate_gold"] = gold["win_rate_gold"]
@@ -280,6 +270,8 @@ def round_alarms(lines: list[dict]) -> list[str]:
 
 def round_line(steps: Steps, r: int, rm: str, heldout: str, labels_total: int, labels_round: int) -> dict[str, Any]:
     """rounds.jsonl's line of round r from its eval and probe (and label) summaries."""
+    from alignkit.models.reward import load_reward_model
+
     summary = steps.summary(r, "eval")
     models = summary["models"]
     policy = models.get("policy", models["sft"])
@@ -288,10 +280,11 @@ def round_line(steps: Steps, r: int, rm: str, heldout: str, labels_total: int, l
                 "rm_disagreement", "length"):
         if key in policy:
             line[key] = policy[key]
-    line.update(rm_view(rm, heldout, steps.dir(r, "eval")))
+    current = load_reward_model(rm)  # each reward model loaded once for the round's measurements
+    line.update(rm_view(current, current if heldout == rm else load_reward_model(heldout), steps.dir(r, "eval")))
     line["eval_alarms"] = [a["name"] for a in summary.get("alarms", []) if a.get("model") in ("policy", None)]
     if steps.done(r, "probe"):
-        line.update(probe_accuracy(rm, steps.dir(r, "probe") / "pairs.jsonl"))
+        line.update(probe_accuracy(current, steps.dir(r, "probe") / "pairs.jsonl"))
     if steps.done(r, "label"):
         label = steps.summary(r, "label")
         line.update({k: label[k] for k in ("train_pair_label_gold_agreement", "train_ties", "train_sample_gold_reward")

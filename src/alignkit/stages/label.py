@@ -137,13 +137,14 @@ def label_split(cfg: LabelConfig, accelerator, model, tokenizer, task: str | Non
 def pair_margins(cfg: LabelConfig, accelerator, prompts: list, responses: list[list[str]],
                  candidates: list[tuple[int, int, int]]) -> torch.Tensor:
     """select_model's margins r(first) - r(second) of the candidates: [N], or [M,N] per member for select=ensemble."""
-    from alignkit.rollout.rewards import load_scorer, member_scores_with, score_with
+    from alignkit.rollout.rewards import load_scorer, score_with
 
     rm, rm_tokenizer = load_scorer(accelerator, cfg.select_model)
     if cfg.select == "ensemble":
         if not hasattr(rm, "members"):
             raise ConfigError(f"select=ensemble needs an ensemble (alignkit rm ensemble=k); {cfg.select_model} is one model")
-        scores = member_scores_with(accelerator, rm, rm_tokenizer, prompts, responses, cfg.reward.batch_size, cfg.max_length)
+        scores = score_with(accelerator, rm, rm_tokenizer, prompts, responses, cfg.reward.batch_size, cfg.max_length,
+                            per_member=True)
         return torch.tensor([[m1 - m2 for m1, m2 in zip(scores[i][a], scores[i][b])] for i, a, b in candidates]).T
     scores = score_with(accelerator, rm, rm_tokenizer, prompts, responses, cfg.reward.batch_size, cfg.max_length)
     return torch.tensor([scores[i][a] - scores[i][b] for i, a, b in candidates], dtype=torch.float64)

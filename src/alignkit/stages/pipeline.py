@@ -20,6 +20,7 @@ from pathlib import Path
 
 from alignkit.config import ConfigError, PipelineConfig
 from alignkit.runtime.launch import run_stage_process as run_cli_stage
+from alignkit.runtime.launch import split_step_overrides
 
 # Inputs each stage takes from earlier stages: config key -> path under the pipeline directory.
 WIRING: dict[str, dict[str, str]] = {
@@ -51,17 +52,6 @@ def stage_available(stage: str) -> bool:
 def stage_done(stage_dir: Path) -> bool:
     """summary.json is the last file a stage writes, so it marks a complete stage (with or without final/)."""
     return (stage_dir / "summary.json").exists()
-
-
-def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
-    """['sft.max_steps=5'] -> {'sft': ['max_steps=5']}."""
-    per_stage: dict[str, list[str]] = {}
-    for item in overrides:
-        stage, sep, rest = item.partition(".")
-        if not sep or "=" not in rest:
-            raise ConfigError(f"pipeline override '{item}' is not '<stage>.<key>=<value>'")
-        per_stage.setdefault(stage, []).append(rest)
-    return per_stage
 
 
 def stage_overrides(stage: str, cfg: PipelineConfig, done: dict[str, Path], extra: list[str]) -> list[str]:
@@ -108,7 +98,7 @@ def run(cfg: PipelineConfig) -> dict:
     from alignkit.config import save_config
 
     save_config(cfg, out / "config.yaml")
-    per_stage = split_overrides(cfg.overrides)
+    per_stage = split_step_overrides(cfg.overrides, "pipeline", "stage")
     unknown = set(per_stage) - set(cfg.stages) - {"eval"}
     if unknown:
         raise ConfigError(f"overrides name stages not in the pipeline: {sorted(unknown)}")

@@ -28,6 +28,8 @@ beside an ensemble.json. k seeds rather than k heads on one shared backbone: mem
 transformer share its errors, and their spread then understates the uncertainty that active labelling
 and the disagreement alarm read (Coste et al. 2023 train independent members for this reason). Started from
 an ensemble (model=<ensemble>/final, an iterative refresh), member i continues member i.
+
+Past 400 lines because the ensemble runs its members through this same run(), beside the single model's loop.
 """
 
 from __future__ import annotations
