@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (  # noqa: E402
     tiny_model_dir,
     REPO, PaddingCounter, alignkit_step_timer, count_collated_padding, count_packed_padding, emit_result, gold_quality, paired_difference,
-    preference_records, preimport_alignkit, ratio_lines, rates, run_worker, summarize, trl_step_timer, variant_table,
+    count_params, pair_tokens, preference_records, preimport_alignkit, ratio_lines, rates, run_worker, summarize, trl_step_timer, variant_table,
     run_alignkit, trl_chat_pairs, write_json, write_jsonl,
 )
 
@@ -169,7 +169,8 @@ def model_settings(name: str, args: argparse.Namespace) -> tuple[dict, str, int]
 def bench_model(name: str, args: argparse.Namespace, work: Path) -> tuple[str, dict]:
     s, model, steps = model_settings(name, args)
     work.mkdir(parents=True, exist_ok=True)
-    data_file = write_jsonl(preference_records(s["data"], s["pairs"], model, s["max_length"]), work / "pairs.jsonl")
+    records = preference_records(s["data"], s["pairs"], model, s["max_length"])
+    data_file = write_jsonl(records, work / "pairs.jsonl")
     env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)} if args.threads else None
     results: dict[str, list[dict]] = {}
     for repeat in range(args.repeats):
@@ -186,6 +187,11 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> tuple[str, d
                   f"first loss {result['first_loss']:.4f}, load {result['load_before']:.1f}", flush=True)
             results.setdefault(label, []).append(result)
     medians = {label: summarize(runs) for label, runs in results.items()}
+    # Model FLOPs per pair: 6 x parameters x tokens of both sides (the policy's forward and backward; the
+    # reference's forward is left out so every variant does the same counted work). run_all.py makes it MFU.
+    flops = 6.0 * count_params(model) * pair_tokens(records, model, s["max_length"])
+    for m in medians.values():
+        m["flops_per_example"] = flops
     header = (f"model={name} ({model}), data={s['data']} (first {s['pairs']} pairs), batch={s['batch']} "
               f"(micro {s['micro']}), max_length={s['max_length']}, alignkit row_tokens={s['row_tokens']}, "
               f"steps={steps} (first {args.warmup} not timed), fp32, AdamW, threads/worker={args.threads or 'torch default'}, "

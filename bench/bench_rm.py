@@ -83,6 +83,19 @@ def rm_records(source: str, n: int, model: str, max_length: int) -> list[dict]:
     return kept
 
 
+def tokens_per_pair(records: list[dict], model: str, max_length: int) -> float:
+    """Mean tokens of a pair's two sequences (prompt + response each), as a plain forward would see them: the
+    work both frameworks must do per pair, whatever each does to save it (MFU's model FLOPs)."""
+    from alignkit.models.loading import load_tokenizer
+    from alignkit.models.reward import ensure_reward_pad, reward_example
+
+    tokenizer = load_tokenizer(model)
+    ensure_reward_pad(tokenizer)
+    total = sum(len(reward_example(tokenizer, r["prompt"], side, max_length)["input_ids"])
+                for r in records for side in (r["chosen"], r["rejected"]))
+    return total / len(records)
+
+
 # ------------------------------------------------------------------------------------- workers
 
 
@@ -139,7 +152,7 @@ def trl_worker(spec: dict) -> dict:
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {**rates(times, cpu, spec["warmup"], spec["batch"]), "setup_s": times[0] - t0, "first_loss": losses[0],
             "last_loss": losses[-1], "self_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-            **padding.facts()}
+            "params": sum(p.numel() for p in model.parameters()), **padding.facts()}
 
 
 # --------------------------------------------------------------------------------------- bench
@@ -164,7 +177,8 @@ def model_settings(name: str, args: argparse.Namespace) -> tuple[dict, str, int]
 def bench_model(name: str, args: argparse.Namespace, work: Path) -> tuple[str, dict]:
     s, model, steps = model_settings(name, args)
     work.mkdir(parents=True, exist_ok=True)
-    data_file = write_jsonl(rm_records(s["data"], s["pairs"], model, s["max_length"]), work / "pairs.jsonl")
+    records = rm_records(s["data"], s["pairs"], model, s["max_length"])
+    data_file = write_jsonl(records, work / "pairs.jsonl")
     env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)} if args.threads else None
     results: dict[str, list[dict]] = {}
     for repeat in range(args.repeats):
@@ -178,6 +192,11 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> tuple[str, d
                   f"first loss {result['first_loss']:.4f}, load {result['load_before']:.1f}", flush=True)
             results.setdefault(framework, []).append(result)
     medians = {label: summarize(runs) for label, runs in results.items()}
+    # Model FLOPs per pair (6 x parameters x tokens of both sequences): the same for both frameworks, so MFU
+    # (run_all.py divides by its measured matmul peak) compares the work done per second.
+    flops = 6.0 * results["trl"][0]["params"] * tokens_per_pair(records, model, s["max_length"])
+    for m in medians.values():
+        m["flops_per_example"] = flops
     header = (f"model={name} ({model}), data={s['data']} (first {s['pairs']} pairs that fit), batch={s['batch']} "
               f"(micro {s['micro']}), max_length={s['max_length']}, alignkit row_tokens={s['row_tokens'] or '0 (longest of the forward)'}, "
               f"steps={steps} (first {args.warmup} not timed), fp32, AdamW, threads/worker={args.threads or 'torch default'}, "

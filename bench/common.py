@@ -124,6 +124,26 @@ def preference_records(source: str, n: int, model: str, max_length: int) -> list
     return kept
 
 
+def count_params(model_dir: str) -> int:
+    """Parameters of the causal LM at `model_dir` (built on the meta device: nothing is loaded)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return sum(p.numel() for p in model.parameters())
+
+
+def pair_tokens(records: list[dict], model: str, max_length: int) -> float:
+    """Mean tokens of a pair's two sides (prompt + completion each) as alignkit's DPO tokenizes them: the work a
+    plain forward does per pair, whatever a framework does to save it (MFU's model FLOPs)."""
+    from alignkit.models.loading import load_tokenizer
+    from alignkit.stages.dpo import tokenize_pairs
+
+    pairs, _ = tokenize_pairs(load_tokenizer(model), records, max_length)
+    return sum(len(p.chosen["input_ids"]) + len(p.rejected["input_ids"]) for p in pairs) / len(pairs)
+
+
 def write_jsonl(records: list[dict], path: Path) -> Path:
     """Records as JSONL without meta (both frameworks read exactly these fields)."""
     with open(path, "w") as f:

@@ -79,8 +79,9 @@ def hh_pairs(n: int, seed: int) -> list[dict]:
     return records[:n]
 
 
-def train_task_judge(out: Path, n: int, steps: int) -> Path:
-    """SFT of scratch:small on judge prompts of the sort task's preference pairs, answered by gold ("A"/"B")."""
+def train_task_judge(out: Path, n: int, steps: int, base: str = "scratch:small") -> Path:
+    """SFT of `base` (scratch:small, or a model that already knows the task) on judge prompts of the sort
+    task's preference pairs, answered by gold ("A"/"B")."""
     from alignkit.config import JUDGE_TEMPLATE
     from alignkit.data.records import load_records
     from alignkit.models.judge import prompt_text
@@ -98,10 +99,10 @@ def train_task_judge(out: Path, n: int, steps: int) -> Path:
                                   {"role": "assistant", "content": "B" if swap else "A"}]})
     data = out / "judge_sft.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cmd = [sys.executable, "-m", "alignkit", "sft", "model=scratch:small", f"train_data={data}", "eval_data=0.05",
+    cmd = [sys.executable, "-m", "alignkit", "sft", f"model={base}", f"train_data={data}", "eval_data=0.05",
            f"output_dir={out / 'sft'}", "max_length=192", "packing=true", "batch_size=16", "micro_batch_size=16",
            "lr=2e-3", "warmup_steps=20", f"max_steps={steps}", "log_steps=20", "save_steps=0", "resume=true",
-           "vocab_size=512"]
+           *(["vocab_size=512"] if base.startswith("scratch:") else [])]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=REPO)
     return out / "sft" / "final"
@@ -119,9 +120,10 @@ def main() -> None:
     parser.add_argument("--train-pairs", type=int, default=6000)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--base", default="scratch:small", help="train-task-judge: the model the judge starts from")
     args = parser.parse_args()
     if args.mode == "train-task-judge":
-        print(train_task_judge(Path(args.out), args.train_pairs, args.steps))
+        print(train_task_judge(Path(args.out), args.train_pairs, args.steps, args.base))
         return
     if args.mode == "hh":
         if not HH.exists():

@@ -9,7 +9,8 @@ Each (bench, model) runs as its own invocation of the bench script (bench_sft.py
 bench_dpo.py speed, bench_rl.py), one after the other, each writing its JSON into the work dir; the
 scripts themselves run every framework in its own subprocess. The table has one row per comparison
 (alignkit variant vs TRL variant) with both throughputs, the ratios (wall and per CPU-second), the peak
-memory ratio, the MFU where the bench reports it (sft), and whether the 1.3x-at-no-more-memory target is
+memory ratio, the MFU (sft measures its own; rm and dpo report model FLOPs per example, 6 x parameters x tokens
+of a plain forward, divided here by the run's higher matmul peak), and whether the 1.3x-at-no-more-memory target is
 met. The fp32 matmul peak (torch.mm 1024^3, one thread like the workers) is measured before and after,
 and the header has the package versions, the git commit, `uptime`, and the exact commands.
 """
@@ -106,9 +107,21 @@ def medians_of(bench: str, model: str, report: dict) -> dict[str, dict]:
     return report.get("models", {}).get(model, {}).get("medians", {})
 
 
-def result_rows(bench: str, model: str, report: dict) -> list[dict]:
-    """One row per comparison present in a bench JSON."""
+def mfu_of(m: dict, peak_gflops: float | None) -> float | None:
+    """The bench's own MFU (sft), else its model FLOPs per example x examples/s over the peak (rm, dpo)."""
+    if m.get("mfu") is not None:
+        return m["mfu"]
+    if m.get("flops_per_example") and peak_gflops:
+        return m["flops_per_example"] * m["examples_per_s"] / (peak_gflops * 1e9)
+    return None
+
+
+def result_rows(bench: str, model: str, report: dict, peak_gflops: float | None = None) -> list[dict]:
+    """One row per comparison present in a bench JSON; peak_gflops: this run's matmul peak (for MFU where the
+    bench reports model FLOPs per example but no peak of its own)."""
     medians = medians_of(bench, model, report)
+    own = [report[k]["gflops"] for k in ("matmul_before", "matmul_after") if k in report]
+    peak_gflops = max(own) if own else peak_gflops
     rows = []
     for ours, theirs, label in COMPARISONS[bench]:
         if ours not in medians or theirs not in medians:
@@ -123,7 +136,7 @@ def result_rows(bench: str, model: str, report: dict) -> list[dict]:
             "alignkit_examples_per_s": a["examples_per_s"], "trl_examples_per_s": b["examples_per_s"],
             "ratio": speed, "ratio_per_cpu_s": cpu_ratio, "memory_ratio": memory,
             "alignkit_peak_mb": a["peak_rss_mb"], "trl_peak_mb": b["peak_rss_mb"],
-            "alignkit_mfu": a.get("mfu"), "trl_mfu": b.get("mfu"),
+            "alignkit_mfu": mfu_of(a, peak_gflops), "trl_mfu": mfu_of(b, peak_gflops),
             "repeats": int(min(a.get("repeats", 1), b.get("repeats", 1))),
             "load": (min(a.get("load_before", 0), b.get("load_before", 0)), max(a.get("load_after", 0), b.get("load_after", 0))),
             "met": speed >= TARGET and memory <= 1.0,
@@ -185,7 +198,7 @@ def render(report: dict) -> str:
     return "\n".join(lines)
 
 
-def build_report(args: argparse.Namespace, entries: list[dict], argv: list[str]) -> dict:
+def build_report(args: argparse.Namespace, entries: list[dict], argv: list[str], peak_gflops: float | None = None) -> dict:
     """Rows from the JSONs the entries name (missing ones go to `failed`)."""
     rows, failed = [], []
     for e in entries:
@@ -193,7 +206,7 @@ def build_report(args: argparse.Namespace, entries: list[dict], argv: list[str])
         if not path.exists():
             failed.append({"bench": e["bench"], "model": e["model"], "error": e.get("error", f"no {path}")})
             continue
-        rows += result_rows(e["bench"], e["model"], json.loads(path.read_text()))
+        rows += result_rows(e["bench"], e["model"], json.loads(path.read_text()), peak_gflops)
     return {"command": " ".join(["python", "bench/run_all.py", *argv]), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
             "cpus": os.cpu_count(), "threads": args.threads, "versions": package_versions(), "plan": entries,
             "rows": rows, "failed": failed}
@@ -240,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             if rc != 0:
                 e["error"] = f"rc={rc}"
         matmul["after"] = matmul_child(args.threads)
-        report = build_report(args, entries, argv)
+        report = build_report(args, entries, argv, max(m["gflops"] for m in matmul.values()))
         report.update(matmul=matmul, uptime_before=before, uptime_after=uptime())
     report["text"] = render(report)
     out = Path(args.out)

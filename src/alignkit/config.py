@@ -940,6 +940,10 @@ class RMConfig(TrainConfig):
         "tokens per packed forward row (0: the longest sequence of the forward, so packing never widens a row "
         "beyond what padding would); responses are packed padding-free",
     )
+    share_prompt: bool = opt(
+        True, "forward each prompt once for all its responses (a 4D attention mask lets every response read one "
+        "copy; same rewards, fewer tokens); false: each response with its own copy of the prompt",
+    )
     calibration_buckets: int = opt(
         4, "held-out calibration: accuracy per this many equal-count buckets of |reward difference| (4: quartiles)"
     )

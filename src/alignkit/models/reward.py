@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from alignkit.data.chat import IGNORE_INDEX, NO_LIMIT, cut_from_left, tokenize_prompt_completion
-from alignkit.runtime.sequences import pack_for_forward
+from alignkit.runtime.sequences import pack_for_forward, pack_shared_prefixes
 
 # Tried in order when the tokenizer pads with its end-of-turn token.
 _RM_PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad_id|>", "<|endoftext|>", "<unk>")
@@ -282,6 +282,29 @@ def member_rewards(ensemble: RewardEnsemble, examples: list[dict], pad_id: int, 
     return torch.stack([packed_rewards(member, examples, pad_id, row_tokens) for member in ensemble.members])
 
 
+def grouped_rewards(model: Any, examples: list[dict], group_sizes: list[int], pad_id: int, row_tokens: int) -> torch.Tensor:
+    """`packed_rewards` of examples that come in groups sharing a prompt (consecutive, group_sizes[g] each),
+    with each group's common prefix forwarded once (runtime.sequences.pack_shared_prefixes). -> [N].
+
+    The chosen and rejected responses of a preference pair repeat the same prompt, which is most of the
+    tokens in multi-turn data (HH-RLHF); a 4D attention mask lets both read one copy. The rewards equal
+    packed_rewards' (tests/unit/test_shared_prefix.py). Attention implementations that take no 4D mask
+    (flash-attention) fall back to packed_rewards."""
+    if isinstance(model, RewardEnsemble):
+        return torch.stack([grouped_rewards(m, examples, group_sizes, pad_id, row_tokens) for m in model.members]).mean(0)
+    base, head = _base_and_head(model)
+    attention = getattr(base.config, "_attn_implementation", "eager")
+    if attention not in ("sdpa", "eager"):
+        return packed_rewards(model, examples, pad_id, row_tokens)
+    device = next(model.parameters()).device
+    mask_dtype = next(model.parameters()).dtype if attention == "eager" else None
+    batch = pack_shared_prefixes(examples, group_sizes, row_tokens, pad_id, device, mask_dtype)
+    hidden = base(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                  attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
+    picked = hidden.reshape(-1, hidden.shape[-1])[batch["last"]]  # [N,H]
+    return head(picked)[:, 0].float()
+
+
 class PackedRewardModel(torch.nn.Module):
     """`forward(examples, pad_id, row_tokens) -> rewards[N]` around a reward model.
 
@@ -293,7 +316,10 @@ class PackedRewardModel(torch.nn.Module):
         super().__init__()
         self.rm = rm
 
-    def forward(self, examples: list[dict], pad_id: int, row_tokens: int) -> torch.Tensor:
+    def forward(self, examples: list[dict], pad_id: int, row_tokens: int, group_sizes: list[int] | None = None) -> torch.Tensor:
+        """group_sizes: the examples come in groups sharing a prompt, forwarded once each (grouped_rewards)."""
+        if group_sizes is not None:
+            return grouped_rewards(self.rm, examples, group_sizes, pad_id, row_tokens)
         return packed_rewards(self.rm, examples, pad_id, row_tokens)
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -11,7 +12,11 @@ from accelerate import Accelerator
 
 from alignkit.data.packing import collate
 from alignkit.losses import lm_loss
+from alignkit.ops import IGNORE_INDEX
 from alignkit.runtime.train_loop import train
+
+
+MOSTLY_SCORED = 0.9  # above this fraction of positions carrying loss, the LM head projects them all
 
 
 def supervised_tokens(row: dict) -> int:
@@ -19,11 +24,46 @@ def supervised_tokens(row: dict) -> int:
     return sum(1 for label in row["labels"][1:] if label != -100)
 
 
+def output_head(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The LM head (output projection onto the vocabulary) of a model, under DDP-style `.module` wrappers;
+    peft models answer get_output_embeddings themselves. None for a model without one."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    get = getattr(model, "get_output_embeddings", None)
+    return get() if get is not None else None
+
+
+@contextmanager
+def head_projects_only(model: torch.nn.Module, predicts: torch.Tensor):
+    """While in the block, the LM head of `model` projects only the hidden states where `predicts` [B,T] (bool)
+    is True, so the forward's logits are [1,K,V] for its K True positions, in row-major order.
+
+    Why: SFT and DPO score only completion tokens, and projecting every prompt and padding position onto the
+    vocabulary ([B,T,V], V = 49k for SmolLM2) is most of a small model's step. Everything else in the forward
+    (packing, DDP, FSDP, LoRA, gradient checkpointing) is untouched, so the loss equals the full projection's."""
+    head = output_head(model)
+    handle = head.register_forward_pre_hook(lambda _module, args: (args[0][predicts].unsqueeze(0), *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def forward_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed next-token cross-entropy of one micro-batch (a scalar tensor)."""
+    """Summed next-token cross-entropy of one micro-batch (a scalar tensor); equals
+    `lm_loss(model(...).logits, labels, reduction="sum")`, with the LM head run only on positions whose next
+    token carries loss (head_projects_only)."""
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-    logits = model(**inputs, use_cache=False).logits
-    return lm_loss(logits.float(), batch["labels"], reduction="sum")
+    labels = batch["labels"]
+    scored = labels[:, 1:] != IGNORE_INDEX  # the label at t+1 is predicted from the hidden state at t
+    # Pretraining scores nearly every position: selecting them would copy the hidden states and save nothing.
+    if output_head(model) is None or scored.float().mean() > MOSTLY_SCORED:
+        logits = model(**inputs, use_cache=False).logits
+        return lm_loss(logits.float(), labels, reduction="sum")
+    predicts = torch.nn.functional.pad(scored, (0, 1), value=False)
+    with head_projects_only(model, predicts):
+        logits = model(**inputs, use_cache=False).logits  # [1,K,V]
+    return torch.nn.functional.cross_entropy(logits[0].float(), labels[:, 1:][scored], reduction="sum")
 
 
 def evaluate_lm(accelerator: Accelerator, model, rows: list[dict], micro_batch_size: int, pad_id: int, packed: bool) -> dict:

@@ -61,3 +61,69 @@ def sequence_logps(model, examples: list[dict], pad_id: int, row_tokens: int) ->
     )
     counts = torch.zeros(n, device=device).index_add(0, seg[counted], torch.ones_like(token_logps[counted]))
     return sums, counts
+
+
+def shared_prefix_length(sequences: list[list[int]]) -> int:
+    """Tokens the sequences of a group have in common at the start, capped so that every sequence keeps at
+    least its last token out of the prefix (its own suffix is never empty)."""
+    n = min(len(s) for s in sequences) - 1
+    first = sequences[0]
+    for t in range(max(n, 0)):
+        if any(s[t] != first[t] for s in sequences[1:]):
+            return t
+    return max(n, 0)
+
+
+def pack_shared_prefixes(
+    examples: list[dict], group_sizes: list[int], row_tokens: int, pad_id: int, device, mask_dtype=None
+) -> dict[str, torch.Tensor]:
+    """Pack groups of examples that share a prompt (the K responses a reward model compares) so that each
+    group's common prefix is in the forward ONCE and every response attends to it.
+
+    examples: {"input_ids"} lists, the groups consecutive (group_sizes[g] examples each, sum = N). A group
+    occupies  [prefix (P tokens), suffix_1, ..., suffix_K]  of one row; suffix k continues the positions of
+    the prefix (P, P+1, ...) as if it followed it alone, and a 4D mask lets it see the prefix and itself
+    (causally) but no other suffix, so every hidden state equals the one of the example forwarded alone.
+    Groups are binned first-fit-decreasing into rows of max(row_tokens, longest group) tokens.
+
+    Returns input_ids[R,T], position_ids[R,T], attention_mask[R,1,T,T] (bool: True = may attend; with
+    mask_dtype, the additive float form eager attention takes: 0 or the dtype's min) and last[N], the flat
+    index into R*T of each example's last token (where a reward model reads it).
+    """
+    ids = [e["input_ids"] for e in examples]
+    starts = [sum(group_sizes[:g]) for g in range(len(group_sizes))]
+    groups = [ids[s : s + k] for s, k in zip(starts, group_sizes)]
+    prefixes = [shared_prefix_length(g) for g in groups]
+    lengths = [p + sum(len(s) - p for s in g) for g, p in zip(groups, prefixes)]
+    bins = first_fit_decreasing(lengths, max(row_tokens, max(lengths)))
+    width = max(sum(lengths[g] for g in b) for b in bins)
+    input_ids = torch.full((len(bins), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(bins), width), dtype=torch.long)
+    mask = torch.zeros((len(bins), width, width), dtype=torch.bool)
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    last = torch.zeros(len(examples), dtype=torch.long)
+    for r, members in enumerate(bins):
+        at = 0
+        for g in members:
+            p = prefixes[g]
+            input_ids[r, at : at + p] = torch.tensor(groups[g][0][:p], dtype=torch.long)
+            position_ids[r, at : at + p] = torch.arange(p)
+            mask[r, at : at + p, at : at + p] = causal[:p, :p]
+            prefix_at, at = at, at + p
+            for k, sequence in enumerate(groups[g]):
+                n = len(sequence) - p
+                input_ids[r, at : at + n] = torch.tensor(sequence[p:], dtype=torch.long)
+                position_ids[r, at : at + n] = torch.arange(p, p + n)
+                mask[r, at : at + n, prefix_at : prefix_at + p] = True
+                mask[r, at : at + n, at : at + n] = causal[:n, :n]
+                last[starts[g] + k] = r * width + at + n - 1
+                at += n
+        idle = torch.arange(at, width)
+        mask[r, idle, idle] = True  # padding sees only itself (a row of no keys would give NaN)
+        position_ids[r, at:] = torch.arange(width - at)
+    attention_mask = mask.unsqueeze(1)
+    if mask_dtype is not None:
+        zero = torch.zeros((), dtype=mask_dtype)
+        attention_mask = torch.where(attention_mask, zero, torch.finfo(mask_dtype).min)
+    return {"input_ids": input_ids.to(device), "position_ids": position_ids.to(device),
+            "attention_mask": attention_mask.to(device), "last": last.to(device)}

@@ -46,6 +46,7 @@ from alignkit.data.chat import tokenize_prompt_completion
 from alignkit.data.records import DataError
 from alignkit.losses import LOSS_TYPES, dpo_loss
 from alignkit.ops import logprobs_from_logits
+from alignkit.runtime.lm import head_projects_only, output_head
 from alignkit.runtime.sequences import pack_for_forward, sequence_logps
 from alignkit.runtime.stage import finish_run, load_policy, load_train_eval, start_run
 from alignkit.runtime.train_loop import save_final, train
@@ -117,31 +118,20 @@ def completion_logps(model, examples: list[dict], pad_id: int, row_tokens: int) 
     states that predict a label, [1, K, H] for K scored tokens; everything else (packing, DDP, LoRA,
     gradient checkpointing) is the ordinary forward, so the result equals sequence_logps.
     """
-    head = _unwrap(model).get_output_embeddings()
-    if head is None:
+    if output_head(model) is None:
         return sequence_logps(model, examples, pad_id, row_tokens)
     device = next(model.parameters()).device
     batch = pack_for_forward(examples, row_tokens, pad_id, device)
     scored = batch["labels"][:, 1:] != -100  # token t+1 is scored from the hidden state at t
     predicts = torch.nn.functional.pad(scored, (0, 1), value=False)
-    handle = head.register_forward_pre_hook(lambda _module, args: (args[0][predicts].unsqueeze(0),))
-    try:
+    with head_projects_only(model, predicts):
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-    finally:
-        handle.remove()
     targets = batch["labels"][:, 1:][scored]
     token_logps = logprobs_from_logits(logits.float(), targets.unsqueeze(0))[0]
     segment = batch["segment"][:, 1:][scored]
     sums = torch.zeros(len(examples), device=device, dtype=token_logps.dtype).index_add(0, segment, token_logps)
     counts = torch.zeros(len(examples), device=device).index_add(0, segment, torch.ones_like(token_logps))
     return sums, counts
-
-
-def _unwrap(model):
-    """The module under DDP-style wrappers (.module); peft models answer get_output_embeddings themselves."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return model
 
 
 def pair_logps(model, pairs: list[Pair], pad_id: int, row_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

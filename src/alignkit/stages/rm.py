@@ -142,16 +142,18 @@ def split_rewards(flat: torch.Tensor, rows: list[dict]) -> list[torch.Tensor]:
     return list(torch.split(flat, [len(row["examples"]) for row in rows]))
 
 
-def row_rewards(model, rows: list[dict], pad_id: int, row_tokens: int) -> list[torch.Tensor]:
-    """Every response of `rows` through the model once, in packed forwards."""
+def row_rewards(model, rows: list[dict], pad_id: int, row_tokens: int, share_prompt: bool = True) -> list[torch.Tensor]:
+    """Every response of `rows` through the model once, in packed forwards; share_prompt: each row's prompt
+    (the responses' common prefix) forwarded once for all its responses (models.reward.grouped_rewards)."""
     examples = [e for row in rows for e in row["examples"]]
-    return split_rewards(model(examples, pad_id, row_tokens), rows)
+    sizes = [len(row["examples"]) for row in rows] if share_prompt else None
+    return split_rewards(model(examples, pad_id, row_tokens, group_sizes=sizes), rows)
 
 
 def make_micro_loss(rows: list[dict], cfg: RMConfig, pad_id: int, row_tokens: int):
     def micro_loss(model, indices: list[int]):
         chunk = [rows[i] for i in indices]
-        rewards = row_rewards(model, chunk, pad_id, row_tokens)
+        rewards = row_rewards(model, chunk, pad_id, row_tokens, cfg.share_prompt)
         loss = rows_loss_sum(rewards, chunk, cfg)
         chosen, rejected = pair_rewards([r.detach() for r in rewards], chunk)
         metrics = {
@@ -244,7 +246,7 @@ def eval_pairs(model, rows: list[dict], cfg: RMConfig, pad_id: int, row_tokens: 
     out = []
     for start in range(0, len(rows), cfg.micro_batch_size):
         chunk = rows[start : start + cfg.micro_batch_size]
-        for r, row in zip(row_rewards(model, chunk, pad_id, row_tokens), chunk):
+        for r, row in zip(row_rewards(model, chunk, pad_id, row_tokens, cfg.share_prompt), chunk):
             for i, j in row["pairs"]:
                 margin = torch.tensor([pair_margin(row, i, j, cfg)], dtype=r.dtype, device=r.device)
                 loss = bradley_terry_loss(r[i : i + 1], r[j : j + 1], margin)

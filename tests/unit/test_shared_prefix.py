@@ -1,0 +1,71 @@
+"""Responses that share a prompt read ONE copy of it (runtime.sequences.pack_shared_prefixes): the rewards and
+their gradients equal those of every response forwarded with its own copy (packed_rewards), under sdpa and eager
+attention, with fewer tokens in the forward."""
+
+from __future__ import annotations
+
+import torch
+
+from alignkit.models.reward import grouped_rewards, packed_rewards
+from alignkit.runtime.sequences import pack_shared_prefixes, shared_prefix_length
+from tests.helpers import tiny_llama
+
+
+def groups_of_examples() -> tuple[list[dict], list[int]]:
+    g = torch.Generator().manual_seed(5)
+    rand = lambda n: torch.randint(1, 50, (n,), generator=g).tolist()  # noqa: E731
+    groups = []
+    for prompt, responses in [(6, [3, 5]), (2, [4, 1, 7]), (9, [2, 2])]:
+        p = rand(prompt)
+        groups.append([p + rand(n) for n in responses])
+    p = rand(4)
+    groups.append([p, p + rand(3)])  # one response is the other's prefix: the prefix stops one token short
+    examples = [{"input_ids": ids, "labels": ids} for group in groups for ids in group]
+    return examples, [len(group) for group in groups]
+
+
+def test_shared_prefix_length_by_hand():
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5]]) == 2
+    assert shared_prefix_length([[1, 2], [1, 2, 3]]) == 1  # [1, 2] keeps its last token as its suffix
+    assert shared_prefix_length([[7], [7, 8]]) == 0
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3], [9]]) == 0
+
+
+def test_layout_by_hand():
+    examples = [{"input_ids": [1, 2, 3, 4]}, {"input_ids": [1, 2, 5]}]
+    batch = pack_shared_prefixes(examples, [2], row_tokens=0, pad_id=0, device="cpu")
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2]]
+    assert batch["last"].tolist() == [3, 4]
+    expected = [[1, 0, 0, 0, 0],
+                [1, 1, 0, 0, 0],
+                [1, 1, 1, 0, 0],
+                [1, 1, 1, 1, 0],
+                [1, 1, 0, 0, 1]]  # the second response sees the prompt and itself, not the first response
+    assert batch["attention_mask"][0, 0].int().tolist() == expected
+
+
+def test_rewards_and_gradients_equal_one_copy_per_response():
+    examples, sizes = groups_of_examples()
+    for attn in ("sdpa", "eager"):
+        model = tiny_llama(seed=3, classifier=True, attn=attn).train()
+        results = []
+        for shared in (True, False):
+            model.zero_grad()
+            rewards = (grouped_rewards(model, examples, sizes, 0, row_tokens=24) if shared
+                       else packed_rewards(model, examples, 0, row_tokens=24))
+            (rewards * torch.linspace(-1, 1, len(rewards))).sum().backward()
+            results.append((rewards.detach(), [p.grad.clone() for p in model.parameters()]))
+        (shared_r, shared_g), (plain_r, plain_g) = results
+        assert shared_r.shape == (len(examples),) and shared_r.std() > 0
+        assert torch.allclose(shared_r, plain_r, atol=1e-5), (attn, (shared_r - plain_r).abs().max())
+        for a, b in zip(shared_g, plain_g):
+            assert torch.allclose(a, b, atol=1e-5), attn
+
+
+def test_fewer_tokens_than_one_copy_each():
+    examples, sizes = groups_of_examples()
+    batch = pack_shared_prefixes(examples, sizes, row_tokens=0, pad_id=0, device="cpu")
+    real = sum(len(e["input_ids"]) for e in examples)
+    saved = (6 + 2 * 2 + 9 + 3)  # each group's prefix once fewer than it has responses
+    assert int(batch["input_ids"].ne(0).sum()) == real - saved
