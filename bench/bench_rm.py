@@ -3,6 +3,7 @@ batch, length, precision and machine.
 
     python bench/bench_rm.py --quick                       # tiny model, few steps, about a minute
     python bench/bench_rm.py --model smollm2 --steps 6
+    python bench/bench_rm.py --quality --train-pairs 320 --eval-pairs 200   # HH held-out accuracy, one epoch
 
 Both train the same sequence-classification model (alignkit's `load_reward_model`: the causal LM's
 transformer plus a score head seeded with 0, and the same tokenizer with the same pad token), on the same
@@ -149,6 +150,9 @@ def trl_worker(spec: dict) -> dict:
     padding = PaddingCounter()
     count_collated_padding(trainer, padding)
     trainer.train()
+    if spec.get("save"):
+        trainer.save_model(str(Path(spec["output_dir"]) / "final"))
+        tokenizer.save_pretrained(str(Path(spec["output_dir"]) / "final"))
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {**rates(times, cpu, spec["warmup"], spec["batch"]), "setup_s": times[0] - t0, "first_loss": losses[0],
             "last_loss": losses[-1], "self_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
@@ -206,6 +210,67 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> tuple[str, d
     return text, {"settings": dict(s, model=model, steps=steps, warmup=args.warmup), "runs": results, "medians": medians}
 
 
+def heldout_accuracy(framework: str, model_dir: str, records: list[dict], max_length: int) -> list[float]:
+    """1.0 / 0.0 per held-out pair: did the trained RM score chosen above rejected? Each model is read the way its
+    framework trained it: alignkit's at the end-of-turn token (score_texts); TRL's at the last token of the
+    rendered conversation (a sequence-classification forward, one text at a time)."""
+    import torch
+
+    from alignkit.models.reward import load_reward_model, score_texts
+
+    torch.set_grad_enabled(False)
+    model, tokenizer = load_reward_model(model_dir)
+    model.eval()
+    if framework == "alignkit":
+        prompts = [r["prompt"] for r in records] * 2
+        responses = [r["chosen"] for r in records] + [r["rejected"] for r in records]
+        scores = score_texts(model, tokenizer, prompts, responses, batch_size=8, max_length=max_length)
+        n = len(records)
+        return [float(c > r) for c, r in zip(scores[:n], scores[n:])]
+    out = []
+    for r in records:
+        side = []
+        for response in (r["chosen"], r["rejected"]):
+            messages = list(r["prompt"]) + [{"role": "assistant", "content": response}]
+            ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"][-max_length:]
+            side.append(model(input_ids=torch.tensor([ids])).logits[0, 0].item())
+        out.append(float(side[0] > side[1]))
+    return out
+
+
+def quality(args: argparse.Namespace) -> None:
+    """Held-out accuracy on the shared HH harmless dev pairs after one epoch, as one would run TRL's RewardTrainer
+    (batch 8, lr 1e-5, max_length 256), both frameworks from the same model and head, each in its own process."""
+    from alignkit.models.loading import resolve_model_path
+
+    model = resolve_model_path("smollm2-135m-instruct")
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_rm_quality_"))
+    work.mkdir(parents=True, exist_ok=True)
+    records = rm_records(str(HH_DATA), args.train_pairs + args.eval_pairs, model, 256)
+    train, heldout = records[: args.train_pairs], records[args.train_pairs:]
+    data_file = write_jsonl(train, work / "train.jsonl")
+    env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)} if args.threads else None
+    steps = args.train_pairs // 8
+    report = {"command": " ".join(sys.argv), "train_pairs": len(train), "eval_pairs": len(heldout), "steps": steps}
+    for framework in VARIANTS:
+        spec = dict(model=model, data_file=str(data_file), output_dir=str(work / framework), steps=steps, warmup=1,
+                    max_length=256, batch=8, micro=4, lr=1e-5, row_tokens=0, save=True)
+        t0 = time.perf_counter()
+        result = run_worker(Path(__file__), ["_worker", framework, json.dumps(spec)], work / f"{framework}.log", env=env)
+        report[framework] = {"train_wall_s": time.perf_counter() - t0, "examples_per_s": result["examples_per_s"],
+                             "peak_rss_mb": result["peak_rss_mb"]}
+        print(f"  {framework}: trained in {report[framework]['train_wall_s']:.0f} s", flush=True)
+    wins = {f: heldout_accuracy(f, str(work / f / "final"), heldout, 256) for f in VARIANTS}
+    from bench.common import mean_stderr
+
+    for f in VARIANTS:
+        report[f]["heldout_accuracy"], report[f]["heldout_accuracy_se"] = mean_stderr(wins[f])
+    diff = [a - b for a, b in zip(wins["alignkit"], wins["trl"])]
+    report["accuracy_difference"], report["accuracy_difference_se"] = mean_stderr(diff)
+    print(json.dumps(report, indent=1))
+    write_json(Path(args.json or work / "bench_rm_quality.json"), report)
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_worker":
         spec = json.loads(sys.argv[3])
@@ -221,7 +286,13 @@ def main() -> None:
     parser.add_argument("--row-tokens", type=int, default=None, help="alignkit's row_tokens (default 0: the longest sequence of the forward)")
     parser.add_argument("--work-dir", default=None)
     parser.add_argument("--json", default=None, help="result file (default: WORK_DIR/bench_rm.json)")
+    parser.add_argument("--quality", action="store_true", help="held-out HH accuracy after one epoch, alignkit vs TRL")
+    parser.add_argument("--train-pairs", type=int, default=320)
+    parser.add_argument("--eval-pairs", type=int, default=200)
     args = parser.parse_args()
+    if args.quality:
+        quality(args)
+        return
     models = ["tiny", "smollm2"] if args.model == "both" else [args.model]
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_rm_"))
     print(f"work dir: {work}  (worker logs there)", flush=True)
