@@ -14,6 +14,7 @@ import torch
 
 from alignkit.ops import entropy_from_logits, forward_batch, logprobs_from_logits
 from alignkit.rollout.sampling import Generation, prefix_cache
+from alignkit.runtime.lm import output_head
 from alignkit.runtime.train_loop import is_sharded
 
 
@@ -49,9 +50,8 @@ def output_layer_inputs(model):
     """A list that fills with the inputs of `model`'s output projection (the LM head) while in the block: the
     last hidden states (after the final norm) of exactly the positions projected on the vocabulary, with their
     autograd graph. A hook instead of output_hidden_states, which would keep every layer's states alive."""
-    inner = getattr(model, "module", model)  # DDP / FSDP wrappers
     seen: list[torch.Tensor] = []
-    handle = inner.get_output_embeddings().register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    handle = output_head(model).register_forward_pre_hook(lambda _, args: seen.append(args[0]))
     try:
         yield seen
     finally:
