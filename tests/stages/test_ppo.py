@@ -103,6 +103,42 @@ def test_reward_model_proxy_and_critic_from_it(pretrained_tiny: Path, tmp_path: 
     assert summary["eval_length_before"] == pytest.approx(sum(len(s.response_ids) for s in samples) / 8)
 
 
+def test_ensemble_reward_model_logs_its_disagreement_every_step(pretrained_tiny: Path, tmp_path: Path):
+    from alignkit.models.reward import load_reward_model, score_texts, write_ensemble_index
+
+    # Two untrained RMs with different seeded heads disagree; as an ensemble directory they are PPO's proxy.
+    ensemble = tmp_path / "ensemble"
+    members = []
+    for i, seed in enumerate((5, 6)):
+        rm, rm_tok = load_reward_model(str(pretrained_tiny / "final"), new_head=True, seed=seed)
+        rm.save_pretrained(ensemble / f"member-{i}")
+        rm_tok.save_pretrained(ensemble / f"member-{i}")
+        members.append(rm)
+    write_ensemble_index(ensemble, ["member-0", "member-1"])
+    out = tmp_path / "run"
+    summary = run_stage("ppo", ppo_overrides(pretrained_tiny / "final", output_dir=out, reward="rm",
+                                             reward__model=ensemble, advantage="grpo", max_steps=2))
+    steps = [m for m in read_jsonl(out / "metrics.jsonl") if "policy_loss" in m]
+    assert len(steps) == 2 and all(m["rm_disagreement"] > 0 for m in steps)  # the alarm's input, per rollout
+    # Held-out before training, by hand: redraw the eval samples, score them with each member; the reward is the
+    # members' mean and the disagreement the mean over samples of their std (ddof 0), from the same scores.
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignkit.data.tasks import load_task_records
+    from alignkit.rollout.ppo import sample_responses
+
+    policy = AutoModelForCausalLM.from_pretrained(pretrained_tiny / "final")
+    tok = AutoTokenizer.from_pretrained(pretrained_tiny / "final")
+    prompts = [r["prompt"] for r in load_task_records("task:sort/prompts_eval?n=8")[0]]
+    samples = sample_responses(Accelerator(cpu=True), policy, tok, prompts, 1, 1.0, 8, 3, 0, split=1)
+    with torch.no_grad():
+        scores = torch.tensor([score_texts(m, rm_tok, prompts, [s.text for s in samples], 8, 64) for m in members])
+    assert summary["eval_reward_before"] == pytest.approx(scores.mean().item(), abs=1e-4)
+    assert summary["eval_rm_disagreement_before"] == pytest.approx(scores.std(dim=0, unbiased=False).mean().item(),
+                                                                   abs=1e-4)
+
+
 def test_resume_after_kill_equals_uninterrupted(pretrained_tiny: Path, tmp_path: Path, capfd):
     # Adaptive KL and running reward normalisation carry state across steps: the checkpoint must hold it.
     common = ppo_overrides(pretrained_tiny / "final", max_steps=4, save_steps=2, log_steps=1, adaptive_kl="true",

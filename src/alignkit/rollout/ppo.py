@@ -29,8 +29,28 @@ from alignkit.runtime.setup import derive_seed
 # (ITERATION_SPLIT, step) the rollout of `step`, (REFILL_SPLIT, step, k) dynamic sampling's refill round k.
 
 
-# (prompts, responses[i] = texts answering prompts[i]) -> rewards[i][j]
+# (prompts, responses[i] = texts answering prompts[i]) -> rewards[i][j]. The proxy of an ensemble reward model
+# also carries `per_member`, the same call returning every member's score [i][j][member] (score_proxy reads it).
 RewardFn = Callable[[list, list[list[str]]], list[list[float]]]
+
+
+def score_proxy(proxy: RewardFn, prompts: list, texts: list[list[str]]) -> tuple[list[list[float]], float | None]:
+    """(rewards[i][j], the ensemble's disagreement on these texts or None): with an ensemble reward model the
+    reward is the members' mean and the disagreement eval.metrics.ensemble_disagreement of their scores, from
+    ONE scoring pass; any other proxy gives its rewards and None."""
+    per_member = getattr(proxy, "per_member", None)
+    if per_member is None:
+        return proxy(prompts, texts), None
+    from alignkit.eval.metrics import ensemble_disagreement
+
+    scores = per_member(prompts, texts)
+    flat = torch.tensor([member for per in scores for member in per], dtype=torch.float64)  # [N, M]
+    means = flat.mean(dim=1).tolist()
+    rewards, start = [], 0
+    for per in scores:
+        rewards.append(means[start : start + len(per)])
+        start += len(per)
+    return rewards, ensemble_disagreement(flat.T.numpy())
 
 
 class RolloutForwards(NamedTuple):
@@ -56,20 +76,22 @@ def sample_responses(accelerator: Accelerator, model, tokenizer, prompts: list, 
 
 def sample_scored(accelerator, cfg, actor, tokenizer, prompts: list, split: Split, proxy: RewardFn, gold: RewardFn | None,
                   max_prompt_tokens: int) -> dict[str, Any]:
-    """One sampling round: samples (prompt-major), their raw proxy [N], gold [N] or None, and `penalised` [P,G]:
-    the proxy after the missing-EOS and overlong penalties (what dynamic sampling compares)."""
+    """One sampling round: samples (prompt-major), their raw proxy [N], gold [N] or None, `penalised` [P,G]: the
+    proxy after the missing-EOS and overlong penalties (what dynamic sampling compares), and `disagreement` (an
+    ensemble reward model's spread on these samples, else None)."""
     n = cfg.samples_per_prompt
     samples = sample_responses(accelerator, actor, tokenizer, prompts, n, cfg.sampling.temperature, cfg.sampling.max_new_tokens,
                                cfg.sampling.chunk, cfg.seed, split=split, max_prompt_tokens=max_prompt_tokens)
     texts = grouped([s.text for s in samples], n)
-    raw = torch.tensor([r for rs in proxy(prompts, texts) for r in rs], dtype=torch.float32)
+    rewards, disagreement = score_proxy(proxy, prompts, texts)
+    raw = torch.tensor([r for rs in rewards for r in rs], dtype=torch.float32)
     golds = torch.tensor([g for gs in gold(prompts, texts) for g in gs]) if gold is not None else None
     finished = torch.tensor([s.finished for s in samples])
     penalised = raw - cfg.missing_eos_penalty * (~finished).float()
     if cfg.overlong_buffer > 0:
         lengths = torch.tensor([len(s.response_ids) for s in samples])
         penalised = penalised + overlong_penalty(lengths, cfg.sampling.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
-    return {"samples": samples, "raw": raw, "gold": golds, "penalised": penalised.view(-1, n)}
+    return {"samples": samples, "raw": raw, "gold": golds, "penalised": penalised.view(-1, n), "disagreement": disagreement}
 
 
 def draw_rollout_samples(accelerator, cfg, actor, tokenizer, prompts: list, rows: list[int], step: int, proxy: RewardFn,
@@ -83,6 +105,8 @@ def draw_rollout_samples(accelerator, cfg, actor, tokenizer, prompts: list, rows
     varied = varied_groups(first["penalised"])
     stats = {"varied_group_fraction": varied.float().mean().item(), "sampled": len(first["samples"]),
              "sampling_rounds": 1}
+    if first["disagreement"] is not None:  # the spread on the first round's samples (the step's own prompts)
+        stats["rm_disagreement"] = first["disagreement"]
     if not cfg.dynamic_sampling:
         return first, stats
     rounds, kept = [first], [(0, g) for g in varied.nonzero().flatten().tolist()]
@@ -243,7 +267,8 @@ def evaluate_policy(accelerator: Accelerator, actor, ref, tokenizer, prompts: li
                     gold: RewardFn | None) -> dict[str, float]:
     """Held-out metrics of the current policy on `prompts`, sampled at cfg.sampling.temperature with a FIXED seed
     (common random numbers across evaluations): reward, gold_reward (+ _stderr over prompts), kl (mean
-    per-sequence sum of log pi - log pi_ref, an unbiased KL estimate; + _stderr), length, eos_fraction."""
+    per-sequence sum of log pi - log pi_ref, an unbiased KL estimate; + _stderr), length, eos_fraction, and with an
+    ensemble reward model rm_disagreement (what the ensemble_disagreement alarm follows)."""
     from alignkit.eval.metrics import grouped_mean_and_stderr
 
     if not prompts:
@@ -258,7 +283,10 @@ def evaluate_policy(accelerator: Accelerator, actor, ref, tokenizer, prompts: li
                                     cfg.sampling.temperature, cfg.forward_batch_size)
     kl = [float((f.logprobs - f.ref_logprobs).sum()) for f in forwards]
     out: dict[str, float] = {}
-    series = {"reward": proxy(prompts, texts), "kl": grouped(kl, n),
+    rewards, disagreement = score_proxy(proxy, prompts, texts)
+    if disagreement is not None:
+        out["rm_disagreement"] = disagreement
+    series = {"reward": rewards, "kl": grouped(kl, n),
               "length": grouped([float(len(s.response_ids)) for s in samples], n)}
     if gold is not None:
         series["gold_reward"] = gold(prompts, texts)
@@ -302,10 +330,13 @@ def reward_functions(accelerator: Accelerator, cfg: Any) -> tuple[RewardFn, Rewa
     if cfg.offload_frozen:  # on the accelerator only while it scores (resident)
         rm.to("cpu")
 
-    def proxy(prompts: list, texts: list[list[str]]) -> list[list[float]]:
+    def proxy(prompts: list, texts: list[list[str]], per_member: bool = False) -> list[list[float]]:
         with resident(rm, accelerator.device, cfg.offload_frozen):
-            return score_with(accelerator, rm, rm_tokenizer, prompts, texts, cfg.reward.batch_size, cfg.max_length)
+            return score_with(accelerator, rm, rm_tokenizer, prompts, texts, cfg.reward.batch_size, cfg.max_length,
+                              per_member=per_member)
 
+    if hasattr(rm, "members"):  # an ensemble directory: score_proxy takes the mean and the spread from one pass
+        proxy.per_member = lambda prompts, texts: proxy(prompts, texts, per_member=True)
     return proxy, gold
 
 
