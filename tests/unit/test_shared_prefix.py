@@ -69,3 +69,30 @@ def test_fewer_tokens_than_one_copy_each():
     real = sum(len(e["input_ids"]) for e in examples)
     saved = (6 + 2 * 2 + 9 + 3)  # each group's prefix once fewer than it has responses
     assert int(batch["input_ids"].ne(0).sum()) == real - saved
+
+
+def test_an_ensemble_packs_once_and_scores_each_members_mean(monkeypatch):
+    import alignkit.models.reward as reward
+
+    examples, sizes = groups_of_examples()
+    members = [tiny_llama(seed=s, classifier=True, attn="sdpa").eval() for s in (3, 4)]
+    ensemble = reward.RewardEnsemble(members)
+    with torch.no_grad():
+        alone = torch.stack([packed_rewards(m, examples, 0, row_tokens=24) for m in members])  # [2,N]
+        packings = {"plain": 0, "shared": 0}
+        for name, fn in (("plain", "pack_for_forward"), ("shared", "pack_shared_prefixes")):
+            original = getattr(reward, fn)
+
+            def counted(*args, _original=original, _name=name, **kwargs):
+                packings[_name] += 1
+                return _original(*args, **kwargs)
+
+            monkeypatch.setattr(reward, fn, counted)
+        per_member = reward.member_rewards(ensemble, examples, 0, row_tokens=24)
+        mean = packed_rewards(ensemble, examples, 0, row_tokens=24)
+        grouped = grouped_rewards(ensemble, examples, sizes, 0, row_tokens=24)
+    torch.testing.assert_close(per_member, alone)
+    torch.testing.assert_close(mean, alone.mean(0))
+    torch.testing.assert_close(grouped, alone.mean(0), atol=1e-5, rtol=1e-5)
+    assert alone[0].sub(alone[1]).abs().max() > 1e-3  # the members differ, so the mean is a real test
+    assert packings == {"plain": 2, "shared": 1}  # one packing per call, not one per member

@@ -259,27 +259,37 @@ def last_positions(segment: torch.Tensor, n: int) -> torch.Tensor:
     return last.scatter_reduce(0, flat[real], index[real], reduce="amax")
 
 
+def scoring_models(model: Any) -> list[torch.nn.Module]:
+    """The reward models whose scores `model` averages: an ensemble's members, else [model]."""
+    return list(model.members) if isinstance(model, RewardEnsemble) else [model]
+
+
+def rewards_at(model: Any, batch: dict, last: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One reward model's forward over an already packed batch, its head read at the flat positions `last`. -> [N]."""
+    base, head = _base_and_head(model)
+    mask = {} if attention_mask is None else {"attention_mask": attention_mask}
+    hidden = base(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, **mask).last_hidden_state
+    picked = hidden.reshape(-1, hidden.shape[-1])[last]  # [N,H]
+    return head(picked)[:, 0].float()
+
+
 def packed_rewards(model: Any, examples: list[dict], pad_id: int, row_tokens: int) -> torch.Tensor:
     """Reward of each example, read at its last token, from padding-free packed forwards. -> [N].
 
     examples: {"input_ids", "labels"} lists (labels unused here), each ending at its end-of-turn
     token. Differentiable; runs the base transformer once over rows of up to `row_tokens` tokens
     (examples isolated by position-id resets) and the score head only on the N last hidden states.
+    An ensemble: the members' mean (member_rewards).
     """
-    if isinstance(model, RewardEnsemble):
-        return member_rewards(model, examples, pad_id, row_tokens).mean(dim=0)
-    base, head = _base_and_head(model)
+    return member_rewards(model, examples, pad_id, row_tokens).mean(dim=0)
+
+
+def member_rewards(model: Any, examples: list[dict], pad_id: int, row_tokens: int) -> torch.Tensor:
+    """Each member's reward of each example, the examples packed ONCE for all members. -> [M,N] (M=1: one model)."""
     device = next(model.parameters()).device
     batch = pack_for_forward(examples, row_tokens, pad_id, device)
-    hidden = base(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).last_hidden_state
     last = last_positions(batch["segment"], len(examples))
-    picked = hidden.reshape(-1, hidden.shape[-1])[last]  # [N,H]
-    return head(picked)[:, 0].float()
-
-
-def member_rewards(ensemble: RewardEnsemble, examples: list[dict], pad_id: int, row_tokens: int) -> torch.Tensor:
-    """Each member's reward of each example. -> [M,N]."""
-    return torch.stack([packed_rewards(member, examples, pad_id, row_tokens) for member in ensemble.members])
+    return torch.stack([rewards_at(m, batch, last) for m in scoring_models(model)])
 
 
 def grouped_rewards(model: Any, examples: list[dict], group_sizes: list[int], pad_id: int, row_tokens: int) -> torch.Tensor:
@@ -289,20 +299,16 @@ def grouped_rewards(model: Any, examples: list[dict], group_sizes: list[int], pa
     The chosen and rejected responses of a preference pair repeat the same prompt, which is most of the
     tokens in multi-turn data (HH-RLHF); a 4D attention mask lets both read one copy. The rewards equal
     packed_rewards' (tests/unit/test_shared_prefix.py). Attention implementations that take no 4D mask
-    (flash-attention) fall back to packed_rewards."""
-    if isinstance(model, RewardEnsemble):
-        return torch.stack([grouped_rewards(m, examples, group_sizes, pad_id, row_tokens) for m in model.members]).mean(0)
-    base, head = _base_and_head(model)
+    (flash-attention) fall back to packed_rewards. An ensemble: one packing, each member forwarded on it."""
+    models = scoring_models(model)
+    base, _ = _base_and_head(models[0])
     attention = getattr(base.config, "_attn_implementation", "eager")
     if attention not in ("sdpa", "eager"):
         return packed_rewards(model, examples, pad_id, row_tokens)
     device = next(model.parameters()).device
     mask_dtype = next(model.parameters()).dtype if attention == "eager" else None
     batch = pack_shared_prefixes(examples, group_sizes, row_tokens, pad_id, device, mask_dtype)
-    hidden = base(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                  attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
-    picked = hidden.reshape(-1, hidden.shape[-1])[batch["last"]]  # [N,H]
-    return head(picked)[:, 0].float()
+    return torch.stack([rewards_at(m, batch, batch["last"], batch["attention_mask"]) for m in models]).mean(dim=0)
 
 
 class PackedRewardModel(torch.nn.Module):
