@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
     tiny_model_dir,
-    REPO, PaddingCounter, alignkit_step_timer, count_collated_padding, count_packed_padding, emit_result,
-    preimport_alignkit, ratio_lines, rates, run_alignkit, run_worker, summarize, trl_chat_pairs, trl_step_timer,
+    REPO, PaddingCounter, alignkit_step_timer, count_collated_padding, count_packed_padding, emit_result, mean_stderr,
+    paired_difference, preimport_alignkit, ratio_lines, rates, run_alignkit, run_worker, summarize, trl_chat_pairs, trl_step_timer,
     variant_table, write_json, write_jsonl,
 )
 
@@ -261,12 +261,10 @@ def quality(args: argparse.Namespace) -> None:
                              "peak_rss_mb": result["peak_rss_mb"]}
         print(f"  {framework}: trained in {report[framework]['train_wall_s']:.0f} s", flush=True)
     wins = {f: heldout_accuracy(f, str(work / f / "final"), heldout, 256) for f in VARIANTS}
-    from bench.common import mean_stderr
-
     for f in VARIANTS:
         report[f]["heldout_accuracy"], report[f]["heldout_accuracy_se"] = mean_stderr(wins[f])
-    diff = [a - b for a, b in zip(wins["alignkit"], wins["trl"])]
-    report["accuracy_difference"], report["accuracy_difference_se"] = mean_stderr(diff)
+    # alignkit - TRL, paired over the same held-out pairs
+    report["accuracy_difference"], report["accuracy_difference_se"] = paired_difference(wins["trl"], wins["alignkit"])
     print(json.dumps(report, indent=1))
     write_json(Path(args.json or work / "bench_rm_quality.json"), report)
 
