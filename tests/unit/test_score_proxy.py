@@ -1,10 +1,10 @@
-"""rollout.ppo.score_proxy: an ensemble proxy's mean and spread from one scoring pass, by hand."""
+"""rollout.rewards.score_proxy: an ensemble proxy's mean and spread from one scoring pass, by hand."""
 
 from __future__ import annotations
 
 import pytest
 
-from alignkit.rollout.ppo import score_proxy
+from alignkit.rollout.rewards import score_proxy
 
 
 def test_plain_proxy_passes_through_without_disagreement():

@@ -5,12 +5,15 @@ top to bottom on top of these; the rollout's math (Rollout, build_rollout, shape
 Process-count independence: sampling and the no-grad forwards run in fixed chunks (chunk c on process
 c % world, seeded from (seed, split, c)) and are gathered, so every process ends up with the whole rollout,
 computed exactly as one process would compute it.
+
+Just past 400 lines because the held-out evaluation and the four models' loading stay beside the rollout
+they serve; the scoring rules shared with other stages (score_proxy, RewardFn) live in rollout/rewards.py.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from accelerate import Accelerator
@@ -20,37 +23,13 @@ from alignkit.ops import masked_mean
 from alignkit.rl import Rollout, build_rollout, overlong_penalty, shape_scores, varied_groups
 from alignkit.rollout.forwards import (batch_on, logprobs_and_values, reference_logprobs, resident,
                                        response_logprobs, response_values)
-from alignkit.rollout.rewards import gold_rewards, load_scorer, score_with, task_name_for
+from alignkit.rollout.rewards import RewardFn, gold_rewards, load_scorer, score_proxy, score_with, task_name_for
 from alignkit.rollout.sampling import (EVAL_SPLIT, ITERATION_SPLIT, REFILL_SPLIT, Generation, Split, map_chunks,
                                        sample_generations)
 from alignkit.runtime.setup import derive_seed
 
 # Sampling seeds of a PPO run (rollout.sampling's splits): EVAL_SPLIT the held-out evaluation,
 # (ITERATION_SPLIT, step) the rollout of `step`, (REFILL_SPLIT, step, k) dynamic sampling's refill round k.
-
-
-# (prompts, responses[i] = texts answering prompts[i]) -> rewards[i][j]. The proxy of an ensemble reward model
-# also carries `per_member`, the same call returning every member's score [i][j][member] (score_proxy reads it).
-RewardFn = Callable[[list, list[list[str]]], list[list[float]]]
-
-
-def score_proxy(proxy: RewardFn, prompts: list, texts: list[list[str]]) -> tuple[list[list[float]], float | None]:
-    """(rewards[i][j], the ensemble's disagreement on these texts or None): with an ensemble reward model the
-    reward is the members' mean and the disagreement eval.metrics.ensemble_disagreement of their scores, from
-    ONE scoring pass; any other proxy gives its rewards and None."""
-    per_member = getattr(proxy, "per_member", None)
-    if per_member is None:
-        return proxy(prompts, texts), None
-    from alignkit.eval.metrics import ensemble_disagreement
-
-    scores = per_member(prompts, texts)
-    flat = torch.tensor([member for per in scores for member in per], dtype=torch.float64)  # [N, M]
-    means = flat.mean(dim=1).tolist()
-    rewards, start = [], 0
-    for per in scores:
-        rewards.append(means[start : start + len(per)])
-        start += len(per)
-    return rewards, ensemble_disagreement(flat.T.numpy())
 
 
 class RolloutForwards(NamedTuple):

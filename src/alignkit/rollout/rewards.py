@@ -8,7 +8,7 @@ processes (rollout.sampling.map_chunks) and gathered, so 1 and N processes score
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
@@ -18,6 +18,30 @@ from alignkit.data.records import DataError
 from alignkit.rollout.sampling import map_chunks
 
 REWARD_SOURCES = ("gold", "rm")
+
+
+# (prompts, responses[i] = texts answering prompts[i]) -> rewards[i][j]. The proxy of an ensemble reward model
+# also carries `per_member`, the same call returning every member's score [i][j][member] (score_proxy reads it).
+RewardFn = Callable[[list, list[list[str]]], list[list[float]]]
+
+
+def score_proxy(proxy: RewardFn, prompts: list, texts: list[list[str]]) -> tuple[list[list[float]], float | None]:
+    """(rewards[i][j], the ensemble's disagreement on these texts or None): with an ensemble reward model the
+    reward is the members' mean and the disagreement eval.metrics.ensemble_disagreement of their scores, from
+    ONE scoring pass; any other proxy gives its rewards and None."""
+    per_member = getattr(proxy, "per_member", None)
+    if per_member is None:
+        return proxy(prompts, texts), None
+    from alignkit.eval.metrics import ensemble_disagreement
+
+    scores = per_member(prompts, texts)
+    flat = torch.tensor([member for per in scores for member in per], dtype=torch.float64)  # [N, M]
+    means = flat.mean(dim=1).tolist()
+    rewards, start = [], 0
+    for per in scores:
+        rewards.append(means[start : start + len(per)])
+        start += len(per)
+    return rewards, ensemble_disagreement(flat.T.numpy())
 
 
 def task_name_for(task: str | None, train_data: Any, required: bool = True) -> str | None:
