@@ -874,6 +874,8 @@ class PipelineConfig:
     overrides: list[str] = opt([], "per-stage overrides as '<stage>.<key>=<value>' (e.g. 'sft.max_steps=50')")
     evaluate: bool = opt(True, "run `alignkit eval` on every resulting policy and write the report")
     launcher: str = opt("", "command prefix for each stage, e.g. 'accelerate launch --multi_gpu --num_processes 2'")
+    jobs: int = opt(1, "stages run at once when the stages they take inputs from are complete (dpo, ppo, ... all "
+                    "need only sft, label and rm), each with cores/jobs CPU threads; 1: one after the other")
     seed: int = opt(0, "seed given to every stage")
 
 

@@ -44,11 +44,21 @@ QUICK = [
 
 def test_pipeline_runs_every_available_stage_and_reports(tmp_path: Path):
     out = tmp_path / "pipe"
-    stages = ["pretrain", "sft", "label", "rm", "dpo", "rrhf", "ppo", "grpo", "raft", "best_of_n", "iterate"]
-    report = run_stage("pipeline", [f"output_dir={out}", f"stages=[{', '.join(stages)}]",
+    # the default pipeline's order and jobs: two stages at once once their inputs are ready
+    stages = ["pretrain", "sft", "label", "rm", "iterate", "ppo", "rrhf", "dpo", "best_of_n", "grpo", "raft"]
+    report = run_stage("pipeline", [f"output_dir={out}", f"stages=[{', '.join(stages)}]", "jobs=2",
                                     f"overrides={json.dumps(QUICK)}"])
     ran = [s for s in stages if (out / s / "summary.json").exists()]
     assert ran == stages
+    # each stage writes config.yaml when it starts and summary.json when it ends: some ran at the same time,
+    # and none started before the stages it takes inputs from had ended
+    span = {s: ((out / s / "config.yaml").stat().st_mtime, (out / s / "summary.json").stat().st_mtime) for s in stages}
+    assert any(span[a][0] < span[b][1] and span[b][0] < span[a][1] for a in stages for b in stages if a < b)
+    for stage, inputs in {"sft": ["pretrain"], "label": ["sft"], "rm": ["label"], "dpo": ["label"],
+                          "iterate": ["rm"], "ppo": ["rm"], "rrhf": ["rm", "label"]}.items():
+        assert all(span[i][1] <= span[stage][0] for i in inputs), stage
+    # the report keeps the methods' order, not the order the stages ran in
+    assert [m for m in report["methods"] if m not in ("sft", "base")][:5] == ["dpo", "rrhf", "ppo", "grpo", "raft"]
     # wiring: SFT started from the pretrained model; the RM from SFT, on the labelled SFT samples; DPO on the
     # labelled pairs; the RL methods from SFT with the pipeline's reward model
     sft_cfg = (out / "sft" / "config.yaml").read_text()
@@ -80,6 +90,6 @@ def test_pipeline_runs_every_available_stage_and_reports(tmp_path: Path):
     assert (out / "plots" / "proxy_gold_over_training.png").exists()  # PPO rollouts / RAFT iterations
 
     # A rerun skips every complete stage (and the finished eval) and rewrites the same report.
-    again = run_stage("pipeline", [f"output_dir={out}", f"stages=[{', '.join(stages)}]",
+    again = run_stage("pipeline", [f"output_dir={out}", f"stages=[{', '.join(stages)}]", "jobs=2",
                                    f"overrides={json.dumps(QUICK)}"])
     assert again["methods"] == report["methods"]

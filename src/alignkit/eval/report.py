@@ -61,7 +61,8 @@ def eval_stage_args(cfg: Any, done: dict[str, Path]) -> list[str]:
 
     out = Path(cfg.output_dir)
     # Stages without final/ (best-of-n: a sampling procedure, not a new model) report from their summary.
-    policies = {POLICY_METHODS[s]: d / "final" for s, d in done.items() if s in POLICY_METHODS and (d / "final").exists()}
+    # In POLICY_METHODS order, whatever order the stages ran in (`jobs` > 1 starts long stages first).
+    policies = {name: done[s] / "final" for s, name in POLICY_METHODS.items() if s in done and (done[s] / "final").exists()}
     names, paths = list(policies), [str(p) for p in policies.values()]
     # JSON lists are YAML flow lists with every item quoted: safe for any path.
     args = [f"output_dir={out / 'eval'}", f"seed={cfg.seed}", f"models={json.dumps(paths)}",
