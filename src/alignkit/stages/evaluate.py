@@ -121,6 +121,26 @@ def reward_metrics(ctx: Context, flat_prompts: list, texts: list[str], k: int) -
     return out, scores
 
 
+@torch.no_grad()
+def response_token_logps(model, generations: list, pad_id: int, group: int, temperature: float,
+                         rows: int = 64) -> list[torch.Tensor]:
+    """Per-token log-probs [T_n] (CPU) of each generation's response under logits / temperature.
+
+    generations: prompt-major, `group` samples per prompt; batches of about `rows` rows keep a prompt's samples
+    together, so rollout.forwards.response_logprobs runs each prompt once for all of them (the same numbers as
+    eval.scoring.token_logps on the whole sequences, to float rounding: tested)."""
+    from alignkit.rollout.forwards import batch_on, response_logprobs
+
+    device = next(model.parameters()).device
+    step = max(group, rows // group * group)
+    out: list[torch.Tensor] = []
+    for start in range(0, len(generations), step):
+        batch = batch_on(generations[start:start + step], pad_id, device)
+        logps, _ = response_logprobs(model, batch, temperature)
+        out.extend(row[mask.bool()].cpu() for row, mask in zip(logps, batch["mask"]))
+    return out
+
+
 def kl_metrics(ctx: Context, model, tokenizer, generations: list) -> dict:
     """KL(policy || reference) from the policy's own samples: k1 of sequence sums and per-token k3.
 
@@ -134,10 +154,14 @@ def kl_metrics(ctx: Context, model, tokenizer, generations: list) -> dict:
     if tokenizer.get_vocab() != ref_tok.get_vocab():
         print("eval: the reference has another tokenizer; KL skipped for this model", flush=True)
         return {}
-    examples = response_examples(generations, ctx.cfg.max_length)
-    pad, rows, budget, k = tokenizer.pad_token_id, SCORE_ROW_TOKENS, ctx.cfg.score_tokens, ctx.cfg.n_samples
-    pol = token_logps(model, examples, pad, rows, budget, ctx.cfg.sampling.temperature)
-    ref = token_logps(ref_model, examples, pad, rows, budget, ctx.cfg.sampling.temperature)
+    pad, k, temperature = tokenizer.pad_token_id, ctx.cfg.n_samples, ctx.cfg.sampling.temperature
+    if all(0 < len(g.response_ids) and len(g.prompt_ids) + len(g.response_ids) <= ctx.cfg.max_length for g in generations):
+        # a prompt's k samples share one forward of it (rollout.forwards): the tiny task's prompts are most tokens
+        pol, ref = (response_token_logps(m, generations, pad, k, temperature) for m in (model, ref_model))
+    else:  # some sample is cut at max_length (or empty): packed rows of the cut sequences
+        examples = response_examples(generations, ctx.cfg.max_length)
+        rows, budget = SCORE_ROW_TOKENS, ctx.cfg.score_tokens
+        pol, ref = (token_logps(m, examples, pad, rows, budget, temperature) for m in (model, ref_model))
     out: dict[str, float] = {}
     _with_stderr(out, "kl", M.kl_from_samples(_grouped([p.sum().item() for p in pol], k),
                                               _grouped([r.sum().item() for r in ref], k)))
