@@ -147,28 +147,30 @@ def test_every_pair_truncated_and_bad_options_are_clear_errors(pretrained_tiny: 
     assert res.returncode == 2 and "label_smoothing" in res.stderr
 
 
-def test_completion_only_head_equals_full_sequence_logps(pretrained_tiny: Path):
+def test_pair_logps_equal_full_sequence_logps(pretrained_tiny: Path):
+    """pair_logps (each prompt once, the head only on completion tokens) against sequence_logps of every
+    sequence whole: the same log-probs and gradients."""
     import torch
 
     from alignkit.data.records import load_records
     from alignkit.models.loading import load_causal_lm
     from alignkit.runtime.sequences import sequence_logps
-    from alignkit.stages.dpo import completion_logps, tokenize_pairs
+    from alignkit.stages.dpo import pair_logps, tokenize_pairs
 
     model, tok = load_causal_lm(str(pretrained_tiny / "final"))
     records, _ = load_records("task:sort/prefs?n=6&seed=1", "preference")
     pairs, _ = tokenize_pairs(tok, records, 64)
     examples = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    for row_tokens in (1, 256):  # one sequence per row vs several packed in a row
+    b = len(pairs)
+    for row_tokens in (1, 256):  # one pair per row vs several packed in a row
         model.zero_grad()
         full, full_counts = sequence_logps(model, examples, tok.pad_token_id, row_tokens)
         full.sum().backward()
         full_grad = model.get_input_embeddings().weight.grad.clone()
         model.zero_grad()
-        head, head_counts = completion_logps(model, examples, tok.pad_token_id, row_tokens)
-        head.sum().backward()
-        assert torch.equal(head_counts, full_counts)
-        torch.testing.assert_close(head, full, rtol=0, atol=1e-5)
-        torch.testing.assert_close(model.get_input_embeddings().weight.grad, full_grad, rtol=1e-5, atol=1e-6)
-    # Only completion tokens (and the end-of-turn token) are scored: fewer than the sequence lengths.
+        chosen, rejected, chosen_counts = pair_logps(model, pairs, tok.pad_token_id, row_tokens)
+        (chosen.sum() + rejected.sum()).backward()
+        assert torch.equal(chosen_counts, full_counts[:b])
+        torch.testing.assert_close(torch.cat([chosen, rejected]), full, rtol=0, atol=1e-5)
+        torch.testing.assert_close(model.get_input_embeddings().weight.grad, full_grad, rtol=1e-4, atol=1e-5)
     assert all(0 < c < len(e["input_ids"]) for c, e in zip(full_counts.tolist(), examples))

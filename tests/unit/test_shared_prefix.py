@@ -96,3 +96,27 @@ def test_an_ensemble_packs_once_and_scores_each_members_mean(monkeypatch):
     torch.testing.assert_close(grouped, alone.mean(0), atol=1e-5, rtol=1e-5)
     assert alone[0].sub(alone[1]).abs().max() > 1e-3  # the members differ, so the mean is a real test
     assert packings == {"plain": 2, "shared": 1}  # one packing per call, not one per member
+
+
+def test_language_model_log_probs_and_gradients_equal_one_copy_per_response():
+    """shared_prefix_logps (DPO's pairs, RRHF's lists) against sequence_logps (every example its own copy):
+    the same sums and counts, the same gradients, under sdpa and eager; labels may start inside the shared
+    prefix (two responses beginning alike) and prompts carry no labels."""
+    from alignkit.runtime.sequences import sequence_logps, shared_prefix_logps
+
+    examples, sizes = groups_of_examples()
+    for e in examples[::2]:  # prompt tokens unlabelled in some examples: the first 3 positions carry no loss
+        e["labels"] = [-100] * 3 + e["input_ids"][3:]
+    for attn in ("sdpa", "eager"):
+        results = []
+        for forward in (lambda m: sequence_logps(m, examples, 0, 16),
+                        lambda m: shared_prefix_logps(m, examples, sizes, 0, 16)):
+            model = tiny_llama(seed=3, attn=attn)
+            sums, counts = forward(model)
+            (sums * torch.linspace(0.5, 1.5, len(sums))).sum().backward()
+            results.append((sums.detach(), counts, [p.grad.clone() for p in model.parameters()]))
+        (a, ca, ga), (b, cb, gb) = results
+        assert torch.equal(ca, cb) and ca.min() > 0
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        for x, y in zip(ga, gb):
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)

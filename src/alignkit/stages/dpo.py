@@ -12,10 +12,10 @@ resume and reruns), and the reference model is not kept in memory. With `precomp
 in memory, frozen in eval mode, and runs beside every micro-batch; under LoRA with no `ref_model` the
 reference is the policy with its adapters disabled (no second copy).
 
-Each micro-batch scores chosen and rejected of all its pairs in ONE forward: the 2B sequences are packed
-first-fit into rows as long as the longest of them (shorter ones share a row, isolated by position-id
-resets; no row is wider than a padded batch would be, and attention never spans more than that), and
-the LM head runs only on positions that predict a completion token (`completion_logps`). Log-probs are summed over completion tokens (docs/architecture.md,
+Each micro-batch scores chosen and rejected of all its pairs in ONE forward (runtime.sequences.shared_prefix_logps):
+a pair's prompt is in it once and both completions read it through a 4D mask, pairs are packed first-fit into
+rows as long as the longest pair (no row is wider than a padded batch would be), and the LM head runs only on
+positions that predict a completion token. Log-probs are summed over completion tokens (docs/architecture.md,
 "Reductions"). `sft_weight` adds sft_weight * NLL of the chosen completion, averaged over that
 completion's tokens (a per-pair token mean, so long and short answers weigh the same), summed over
 pairs and divided by the number of pairs like the DPO term.
@@ -45,9 +45,7 @@ from alignkit.config import ConfigError, DPOConfig
 from alignkit.data.chat import tokenize_prompt_completion
 from alignkit.data.records import DataError
 from alignkit.losses import LOSS_TYPES, dpo_loss
-from alignkit.ops import logprobs_from_logits
-from alignkit.runtime.lm import head_projects_only, output_head
-from alignkit.runtime.sequences import pack_for_forward, sequence_logps
+from alignkit.runtime.sequences import shared_prefix_logps
 from alignkit.runtime.stage import finish_run, load_policy, load_train_eval, start_run
 from alignkit.runtime.train_loop import save_final, train
 
@@ -110,36 +108,12 @@ def tokenize_pairs(tokenizer, records: list[dict], max_length: int) -> tuple[lis
     return pairs, dropped
 
 
-def completion_logps(model, examples: list[dict], pad_id: int, row_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`sequence_logps` with the LM head run only where a label is scored: (sums [N], label counts [N]).
-
-    Prompt tokens are context, never scored, so projecting them onto the vocabulary is wasted work and
-    memory ([rows, T, V] logits; V = 49k for SmolLM2). A forward pre-hook hands the head only the hidden
-    states that predict a label, [1, K, H] for K scored tokens; everything else (packing, DDP, LoRA,
-    gradient checkpointing) is the ordinary forward, so the result equals sequence_logps.
-    """
-    if output_head(model) is None:
-        return sequence_logps(model, examples, pad_id, row_tokens)
-    device = next(model.parameters()).device
-    batch = pack_for_forward(examples, row_tokens, pad_id, device)
-    scored = batch["labels"][:, 1:] != -100  # token t+1 is scored from the hidden state at t
-    predicts = torch.nn.functional.pad(scored, (0, 1), value=False)
-    with head_projects_only(model, predicts):
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-    targets = batch["labels"][:, 1:][scored]
-    token_logps = logprobs_from_logits(logits.float(), targets.unsqueeze(0))[0]
-    segment = batch["segment"][:, 1:][scored]
-    sums = torch.zeros(len(examples), device=device, dtype=token_logps.dtype).index_add(0, segment, token_logps)
-    counts = torch.zeros(len(examples), device=device).index_add(0, segment, torch.ones_like(token_logps))
-    return sums, counts
-
-
 def pair_logps(model, pairs: list[Pair], pad_id: int, row_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(chosen logps [B], rejected logps [B], chosen completion tokens [B]): summed completion log-probs
-    of both sides of B pairs from one packed forward over the 2B sequences."""
-    sums, counts = completion_logps(model, [p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id, row_tokens)
-    b = len(pairs)
-    return sums[:b], sums[b:], counts[:b]
+    of both sides of B pairs from one packed forward, each pair's prompt in it once (shared_prefix_logps)."""
+    sums, counts = shared_prefix_logps(model, [e for p in pairs for e in (p.chosen, p.rejected)], [2] * len(pairs),
+                                       pad_id, row_tokens)
+    return sums[0::2], sums[1::2], counts[0::2]
 
 
 def _my_chunks(accelerator: Accelerator, n: int, size: int) -> list[list[int]]:

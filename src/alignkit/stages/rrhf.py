@@ -37,7 +37,7 @@ from alignkit.data.records import DataError
 from alignkit.losses import rrhf_loss
 from alignkit.rollout.rewards import rewards_for, task_name_for
 from alignkit.rollout.sampling import EVAL_SPLIT, TRAIN_SPLIT, sample_texts
-from alignkit.runtime.sequences import sequence_logps
+from alignkit.runtime.sequences import shared_prefix_logps
 from alignkit.runtime.stage import finish_run, load_policy, load_train_eval, start_run
 from alignkit.runtime.train_loop import save_final, train
 
@@ -144,7 +144,8 @@ def list_term_sums(model, rows: list[dict], pad_id: int, row_tokens: int) -> dic
     top_reward: reward of the response the policy scores highest; best_reward: the list's highest reward.
     """
     examples = [e for row in rows for e in row["examples"]]
-    sums, counts = sequence_logps(model, examples, pad_id, row_tokens)  # [N], [N]
+    # each list's prompt forwarded once for its K responses
+    sums, counts = shared_prefix_logps(model, examples, [len(row["examples"]) for row in rows], pad_id, row_tokens)
     scores = sums / counts.clamp(min=1)  # [N] length-normalised log-probs
     device = scores.device
     starts, offset = [], 0
