@@ -79,12 +79,13 @@ class FakeStep(launch.StageProcess):
 
 
 def test_run_stages_starts_a_stage_once_its_inputs_are_complete_and_at_most_jobs_at_once(tmp_path, monkeypatch):
-    starts, running, peak = [], set(), [0]
+    starts, running, peak, alongside = [], set(), [0], {}
     length = {"pretrain": 2, "sft": 2, "label": 1, "rm": 1, "iterate": 6, "ppo": 3, "dpo": 1, "grpo": 1}
 
     def fake_start(name, stage, config_file, args, launcher, log_path, caller="pipeline", threads=None, prefix=""):
         done_now = {s for s in length if (tmp_path / s / "summary.json").exists()}
         starts.append((stage, threads, frozenset(done_now)))
+        alongside[stage] = set(running)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         step = FakeStep(stage, log_path.parent / "summary.json", length[stage])
         original = step.poll
@@ -108,15 +109,17 @@ def test_run_stages_starts_a_stage_once_its_inputs_are_complete_and_at_most_jobs
     done = pipeline.run_stages(cfg, order, {})
     assert list(done) == order  # pipeline order, whatever order they ended in
     started = [s for s, _, _ in starts]
-    # ready stages start in list order; dpo needs no reward model, so it starts beside rm
-    assert started == ["pretrain", "sft", "label", "rm", "dpo", "iterate", "ppo", "grpo"]
+    # ready stages start in list order, but rm, which the later ones wait on, first and alone: dpo (ready
+    # after label, it needs no reward model) waits for it
+    assert started == ["pretrain", "sft", "label", "rm", "iterate", "ppo", "dpo", "grpo"]
     needs = {"sft": {"pretrain"}, "label": {"sft"}, "rm": {"sft", "label"}, "iterate": {"sft", "rm"},
              "ppo": {"sft", "rm"}, "dpo": {"sft", "label"}, "grpo": {"sft", "rm"}}
     for stage, threads, complete in starts:
         assert needs.get(stage, set()) <= complete, stage
         # the chain runs alone with every thread; beside another stage, each gets half
-        assert threads == (None if stage in ("pretrain", "sft", "label") else 2), stage
+        assert threads == (None if stage in ("pretrain", "sft", "label", "rm") else 2), stage
     assert peak[0] == 2
+    assert alongside["rm"] == set() and alongside["iterate"] == set() and "rm" not in alongside["dpo"]
 
 
 def test_with_one_job_the_stages_run_one_after_the_other_in_order(tmp_path, monkeypatch):
