@@ -62,12 +62,12 @@ TARGET = 1.3  # the issue's goal: alignkit DPO at least 1.3x TRL's throughput at
 
 def alignkit_worker(spec: dict) -> dict:
     """Train with `alignkit dpo` in this process; time each optimizer step through the run logger."""
-    import alignkit.stages.dpo as dpo
+    import alignkit.runtime.sequences as sequences  # dpo's forwards pack there (shared_prefix_logps)
 
     preimport_alignkit()
     times, cpu = alignkit_step_timer()
     padding = PaddingCounter()
-    count_packed_padding(dpo, padding)  # training forwards only (reference passes run under no_grad)
+    count_packed_padding(sequences, padding)  # training forwards only (reference passes run under no_grad)
     t0 = time.perf_counter()
     overrides = {
         "model": spec["model"], "train_data": spec["data_file"], "data_kind": "preference", "eval_data": None,

@@ -318,19 +318,32 @@ def count_collated_padding(trainer, padding: PaddingCounter) -> None:
 
 
 def count_packed_padding(module, padding: PaddingCounter) -> None:
-    """Wrap `module.pack_for_forward` (the name an alignkit stage module calls) to count padded vs real tokens
-    of the training forwards; passes under no_grad (a precomputed reference, evaluation) are not counted."""
+    """Wrap the packing functions an alignkit module calls (`pack_for_forward`, `pack_shared_prefixes`; the names
+    it looks up) to count padded vs real tokens of the training forwards; passes under no_grad (a precomputed
+    reference, evaluation) are not counted. A shared prefix is one real token per position, however many
+    responses read it."""
     import torch
 
-    pack = module.pack_for_forward
+    if hasattr(module, "pack_for_forward"):
+        pack = module.pack_for_forward
 
-    def counted_pack(examples, row_tokens, pad_id, device):
-        batch = pack(examples, row_tokens, pad_id, device)
-        if torch.is_grad_enabled():
-            padding.add(batch["input_ids"].numel(), (batch["segment"] >= 0).sum())
-        return batch
+        def counted_pack(examples, row_tokens, pad_id, device):
+            batch = pack(examples, row_tokens, pad_id, device)
+            if torch.is_grad_enabled():
+                padding.add(batch["input_ids"].numel(), (batch["segment"] >= 0).sum())
+            return batch
 
-    module.pack_for_forward = counted_pack
+        module.pack_for_forward = counted_pack
+    if hasattr(module, "pack_shared_prefixes"):
+        shared = module.pack_shared_prefixes
+
+        def counted_shared(*args, **kwargs):
+            batch = shared(*args, **kwargs)
+            if torch.is_grad_enabled():
+                padding.add(batch["input_ids"].numel(), len({i for where in batch["token_at"] for i in where}))
+            return batch
+
+        module.pack_shared_prefixes = counted_shared
 
 
 def run_alignkit(stage: str, overrides: dict[str, Any]) -> tuple[dict[str, Any], list[float]]:
