@@ -156,7 +156,10 @@ def write_jsonl(records: list[dict], path: Path) -> Path:
 
 
 def mean_stderr(values: list[float]) -> tuple[float, float]:
+    """(mean, standard error of the mean) of independent values; (nan, nan) for none."""
     n = len(values)
+    if n == 0:
+        return math.nan, math.nan
     mean = sum(values) / n
     var = sum((v - mean) ** 2 for v in values) / max(n - 1, 1)
     return mean, math.sqrt(var / n)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import subprocess
 import sys
@@ -27,16 +26,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO))
+from bench.common import mean_stderr  # noqa: E402
+
 HH = REPO.parent / "shared" / "data" / "hh-rlhf-harmless" / "dev.jsonl.gz"
-
-
-def mean_se(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    if n == 0:
-        return math.nan, math.nan
-    mean = sum(values) / n
-    var = sum((v - mean) ** 2 for v in values) / max(1, n - 1)
-    return mean, math.sqrt(var / n)
 
 
 def agreement(judge_model: str, pairs: list[dict], batch_size: int, max_length: int, template: str | None = None,
@@ -66,7 +59,7 @@ def agreement(judge_model: str, pairs: list[dict], batch_size: int, max_length: 
     soft = [float(p > 0.5) + 0.5 * float(p == 0.5) for p in prob_chosen.tolist()]  # the mean of both orders alone
     for key, values in (("agreement", scored), ("agreement_soft", soft), ("agreement_decided", decided), ("tie_rate", [float(t) for t in tie.tolist()]),
                         ("first_position_rate", first)):
-        out[key], out[f"{key}_stderr"] = mean_se(values)
+        out[key], out[f"{key}_stderr"] = mean_stderr(values)
     out["decided_pairs"] = len(decided)
     return out
 
