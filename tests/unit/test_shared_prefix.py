@@ -120,3 +120,32 @@ def test_language_model_log_probs_and_gradients_equal_one_copy_per_response():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
         for x, y in zip(ga, gb):
             torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+
+
+def test_without_a_4d_mask_the_log_probs_come_from_the_head_only_packed_forward(monkeypatch):
+    """Attention that takes no 4D mask (flash-attention): shared_prefix_logps falls back to completion_logps,
+    one copy of the prompt per response with the LM head only on predicting positions; its sums, counts and
+    gradients equal sequence_logps' (every position projected), for one example per row and for several."""
+    from alignkit.runtime import sequences
+
+    examples, sizes = groups_of_examples()
+    for e in examples[::2]:
+        e["labels"] = [-100] * 3 + e["input_ids"][3:]
+    calls = []
+    head_only = sequences.completion_logps
+    monkeypatch.setattr(sequences, "shared_prefix_mask", lambda config, dtype: (False, None))
+    monkeypatch.setattr(sequences, "completion_logps", lambda *a: calls.append(1) or head_only(*a))
+    for row_tokens in (1, 64):
+        results = []
+        for forward in (lambda m: sequences.sequence_logps(m, examples, 0, row_tokens),
+                        lambda m: sequences.shared_prefix_logps(m, examples, sizes, 0, row_tokens)):
+            model = tiny_llama(seed=4, attn="sdpa")
+            sums, counts = forward(model)
+            sums.sum().backward()
+            results.append((sums.detach(), counts, [p.grad.clone() for p in model.parameters()]))
+        (a, ca, ga), (b, cb, gb) = results
+        assert torch.equal(ca, cb)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        for x, y in zip(ga, gb):
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+    assert len(calls) == 2

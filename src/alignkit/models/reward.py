@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from alignkit.data.chat import IGNORE_INDEX, NO_LIMIT, cut_from_left, tokenize_prompt_completion
-from alignkit.runtime.sequences import pack_for_forward, pack_shared_prefixes
+from alignkit.runtime.sequences import pack_for_forward, pack_shared_prefixes, shared_prefix_mask
 
 # Tried in order when the tokenizer pads with its end-of-turn token.
 _RM_PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad_id|>", "<|endoftext|>", "<unk>")
@@ -302,11 +302,10 @@ def grouped_rewards(model: Any, examples: list[dict], group_sizes: list[int], pa
     (flash-attention) fall back to packed_rewards. An ensemble: one packing, each member forwarded on it."""
     models = scoring_models(model)
     base, _ = _base_and_head(models[0])
-    attention = getattr(base.config, "_attn_implementation", "eager")
-    if attention not in ("sdpa", "eager"):
+    takes_mask, mask_dtype = shared_prefix_mask(base.config, next(model.parameters()).dtype)
+    if not takes_mask:
         return packed_rewards(model, examples, pad_id, row_tokens)
     device = next(model.parameters()).device
-    mask_dtype = next(model.parameters()).dtype if attention == "eager" else None
     batch = pack_shared_prefixes(examples, group_sizes, row_tokens, pad_id, device, mask_dtype)
     return torch.stack([rewards_at(m, batch, batch["last"], batch["attention_mask"]) for m in models]).mean(dim=0)
 

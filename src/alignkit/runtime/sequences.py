@@ -133,6 +133,39 @@ def pack_shared_prefixes(
             "attention_mask": attention_mask.to(device), "last": last.to(device), "token_at": token_at}
 
 
+def shared_prefix_mask(config, dtype: torch.dtype) -> tuple[bool, torch.dtype | None]:
+    """(whether a model of this config takes pack_shared_prefixes' 4D mask, the mask_dtype to pack with): sdpa
+    takes the bool mask (None), eager the additive float form in the model's dtype; flash-attention none."""
+    attention = getattr(config, "_attn_implementation", "eager")
+    return attention in ("sdpa", "eager"), (dtype if attention == "eager" else None)
+
+
+def completion_logps(model, examples: list[dict], pad_id: int, row_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sequence_logps` with the LM head run only where a label is scored: (sums [N], label counts [N]).
+
+    Prompt tokens are context, never scored, so projecting them onto the vocabulary is wasted work and
+    memory ([rows, T, V] logits; V = 49k for SmolLM2). A forward pre-hook hands the head only the hidden
+    states that predict a label, [1, K, H] for K scored tokens; everything else (packing, DDP, LoRA,
+    gradient checkpointing) is the ordinary forward, so the result equals sequence_logps.
+    """
+    from alignkit.runtime.lm import head_projects_only, output_head
+
+    if output_head(model) is None:
+        return sequence_logps(model, examples, pad_id, row_tokens)
+    device = next(model.parameters()).device
+    batch = pack_for_forward(examples, row_tokens, pad_id, device)
+    scored = batch["labels"][:, 1:] != -100  # token t+1 is scored from the hidden state at t
+    predicts = torch.nn.functional.pad(scored, (0, 1), value=False)
+    with head_projects_only(model, predicts):
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    targets = batch["labels"][:, 1:][scored]
+    token_logps = logprobs_from_logits(logits.float(), targets.unsqueeze(0))[0]
+    segment = batch["segment"][:, 1:][scored]
+    sums = torch.zeros(len(examples), device=device, dtype=token_logps.dtype).index_add(0, segment, token_logps)
+    counts = torch.zeros(len(examples), device=device).index_add(0, segment, torch.ones_like(token_logps))
+    return sums, counts
+
+
 def shared_prefix_logps(model, examples: list[dict], group_sizes: list[int], pad_id: int,
                         row_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """sequence_logps of examples that come in groups sharing a prompt (consecutive, group_sizes[g] each; a
@@ -142,15 +175,17 @@ def shared_prefix_logps(model, examples: list[dict], group_sizes: list[int], pad
     it), and the LM head projects only the positions that predict a label (runtime.lm.head_projects_only).
     On the tiny task the prompt is ~4/5 of a sequence, so K=4 responses forward ~2.5x fewer tokens. The
     numbers equal sequence_logps' to float rounding (tests/unit/test_shared_prefix.py). Attention that takes
-    no 4D mask (flash-attention) and models without a plain LM head fall back to sequence_logps."""
+    no 4D mask (flash-attention) falls back to completion_logps (one copy of the prompt per response, the
+    head still only on predicting positions); a model without a plain LM head to sequence_logps."""
     from alignkit.runtime.lm import head_projects_only, output_head
 
     inner = getattr(model, "module", model)  # DDP / FSDP wrappers
-    attention = getattr(getattr(inner, "config", None), "_attn_implementation", None)
-    if attention not in ("sdpa", "eager") or output_head(model) is None:
+    takes_mask, mask_dtype = shared_prefix_mask(getattr(inner, "config", None), next(model.parameters()).dtype)
+    if output_head(model) is None:
         return sequence_logps(model, examples, pad_id, row_tokens)
+    if not takes_mask:
+        return completion_logps(model, examples, pad_id, row_tokens)
     device = next(model.parameters()).device
-    mask_dtype = next(model.parameters()).dtype if attention == "eager" else None
     batch = pack_shared_prefixes(examples, group_sizes, row_tokens, pad_id, device, mask_dtype)
     owner, predictor, target = [], [], []
     for n, (example, where) in enumerate(zip(examples, batch["token_at"])):
