@@ -57,7 +57,7 @@ def _fork_context():
     return _FORK_CONTEXT
 
 
-def _forked_step(argv: list[str], log_path: str, env: dict[str, str], cwd: str, threads: int | None) -> None:
+def _forked_step(argv: list[str], log_path: str, env: dict[str, str], cwd: str) -> None:
     """The body of a forked step: the caller's environment and directory, output to the log, then the CLI."""
     import atexit
 
@@ -70,12 +70,10 @@ def _forked_step(argv: list[str], log_path: str, env: dict[str, str], cwd: str, 
     os.close(fd)
     sys.stdout = open(1, "w", buffering=1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False)
-    if threads is None and env.get("OMP_NUM_THREADS", "").isdigit():
-        threads = int(env["OMP_NUM_THREADS"])  # read by OpenMP when the server imported torch, not now: set it
-    if threads:
+    if env.get("OMP_NUM_THREADS", "").isdigit():  # OpenMP read it when the server imported torch, not now: set it
         import torch
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     sys.argv = ["alignkit", *argv]
     from alignkit.cli import main
 
@@ -161,7 +159,7 @@ def start_stage_process(name: str, stage: str, config_file: Path | None, args: l
         env["OMP_NUM_THREADS"] = str(threads)
     context = None if launcher else _fork_context()
     if context is not None:
-        step.proc = context.Process(target=_forked_step, args=(argv, str(log_path), env, os.getcwd(), threads),
+        step.proc = context.Process(target=_forked_step, args=(argv, str(log_path), env, os.getcwd()),
                                     name=f"alignkit {stage}")
         step.proc.start()
     else:
