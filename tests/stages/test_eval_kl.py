@@ -68,13 +68,13 @@ def test_kl_uses_the_temperature_on_both_sides_and_groups_by_prompt(pretrained_t
 
 
 def test_shared_prompt_forward_gives_the_packed_rows_log_probs(pretrained_tiny: Path):
-    """kl_metrics' response_token_logps (each prompt once for its k samples) against eval.scoring.token_logps
+    """kl_metrics' generation_token_logps (rollout.forwards) (each prompt once for its k samples) against eval.scoring.token_logps
     (whole sequences packed into rows): the same per-token log-probs, batches cutting groups or not."""
     from alignkit.data.tasks import load_task_records
     from alignkit.eval.scoring import response_examples, token_logps
     from alignkit.models.loading import load_causal_lm
     from alignkit.rollout.sampling import generate
-    from alignkit.stages.evaluate import response_token_logps
+    from alignkit.rollout.forwards import generation_token_logps
 
     model, tok = load_causal_lm(str(pretrained_tiny / "final"))
     model.eval()
@@ -82,7 +82,7 @@ def test_shared_prompt_forward_gives_the_packed_rows_log_probs(pretrained_tiny: 
     flat = [g for per in generate(model, tok, prompts, n=3, temperature=T, max_new_tokens=10, seed=1) for g in per]
     packed = token_logps(model, response_examples(flat, 256), tok.pad_token_id, 128, 4096, T)
     for rows in (64, 4):  # 21 samples in one batch; batches of one prompt's 3 samples
-        shared = response_token_logps(model, flat, tok.pad_token_id, 3, T, rows=rows)
+        shared = generation_token_logps(model, flat, tok.pad_token_id, 3, T, rows=rows)
         assert [len(t) for t in shared] == [len(g.response_ids) for g in flat]
         for a, b in zip(shared, packed):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -161,3 +161,11 @@ def test_a_failed_stage_stops_the_others_and_is_raised(tmp_path, monkeypatch):
     with pytest.raises(RunStopped, match="stage dpo failed with exit code 1"):
         pipeline.run_stages(cfg, ["iterate", "dpo", "ppo"], {})
     assert terminated == ["iterate"]  # ppo never started
+
+
+def test_jobs_below_one_is_a_config_error_naming_the_field(tmp_path):
+    from alignkit.cli import run_stage
+    from alignkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="jobs must be >= 1, got 0"):
+        run_stage("pipeline", [f"output_dir={tmp_path / 'p'}", "jobs=0", "stages=[pretrain]"])

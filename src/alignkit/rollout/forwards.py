@@ -103,6 +103,25 @@ def response_logprobs(model, batch: dict[str, torch.Tensor], temperature: float,
     return scored(response_logits(model, batch), batch, temperature, with_entropy, entropy_grad)
 
 
+@torch.no_grad()
+def generation_token_logps(model, generations: list, pad_id: int, group: int, temperature: float,
+                           rows: int = 64) -> list[torch.Tensor]:
+    """Per-token log-probs [T_n] (CPU) of each generation's response under logits / temperature.
+
+    generations: prompt-major, `group` samples per prompt; batches of about `rows` rows keep a prompt's samples
+    together, so response_logprobs runs each prompt once for all of them (the same numbers as
+    eval.scoring.token_logps on the whole sequences, to float rounding: tests/stages/test_eval_kl.py). `alignkit
+    eval` scores its KL with it."""
+    device = next(model.parameters()).device
+    step = max(group, rows // group * group)
+    out: list[torch.Tensor] = []
+    for start in range(0, len(generations), step):
+        batch = batch_on(generations[start:start + step], pad_id, device)
+        logps, _ = response_logprobs(model, batch, temperature)
+        out.extend(row[mask.bool()].cpu() for row, mask in zip(logps, batch["mask"]))
+    return out
+
+
 def scored(logits: torch.Tensor, batch: dict[str, torch.Tensor], temperature: float, with_entropy: bool,
            entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(log-probs [B,R], entropy [B,R] or None) of response_logits' logits: response_logprobs' arithmetic."""

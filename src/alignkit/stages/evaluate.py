@@ -31,6 +31,7 @@ from alignkit.eval.alarms import AlarmConfig, check_all
 from alignkit.eval.plots import print_table, safe_name
 from alignkit.eval.scoring import SCORE_ROW_TOKENS, heldout_perplexity, response_examples, token_logps
 from alignkit.eval.targets import Target, _dedupe, load_target, resolve_targets
+from alignkit.rollout.forwards import generation_token_logps
 from alignkit.rollout.sampling import EVAL_SPLIT, GREEDY_SPLIT, sample_generations
 from alignkit.runtime.logging import _clean
 from alignkit.runtime.setup import peak_rss_mb
@@ -121,26 +122,6 @@ def reward_metrics(ctx: Context, flat_prompts: list, texts: list[str], k: int) -
     return out, scores
 
 
-@torch.no_grad()
-def response_token_logps(model, generations: list, pad_id: int, group: int, temperature: float,
-                         rows: int = 64) -> list[torch.Tensor]:
-    """Per-token log-probs [T_n] (CPU) of each generation's response under logits / temperature.
-
-    generations: prompt-major, `group` samples per prompt; batches of about `rows` rows keep a prompt's samples
-    together, so rollout.forwards.response_logprobs runs each prompt once for all of them (the same numbers as
-    eval.scoring.token_logps on the whole sequences, to float rounding: tested)."""
-    from alignkit.rollout.forwards import batch_on, response_logprobs
-
-    device = next(model.parameters()).device
-    step = max(group, rows // group * group)
-    out: list[torch.Tensor] = []
-    for start in range(0, len(generations), step):
-        batch = batch_on(generations[start:start + step], pad_id, device)
-        logps, _ = response_logprobs(model, batch, temperature)
-        out.extend(row[mask.bool()].cpu() for row, mask in zip(logps, batch["mask"]))
-    return out
-
-
 def kl_metrics(ctx: Context, model, tokenizer, generations: list) -> dict:
     """KL(policy || reference) from the policy's own samples: k1 of sequence sums and per-token k3.
 
@@ -157,7 +138,7 @@ def kl_metrics(ctx: Context, model, tokenizer, generations: list) -> dict:
     pad, k, temperature = tokenizer.pad_token_id, ctx.cfg.n_samples, ctx.cfg.sampling.temperature
     if all(0 < len(g.response_ids) and len(g.prompt_ids) + len(g.response_ids) <= ctx.cfg.max_length for g in generations):
         # a prompt's k samples share one forward of it (rollout.forwards): the tiny task's prompts are most tokens
-        pol, ref = (response_token_logps(m, generations, pad, k, temperature) for m in (model, ref_model))
+        pol, ref = (generation_token_logps(m, generations, pad, k, temperature) for m in (model, ref_model))
     else:  # some sample is cut at max_length (or empty): packed rows of the cut sequences
         examples = response_examples(generations, ctx.cfg.max_length)
         rows, budget = SCORE_ROW_TOKENS, ctx.cfg.score_tokens
