@@ -1248,3 +1248,7 @@ class EvalConfig:
     device: str = opt("auto", "auto (cuda when available), cpu or cuda")
     output_dir: str = opt("runs/eval", "where summary.json, metrics.jsonl, samples/ and plots/ go")
     seed: int = opt(0, "sampling seed (the same for every model: common random numbers)")
+    cache_dir: Union[str, None] = opt(
+        None, "keep each model's result here; a model already evaluated with the same settings and unchanged weights "
+        "(and reference, reward models) is read back instead of evaluated again (the pipeline evaluates each policy as "
+        "soon as its stage ends, then builds the report from these). null: off")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import types
 from pathlib import Path
@@ -261,3 +262,41 @@ def test_bad_input_is_a_clear_error(pretrained_tiny: Path, tmp_path: Path):
 
     with pytest.raises(ModelError, match="no/such/model"):
         run_stage("eval", FAST + ["models=[./no/such/model]", f"output_dir={tmp_path}"])
+
+
+def test_cache_dir_reads_back_a_model_evaluated_before(pretrained_tiny: Path, sft_run: Path, tmp_path: Path, capsys):
+    """The pipeline evaluates each policy alone into cache_dir as its stage ends, then one eval over all models:
+    that run reads every model back (same metrics, win rates against the baseline computed there), and a model
+    whose weights changed, or another setting, is evaluated again."""
+    cache, rm = tmp_path / "cache", untrained_rm(pretrained_tiny / "final", tmp_path / "rm")
+    common = FAST + [f"reference={sft_run / 'final'}", f"reward.models=[{rm}]", f"cache_dir={cache}"]
+    whole = run_stage("eval", FAST + [f"models=[{sft_run / 'final'},{pretrained_tiny / 'final'}]", "names=[sft,base]",
+                                      "checkpoints=false", f"reward.models=[{rm}]", f"output_dir={tmp_path / 'whole'}"])
+    for name, model in (("base", pretrained_tiny / "final"), ("sft", sft_run / "final")):  # one model each, as the pipeline
+        run_stage("eval", common + [f"models=[{model}]", f"names=[{name}]", f"output_dir={tmp_path / name}"])
+    assert len(list(cache.glob("*.json"))) == 2
+    capsys.readouterr()
+    both = run_stage("eval", common + [f"models=[{sft_run / 'final'},{pretrained_tiny / 'final'}]", "names=[sft,base]",
+                                       "reference=sft", f"output_dir={tmp_path / 'both'}"])
+    assert capsys.readouterr().out.count("read from") == 2
+    # the same numbers as one eval run evaluating both itself, the baseline's win rate and gain included
+    for name in ("sft", "base"):
+        cached, fresh = both["models"][name], whole["models"][name]
+        assert set(cached) == set(fresh), name
+        for key, value in fresh.items():
+            if key != "eval_s":
+                assert cached[key] == pytest.approx(value, rel=1e-6, abs=1e-9, nan_ok=True), (name, key)
+    assert "gold_gain" in both["models"]["base"] and "gold_gain" not in both["models"]["sft"]
+    assert len(read_jsonl(tmp_path / "both" / "samples" / "base.jsonl")) == 16 * 2
+    # another setting: evaluated again, beside the kept results
+    run_stage("eval", common + [f"models=[{pretrained_tiny / 'final'}]", "n_samples=1", f"output_dir={tmp_path / 'n1'}"])
+    assert "read from" not in capsys.readouterr().out and len(list(cache.glob("*.json"))) == 3
+    # retrained weights (a new file): evaluated again
+    weights = pretrained_tiny / "final" / "model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    try:
+        run_stage("eval", common + [f"models=[{pretrained_tiny / 'final'}]", f"output_dir={tmp_path / 'again'}"])
+        assert "read from" not in capsys.readouterr().out and len(list(cache.glob("*.json"))) == 4
+    finally:
+        os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))

@@ -57,6 +57,16 @@ def test_pipeline_runs_every_available_stage_and_reports(tmp_path: Path):
     for stage, inputs in {"sft": ["pretrain"], "label": ["sft"], "rm": ["label"], "dpo": ["label"],
                           "iterate": ["rm"], "ppo": ["rm"], "rrhf": ["rm", "label"]}.items():
         assert all(span[i][1] <= span[stage][0] for i in inputs), stage
+    # each model was evaluated on its own as soon as its stage (and sft, rm) had ended, beside the stages still
+    # running; the pipeline's eval then read every one back instead of evaluating it again
+    eval_log = (out / "eval" / "log.txt").read_text()
+    for stage, method in {"pretrain": "base", "sft": "sft", "dpo": "dpo", "rrhf": "rrhf", "ppo": "ppo", "grpo": "grpo",
+                          "raft": "raft", "iterate": "iterate"}.items():
+        part = out / "eval" / "parts" / method
+        assert (part / "summary.json").exists(), method
+        assert max(span[stage][1], span["rm"][1]) <= (part / "config.yaml").stat().st_mtime, method
+        assert f"eval: {method} read from" in eval_log and f"eval: {method} done" not in eval_log
+    assert not (out / "eval" / "parts" / "best_of_n").exists()  # no model: its row comes from its summary
     # the report keeps the methods' order, not the order the stages ran in
     assert [m for m in report["methods"] if m not in ("sft", "base")][:5] == ["dpo", "rrhf", "ppo", "grpo", "raft"]
     # wiring: SFT started from the pretrained model; the RM from SFT, on the labelled SFT samples; DPO on the

@@ -208,3 +208,23 @@ def test_run_all_arguments_and_dry_run(capsys):
     assert len(printed) == 1 and "bench/bench_rl.py" in printed[0] and "--model smollm2" in printed[0]
     for script in {e["command"][1] for e in every}:
         assert (run_all.REPO / script).exists()
+
+
+def test_pipeline_budget_speed_against_the_reference_figures(tmp_path):
+    from bench import pipeline_budget as pb
+
+    # twice the reference's training speed at both sizes and sampling in half the time: 2x, and a 300 s run
+    # here is a 600 s run there
+    measured = {"train_0.9M_tokens_per_s": 27_400.0, "train_2.9M_tokens_per_s": 11_200.0, "sample_64x24_s": 0.15}
+    assert pb.speed_vs_reference(measured) == pytest.approx(2.0)
+    # the geometric mean: 4x, 1x and 1x -> 4^(1/3)
+    measured = {"train_0.9M_tokens_per_s": 4 * 13_700.0, "train_2.9M_tokens_per_s": 5_600.0, "sample_64x24_s": 0.3}
+    assert pb.speed_vs_reference(measured) == pytest.approx(4 ** (1 / 3))
+    # the model sizes the brief names
+    params = {size: 512 * h + layers * (4 * h * h + 3 * h * i + 2 * h) + h for size, (h, layers, i) in pb.SIZES.items()}
+    assert params["0.9M"] == pytest.approx(0.9e6, rel=0.05) and params["2.9M"] == pytest.approx(2.9e6, rel=0.05)
+    for stage, wall in (("sft", 12.34), ("rm", 5.0)):
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "summary.json").write_text(f'{{"wall_s": {wall}}}')
+    (tmp_path / "eval").mkdir()  # no summary: not complete, not counted
+    assert pb.stage_times(tmp_path) == {"rm": 5.0, "sft": 12.3}

@@ -71,6 +71,31 @@ def eval_stage_args(cfg: Any, done: dict[str, Path]) -> list[str]:
         args += ["baseline=sft", "reference=sft"]
     if "rm" in done:
         args.append(f"reward.models={json.dumps([str(done['rm'] / 'final')])}")
+    if cfg.jobs > 1:  # the policies were evaluated into the cache as their stages ended (eval_part_args)
+        args.append(f"cache_dir={eval_cache_dir(cfg)}")
+    return args
+
+
+def eval_cache_dir(cfg: Any) -> Path:
+    return Path(cfg.output_dir) / "eval" / "cache"
+
+
+def eval_part_args(cfg: Any, done: dict[str, Path], method: str, part_dir: Path) -> list[str] | None:
+    """The `alignkit eval` overrides that evaluate one of the pipeline's models (`method`, a POLICY_METHODS name)
+    into the eval cache, with the same settings, reference and reward model as eval_stage_args (so the pipeline's
+    eval reads it back); None when the method has no final/ to evaluate."""
+    from alignkit.stages import POLICY_METHODS
+
+    stage = next(s for s, name in POLICY_METHODS.items() if name == method)
+    if stage not in done or not (done[stage] / "final").exists():
+        return None
+    args = [f"output_dir={part_dir}", f"seed={cfg.seed}", f"models={json.dumps([str(done[stage] / 'final')])}",
+            f"names={json.dumps([method])}", "checkpoints=false", f"cache_dir={eval_cache_dir(cfg)}",
+            "pairs=null"]  # the reward model's accuracy on held-out pairs: once, in the pipeline's eval
+    if "sft" in done:
+        args.append(f"reference={done['sft'] / 'final'}")
+    if "rm" in done:
+        args.append(f"reward.models={json.dumps([str(done['rm'] / 'final')])}")
     return args
 
 

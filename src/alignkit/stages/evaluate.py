@@ -29,6 +29,7 @@ from alignkit.config import ConfigError, EvalConfig, check_groups, save_config
 from alignkit.eval import metrics as M
 from alignkit.eval.alarms import AlarmConfig, check_all
 from alignkit.eval.plots import print_table, safe_name
+from alignkit.eval.results import read_result, result_key, write_result
 from alignkit.eval.scoring import SCORE_ROW_TOKENS, heldout_perplexity, response_examples, token_logps
 from alignkit.eval.targets import Target, _dedupe, load_target, resolve_targets
 from alignkit.rollout.forwards import generation_token_logps
@@ -49,7 +50,6 @@ class Context:
     reward_models: list[tuple[str, Any, Any]]  # (name, model, tokenizer)
     reference: tuple[Any, Any]  # (model, tokenizer)
     heldout: list[str]
-    baseline: dict[str, np.ndarray] = field(default_factory=dict)  # per-sample [P, K] scores of the baseline
     prompt_tasks: list[str] = field(default_factory=list)  # each prompt's gold task name; []: `task` for all
 
 
@@ -169,12 +169,6 @@ def evaluate_policy(model, tokenizer, ctx: Context) -> tuple[dict, dict[str, Any
         _with_stderr(out, "greedy_gold_reward", M.mean_and_stderr(greedy_gold))
         _per_task(out, "greedy_gold_reward", greedy_gold, task_names(ctx))
     out.update(kl_metrics(ctx, model, tokenizer, flat))
-    for key, name in (("gold", "win_rate_gold"), ("proxy", "win_rate_rm")):
-        if key in scores and key in ctx.baseline:
-            _with_stderr(out, name, M.win_rate(scores[key], ctx.baseline[key]))
-    if "gold" in scores and "gold" in ctx.baseline:  # same prompts: the paired gain over the baseline
-        _with_stderr(out, "gold_gain", M.paired_difference(scores["gold"], ctx.baseline["gold"]))
-        _per_task(out, "gold_gain", scores["gold"].mean(axis=1) - ctx.baseline["gold"].mean(axis=1), task_names(ctx))
     lengths = [len(g.response_ids) for g in flat]
     stats = M.length_stats(lengths)
     out.update(length=stats["mean"], length_stderr=stats["stderr"], length_median=stats["median"], length_max=stats["max"])
@@ -187,6 +181,19 @@ def evaluate_policy(model, tokenizer, ctx: Context) -> tuple[dict, dict[str, Any
     if len(set(task_names(ctx))) >= 2:
         per_sample["task"] = [n for n in task_names(ctx) for _ in range(k)]
     return out, {"scores": scores, **per_sample}
+
+
+def baseline_metrics(scores: dict[str, np.ndarray], baseline: dict[str, np.ndarray], names: list[str]) -> dict:
+    """Win rates and the paired gold gain of one model over the baseline, from their per-sample [P, K] "gold" /
+    "proxy" scores on the same prompts with the same sampling seeds. names: each prompt's task ([] without gold)."""
+    out: dict[str, float] = {}
+    for key, name in (("gold", "win_rate_gold"), ("proxy", "win_rate_rm")):
+        if key in scores and key in baseline:
+            _with_stderr(out, name, M.win_rate(scores[key], baseline[key]))
+    if "gold" in scores and "gold" in baseline:  # same prompts: the paired gain over the baseline
+        _with_stderr(out, "gold_gain", M.paired_difference(scores["gold"], baseline["gold"]))
+        _per_task(out, "gold_gain", scores["gold"].mean(axis=1) - baseline["gold"].mean(axis=1), names)
+    return out
 
 
 # ------------------------------------------------------------------------------ reward models on pairs
@@ -299,6 +306,27 @@ def _write_samples(out_dir: Path, name: str, data: dict) -> None:
             f.write(json.dumps(_json(row)) + "\n")
 
 
+def model_result(cfg: EvalConfig, target: Target, reference: Target, ctx: Context, device: torch.device) -> tuple[dict, dict]:
+    """evaluate_policy's (metrics, per-sample data) of one target, read back from cfg.cache_dir when it holds this
+    model's result for these settings (eval.results), else evaluated (and kept there, with a cache_dir)."""
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
+    key = result_key(cfg, target, reference) if cache_dir else ""
+    kept = read_result(cache_dir, key) if cache_dir else None
+    if kept is not None:
+        print(f"eval: {target.name} read from {cache_dir / key}.json (evaluated before, same settings and weights)",
+              flush=True)
+        return kept
+    t0 = time.time()
+    model, tokenizer = load_target(target, device)
+    metrics, data = evaluate_policy(model, tokenizer, ctx)
+    del model
+    metrics["eval_s"] = time.time() - t0
+    print(f"eval: {target.name} done in {metrics['eval_s']:.1f}s", flush=True)
+    if cache_dir:
+        write_result(cache_dir, key, target.name, metrics, data)
+    return metrics, data
+
+
 def evaluate_models(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate every target; write the run dir; return the summary ({"models", "alarms", ...}).
 
@@ -318,19 +346,15 @@ def evaluate_models(cfg: EvalConfig) -> dict[str, Any]:
     save_config(cfg, out_dir / "config.yaml", provenance)
     targets, baseline, reference = resolve_targets(cfg)
     ctx, pairs = build_context(cfg, reference, device)
+    results = {target.name: model_result(cfg, target, reference, ctx, device) for target in targets}
     models: dict[str, dict] = {}
     samples: dict[str, list[dict]] = {}
     (out_dir / "metrics.jsonl").write_text("")
     for target in targets:
-        t0 = time.time()
-        model, tokenizer = load_target(target, device)
-        metrics, data = evaluate_policy(model, tokenizer, ctx)
-        del model
-        if target is baseline:
-            ctx.baseline = data["scores"]
-        metrics["eval_s"] = time.time() - t0
+        metrics, data = results[target.name]
+        if target is not baseline:  # every other model against the baseline, on the same prompts and seeds
+            metrics = {**metrics, **baseline_metrics(data["scores"], results[baseline.name][1]["scores"], task_names(ctx))}
         models[target.name] = metrics
-        print(f"eval: {target.name} done in {metrics['eval_s']:.1f}s", flush=True)
         with open(out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(_json({"step": target.step, "model": target.name, "label": target.label, **metrics})) + "\n")
         samples.setdefault(target.label, []).append({"step": target.step, **{k: data[k] for k in data if k != "scores"}})

@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from alignkit.config import ConfigError, PipelineConfig
@@ -84,50 +85,90 @@ def thread_share(jobs: int) -> int:
     return max(1, cores // jobs)
 
 
+@dataclass
+class Step:
+    """One process of the pipeline: a stage, or (with jobs > 1) the evaluation of one policy as soon as it exists."""
+
+    name: str  # a stage name, or eval:<method>
+    directory: Path  # complete when its summary.json exists (the last file a step writes)
+    needs: set[str]  # the steps whose outputs it takes: it starts when they are complete
+
+
+def eval_part_steps(cfg: PipelineConfig, stages: list[str]) -> list[Step]:
+    """With jobs > 1: one evaluation step per model the report evaluates (base, sft, each policy with a final/),
+    each into the eval cache as soon as its stage, the reference (sft) and the reward model (rm) are complete,
+    beside the stages still running. The pipeline's `eval` then finds every model in the cache and only builds
+    the summary, alarms and plots. With jobs=1 nothing would run beside it: eval evaluates every model itself."""
+    from alignkit.stages import POLICY_METHODS
+
+    if cfg.jobs <= 1 or not cfg.evaluate:
+        return []
+    parts = Path(cfg.output_dir) / "eval" / "parts"
+    return [Step(f"eval:{name}", parts / name, {stage} | ({"sft", "rm"} & set(stages)))
+            for stage, name in POLICY_METHODS.items() if stage in stages]
+
+
 def run_stages(cfg: PipelineConfig, stages: list[str], per_stage: dict[str, list[str]]) -> dict[str, Path]:
-    """Run every stage not yet complete, up to cfg.jobs at once, each as soon as the stages it takes inputs from
-    are complete, in list order except that a stage others wait on goes first and alone (with jobs=1: one
-    after the other, in order). Returns {stage: its directory} in pipeline order."""
+    """Run every stage not yet complete (and eval_part_steps), up to cfg.jobs at once, each as soon as the
+    steps it takes inputs from are complete, in list order except that a stage others wait on goes first and
+    alone (with jobs=1: one after the other, in order). Returns {stage: its directory} in pipeline order."""
     out = Path(cfg.output_dir)
-    finished = {s for s in stages if stage_done(out / s)}
+    steps = [Step(s, out / s, stage_inputs(s, stages[:i])) for i, s in enumerate(stages)] + eval_part_steps(cfg, stages)
+    finished = {step.name for step in steps if stage_done(step.directory)}
     for stage in stages:
         if stage in finished:
             print(f"[pipeline] {stage}: already complete in {out / stage}, skipped", file=sys.stderr, flush=True)
-    needs = {s: stage_inputs(s, stages[:i]) for i, s in enumerate(stages)}
     running: dict[str, StageProcess] = {}
 
     def complete() -> dict[str, Path]:
         return {s: out / s for s in stages if s in finished}
 
     def start_ready() -> list[StageProcess]:
-        pending = [s for s in stages if s not in finished]
+        pending = [step for step in steps if step.name not in finished]
         # A stage that later ones wait on (sft, label, rm) is the critical path: it runs alone, with every
         # thread (1.6x one thread's speed on 2 cores), rather than beside another at half the threads.
-        blocking = {s for s in pending if any(s in needs[t] for t in pending)}
-        ready = sorted((s for s in pending if s not in running and needs[s] <= finished), key=lambda s: s not in blocking)
+        blocking = {step.name for step in pending if any(step.name in t.needs for t in pending if t.name in stages)}
+        ready = sorted((step for step in pending if step.name not in running and step.needs <= finished),
+                       key=lambda step: step.name not in blocking)
         started = []
-        for stage in ready:
-            if len(running) >= cfg.jobs or (running and (stage in blocking or blocking & set(running))):
+        for step in ready:
+            if len(running) >= cfg.jobs or (running and (step.name in blocking or blocking & set(running))):
                 break
-            # Alone, a stage keeps every thread; beside others, its share (the sharing pays on CPU, see above).
-            alone = cfg.jobs == 1 or stage in blocking or len(running) + len(ready) == 1
+            command = step_command(cfg, step, complete(), per_stage)
+            if command is None:  # nothing to evaluate (best-of-n has no final/)
+                finished.add(step.name)
+                continue
+            # Alone, a step keeps every thread; beside others, its share (the sharing pays on CPU, see above).
+            alone = cfg.jobs == 1 or step.name in blocking or len(running) + len(ready) == 1
             threads = None if alone else thread_share(cfg.jobs)
-            args = stage_overrides(stage, cfg, complete(), per_stage.get(stage, []))
-            running[stage] = start_stage_process(cli_stage_name(stage), stage, Path(cfg.config_dir) / f"{stage}.yaml",
-                                                 args, cfg.launcher, out / stage / "log.txt", threads=threads,
-                                                 prefix=f"[{stage}] " if cfg.jobs > 1 else "")
-            started.append(running[stage])
+            cli, config_file, args = command
+            running[step.name] = start_stage_process(cli, step.name, config_file, args, cfg.launcher,
+                                                     step.directory / "log.txt", threads=threads,
+                                                     prefix=f"[{step.name}] " if cfg.jobs > 1 else "")
+            started.append(running[step.name])
         return started
 
-    def on_done(step: StageProcess) -> list[StageProcess]:
-        finished.add(step.name)
-        running.pop(step.name)
+    def on_done(process: StageProcess) -> list[StageProcess]:
+        finished.add(process.name)
+        running.pop(process.name)
         return start_ready()
 
     first = start_ready()
     if first:
         wait_stage_processes(first, on_done)
     return complete()
+
+
+def step_command(cfg: PipelineConfig, step: Step, done: dict[str, Path],
+                 per_stage: dict[str, list[str]]) -> tuple[str, Path, list[str]] | None:
+    """(alignkit subcommand, config file, overrides) of a step; None for an evaluation with no model to evaluate."""
+    if not step.name.startswith("eval:"):
+        args = stage_overrides(step.name, cfg, done, per_stage.get(step.name, []))
+        return cli_stage_name(step.name), Path(cfg.config_dir) / f"{step.name}.yaml", args
+    from alignkit.eval.report import eval_part_args
+
+    args = eval_part_args(cfg, done, step.name.split(":", 1)[1], step.directory)
+    return None if args is None else ("eval", Path(cfg.config_dir) / "eval.yaml", args + per_stage.get("eval", []))
 
 
 def cli_stage_name(stage: str) -> str:
