@@ -86,3 +86,44 @@ def test_shared_prompt_forward_gives_the_packed_rows_log_probs(pretrained_tiny: 
         assert [len(t) for t in shared] == [len(g.response_ids) for g in flat]
         for a, b in zip(shared, packed):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_sampler_log_probs_replace_the_policy_forward(pretrained_tiny: Path):
+    """generate(with_logps=True) draws the same samples and keeps each token's log-prob under logits / T as it
+    drew it (DrawnTokenLogps); kl_metrics then needs no policy forward and gives the forward's KL to rounding."""
+    import dataclasses
+
+    from alignkit.config import EvalConfig, EvalSamplingConfig
+    from alignkit.data.tasks import load_task_records
+    from alignkit.models.loading import load_causal_lm
+    from alignkit.rollout.sampling import generate
+    from alignkit.stages.evaluate import Context, kl_metrics
+
+    reference, tok = load_causal_lm(str(pretrained_tiny / "final"))
+    policy, _ = load_causal_lm(str(pretrained_tiny / "final"))
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    reference.eval()
+    policy.eval()
+    prompts = [r["prompt"] for r in load_task_records("task:sort/prompts_eval?n=6")[0]]
+    k = 3
+    kept = [g for per in generate(policy, tok, prompts, n=k, temperature=T, max_new_tokens=10, seed=0, with_logps=True)
+            for g in per]
+    plain = [g for per in generate(policy, tok, prompts, n=k, temperature=T, max_new_tokens=10, seed=0) for g in per]
+    assert [g.response_ids for g in kept] == [g.response_ids for g in plain] and all(g.logps is None for g in plain)
+    for g in kept:  # one log-prob per response token, the forward's to float rounding
+        forward = _tempered_logp(policy, g.prompt_ids, g.response_ids, T)
+        assert len(g.logps) == len(g.response_ids) and sum(g.logps) == pytest.approx(forward, abs=1e-4)
+    cfg = EvalConfig(models=["x"], n_samples=k, sampling=EvalSamplingConfig(temperature=T), max_length=256)
+    ctx = Context(cfg, prompts, None, [], (reference, tok), [])
+    with_kept, with_forward = kl_metrics(ctx, policy, tok, kept), kl_metrics(ctx, policy, tok, plain)
+    assert with_kept["kl"] > 0.01
+    for key in ("kl", "kl_stderr", "kl_k3"):
+        assert with_kept[key] == pytest.approx(with_forward[key], abs=1e-4), key
+    # sequences cut at max_length (the packed fallback): the kept log-probs are cut where the reference's are
+    short = dataclasses.replace(cfg, max_length=min(len(g.prompt_ids) + len(g.response_ids) for g in kept) - 1)
+    ctx = Context(short, prompts, None, [], (reference, tok), [])
+    assert kl_metrics(ctx, policy, tok, kept)["kl"] == pytest.approx(kl_metrics(ctx, policy, tok, plain)["kl"], abs=1e-4)
+    # the reference itself: both sides its forward, exactly 0
+    assert kl_metrics(ctx, reference, tok, kept, is_reference=True)["kl"] == 0.0

@@ -117,6 +117,11 @@ def resolve_targets(cfg: Any) -> tuple[list[Target], Target, Target]:
     return [baseline] + [t for t in targets if t is not baseline], baseline, reference
 
 
+def same_weights(a: Target, b: Target) -> bool:
+    """Whether two targets are the same weights (the same model dir and checkpoint, whatever their names)."""
+    return Path(a.model_dir).resolve() == Path(b.model_dir).resolve() and a.state == b.state
+
+
 def load_target(target: Target, device: torch.device):
     """(model in eval mode on device, tokenizer) for a target, checkpoint weights and LoRA merged in."""
     from alignkit.models.loading import load_causal_lm

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
-from transformers import GenerationConfig, GenerationMixin
+from transformers import GenerationConfig, GenerationMixin, LogitsProcessor, LogitsProcessorList
 
 from alignkit.data.chat import render_prompt
 from alignkit.runtime.setup import derive_seed
@@ -49,6 +49,8 @@ class Generation:
     finished: True when the response ended with the end-of-turn token (not cut by max_new_tokens).
     prompt: the prompt's messages, and prompt_index its position among the prompts sampled (set by callers
         that flatten the samples, e.g. rollout.ppo.sample_responses; empty / 0 otherwise).
+    logps: with_logps=True: each response token's log-prob under softmax(logits / temperature) as the sampler
+        computed it (untruncated by top_p), one per response_ids entry; None otherwise.
     """
 
     prompt_ids: list[int]
@@ -57,6 +59,7 @@ class Generation:
     finished: bool
     prompt: list = field(default_factory=list)
     prompt_index: int = 0
+    logps: list[float] | None = None
 
 
 def stop_ids(tokenizer) -> list[int]:
@@ -81,6 +84,30 @@ def sampling_config(do_sample: bool, temperature: float, top_p: float, max_new_t
     if do_sample:
         knobs.update(temperature=temperature, top_p=top_p, top_k=0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
     return GenerationConfig(**knobs)
+
+
+class DrawnTokenLogps(LogitsProcessor):
+    """Keeps log softmax(logits / temperature) of each token `generate` draws, at no extra forward.
+
+    transformers runs the processors a caller passes before its own temperature and top-p warpers, so each call
+    sees the model's raw logits [B, V] for the next token, and the next call's input_ids end with the token drawn
+    from them. Only the last step's log-probs are held (one [B, V] at a time); `drawn(sequences)` adds the final
+    token's and returns [B, tokens generated]."""
+
+    def __init__(self, temperature: float):
+        self.temperature, self.last, self.steps = temperature, None, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.last is not None:
+            self.steps.append(self.last.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.last = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def drawn(self, sequences: torch.Tensor) -> torch.Tensor:
+        if self.last is not None:
+            self.steps.append(self.last.gather(1, sequences[:, -1:]).squeeze(1))
+            self.last = None
+        return torch.stack(self.steps, 1) if self.steps else sequences.new_zeros((len(sequences), 0), dtype=torch.float)
 
 
 @contextmanager
@@ -115,6 +142,7 @@ def generate(
     batch_size: int = 64,
     seed: int | None = None,
     max_prompt_tokens: int | None = None,
+    with_logps: bool = False,
 ) -> list[list[Generation]]:
     """`n` responses for each prompt (a message list); result[i][j] is response j to prompt i.
 
@@ -122,7 +150,8 @@ def generate(
     reproducible (the global torch RNG is forked, not disturbed). `max_prompt_tokens` keeps only the last
     that many tokens of a longer rendered prompt (the end of the conversation and the generation prompt
     survive, the oldest turns go, as in every stage's training data); None keeps every prompt whole.
-    Generation.prompt_ids is the prompt as the model saw it.
+    Generation.prompt_ids is the prompt as the model saw it. with_logps (sampling only): each Generation also
+    carries its tokens' log-probs under softmax(logits / temperature) (DrawnTokenLogps).
     """
     if max_prompt_tokens is not None and max_prompt_tokens < 1:
         raise ValueError(f"max_prompt_tokens must be >= 1 or None, got {max_prompt_tokens}")
@@ -151,14 +180,18 @@ def generate(
                 attention_mask[row, width - len(ids) :] = 1
             input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
             shared = prompt_cache(model, input_ids, attention_mask, n) if whole_groups else {}
-            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config, **shared)
+            recorder = DrawnTokenLogps(temperature) if with_logps and do_sample else None
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                 logits_processor=LogitsProcessorList([recorder] if recorder else []), **shared)
+            logps = recorder.drawn(out).cpu() if recorder else None
             for row, (i, ids) in enumerate(chunk):
                 response = out[row, width:].tolist()
                 cut = next((k for k, t in enumerate(response) if t in stop), None)
                 finished = cut is not None
                 response = response[: cut + 1] if finished else response
                 text = tokenizer.decode(response, skip_special_tokens=True).strip()
-                results[i].append(Generation(ids, response, text, finished))
+                own = logps[row, : len(response)].tolist() if logps is not None else None
+                results[i].append(Generation(ids, response, text, finished, logps=own))
     model.train(was_training)
     return results
 
@@ -246,12 +279,14 @@ def sample_generations(
     split: Split = TRAIN_SPLIT,
     max_prompt_tokens: int | None = None,
     top_p: float = 1.0,
+    with_logps: bool = False,
 ) -> list[list[Generation]]:
     """n sampled responses per prompt as Generation (token ids, text, finished); temperature 0 is
     greedy. result[i][j]: response j to prompt i.
 
     `split` separates the seeds of different sample sets drawn with the same `seed` (the *_SPLIT constants).
     `max_prompt_tokens` keeps the last that many tokens of a longer prompt (None: whole prompts).
+    with_logps: each Generation carries its tokens' log-probs as sampled (generate).
     accelerator None: one process, the model as given.
     """
     model = accelerator.unwrap_model(model) if accelerator is not None else model
@@ -260,7 +295,7 @@ def sample_generations(
         return generate(
             model, tokenizer, part, n=n, do_sample=temperature > 0, temperature=max(temperature, 1e-6), top_p=top_p,
             max_new_tokens=max_new_tokens, batch_size=len(part) * n, seed=chunk_seed(seed, split, c),
-            max_prompt_tokens=max_prompt_tokens,
+            max_prompt_tokens=max_prompt_tokens, with_logps=with_logps,
         )
 
     if n <= 0 or not prompts:

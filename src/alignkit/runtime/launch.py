@@ -124,8 +124,8 @@ class StageProcess:
         self.partial = lines.pop()  # a line not yet ended ("" when the text ends with a newline)
         if final and self.partial:
             lines, self.partial = lines + [self.partial], ""
-        for line in lines:
-            sys.stderr.write(f"{self.prefix}{line}\n")
+        for line in lines:  # a stage's own "[sft] ..." lines already carry the prefix
+            sys.stderr.write(f"{'' if line.startswith(self.prefix) else self.prefix}{line}\n")
         sys.stderr.flush()
 
     def outcome(self, code: int, interrupted: bool) -> None:

@@ -31,7 +31,7 @@ from alignkit.eval.alarms import AlarmConfig, check_all
 from alignkit.eval.plots import print_table, safe_name
 from alignkit.eval.results import read_result, result_key, write_result
 from alignkit.eval.scoring import SCORE_ROW_TOKENS, heldout_perplexity, response_examples, token_logps
-from alignkit.eval.targets import Target, _dedupe, load_target, resolve_targets
+from alignkit.eval.targets import Target, _dedupe, load_target, resolve_targets, same_weights
 from alignkit.rollout.forwards import generation_token_logps
 from alignkit.rollout.sampling import EVAL_SPLIT, GREEDY_SPLIT, sample_generations
 from alignkit.runtime.logging import _clean
@@ -122,8 +122,12 @@ def reward_metrics(ctx: Context, flat_prompts: list, texts: list[str], k: int) -
     return out, scores
 
 
-def kl_metrics(ctx: Context, model, tokenizer, generations: list) -> dict:
+def kl_metrics(ctx: Context, model, tokenizer, generations: list, is_reference: bool = False) -> dict:
     """KL(policy || reference) from the policy's own samples: k1 of sequence sums and per-token k3.
+
+    The policy's side is the log-probs the sampler kept (Generation.logps: no second forward) when every
+    generation has them, else a forward; the reference's is a forward. is_reference (the model evaluated is the
+    reference): both sides are the reference's forward, so the KL is exactly 0.
 
     generations: the policy's samples, prompt-major, n_samples per prompt. Both sides score them with
     logits / temperature: the responses were drawn from the policy's tempered distribution, and the KL is
@@ -138,11 +142,20 @@ def kl_metrics(ctx: Context, model, tokenizer, generations: list) -> dict:
     pad, k, temperature = tokenizer.pad_token_id, ctx.cfg.n_samples, ctx.cfg.sampling.temperature
     if all(0 < len(g.response_ids) and len(g.prompt_ids) + len(g.response_ids) <= ctx.cfg.max_length for g in generations):
         # a prompt's k samples share one forward of it (rollout.forwards): the tiny task's prompts are most tokens
-        pol, ref = (generation_token_logps(m, generations, pad, k, temperature) for m in (model, ref_model))
+        def logps(m):
+            return generation_token_logps(m, generations, pad, k, temperature)
     else:  # some sample is cut at max_length (or empty): packed rows of the cut sequences
         examples = response_examples(generations, ctx.cfg.max_length)
-        rows, budget = SCORE_ROW_TOKENS, ctx.cfg.score_tokens
-        pol, ref = (token_logps(m, examples, pad, rows, budget, temperature) for m in (model, ref_model))
+
+        def logps(m):
+            return token_logps(m, examples, pad, SCORE_ROW_TOKENS, ctx.cfg.score_tokens, temperature)
+    ref = logps(ref_model)
+    if is_reference:
+        pol = ref
+    elif all(g.logps is not None for g in generations):  # as sampled, cut where the reference's rows were cut
+        pol = [torch.tensor(g.logps[: len(r)]) for g, r in zip(generations, ref)]
+    else:
+        pol = logps(model)
     out: dict[str, float] = {}
     _with_stderr(out, "kl", M.kl_from_samples(_grouped([p.sum().item() for p in pol], k),
                                               _grouped([r.sum().item() for r in ref], k)))
@@ -150,13 +163,13 @@ def kl_metrics(ctx: Context, model, tokenizer, generations: list) -> dict:
     return out
 
 
-def evaluate_policy(model, tokenizer, ctx: Context) -> tuple[dict, dict[str, Any]]:
-    """(metrics, per-sample data for alarms and samples.jsonl) of one model."""
+def evaluate_policy(model, tokenizer, ctx: Context, is_reference: bool = False) -> tuple[dict, dict[str, Any]]:
+    """(metrics, per-sample data for alarms and samples.jsonl) of one model (is_reference: it is the KL's reference)."""
     cfg, k = ctx.cfg, ctx.cfg.n_samples
     # chunks of sampling.chunk prompts, seeded from (seed, EVAL_SPLIT, chunk): the same for every model
     sampled = sample_generations(None, model, tokenizer, ctx.prompts, k, cfg.sampling.temperature,
                                  cfg.sampling.max_new_tokens, cfg.sampling.chunk, cfg.seed, EVAL_SPLIT,
-                                 top_p=cfg.sampling.top_p)
+                                 top_p=cfg.sampling.top_p, with_logps=not is_reference)
     flat = [g for per_prompt in sampled for g in per_prompt]
     flat_prompts = [p for p in ctx.prompts for _ in range(k)]
     texts = [g.text for g in flat]
@@ -168,7 +181,7 @@ def evaluate_policy(model, tokenizer, ctx: Context) -> tuple[dict, dict[str, Any
         greedy_gold = gold_rewards(ctx, ctx.prompts, greedy, task_names(ctx))
         _with_stderr(out, "greedy_gold_reward", M.mean_and_stderr(greedy_gold))
         _per_task(out, "greedy_gold_reward", greedy_gold, task_names(ctx))
-    out.update(kl_metrics(ctx, model, tokenizer, flat))
+    out.update(kl_metrics(ctx, model, tokenizer, flat, is_reference))
     lengths = [len(g.response_ids) for g in flat]
     stats = M.length_stats(lengths)
     out.update(length=stats["mean"], length_stderr=stats["stderr"], length_median=stats["median"], length_max=stats["max"])
@@ -318,7 +331,7 @@ def model_result(cfg: EvalConfig, target: Target, reference: Target, ctx: Contex
         return kept
     t0 = time.time()
     model, tokenizer = load_target(target, device)
-    metrics, data = evaluate_policy(model, tokenizer, ctx)
+    metrics, data = evaluate_policy(model, tokenizer, ctx, is_reference=same_weights(target, reference))
     del model
     metrics["eval_s"] = time.time() - t0
     print(f"eval: {target.name} done in {metrics['eval_s']:.1f}s", flush=True)

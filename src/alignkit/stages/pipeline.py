@@ -9,7 +9,9 @@ completed) is skipped, and every stage runs with resume=true, so rerunning the
 pipeline after a crash continues where it stopped. Separate processes also give each stage its own
 peak-memory figure. With `jobs` > 1, stages whose inputs are ready run at the same time (after `rm`, the
 policy stages depend on nothing but sft, label and rm), each with its share of the CPU threads: on 2 cores
-two 1-thread processes do about 1.25x the work of one 2-thread process on these small models.
+two 1-thread processes do about 1.25x the work of one 2-thread process on these small models. Then each model
+the report evaluates is evaluated on its own as soon as it exists (eval_part_steps, into `eval`'s cache_dir),
+beside the stages still running, and the final `eval` reads them back.
 """
 
 from __future__ import annotations
