@@ -169,3 +169,38 @@ def test_jobs_below_one_is_a_config_error_naming_the_field(tmp_path):
 
     with pytest.raises(ConfigError, match="jobs must be >= 1, got 0"):
         run_stage("pipeline", [f"output_dir={tmp_path / 'p'}", "jobs=0", "stages=[pretrain]"])
+
+
+def test_each_model_is_evaluated_alone_once_it_exists_and_not_when_the_eval_is_complete(tmp_path, monkeypatch):
+    starts = []
+    length = {"pretrain": 1, "sft": 1, "label": 1, "rm": 1, "ppo": 12, "dpo": 1, "best_of_n": 1}
+
+    def fake_start(name, stage, config_file, args, launcher, log_path, caller="pipeline", threads=None, prefix=""):
+        complete = frozenset(p.parent.name for p in tmp_path.glob("*/summary.json"))
+        starts.append((stage, name, args, complete))
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        if stage in length and stage not in ("label", "best_of_n"):  # a model; best-of-n and label leave none
+            (log_path.parent / "final").mkdir(exist_ok=True)
+        return FakeStep(stage, log_path.parent / "summary.json", length.get(stage, 1))
+
+    monkeypatch.setattr(pipeline, "start_stage_process", fake_start)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    cfg = pipeline.PipelineConfig(output_dir=str(tmp_path), config_dir=str(tmp_path), jobs=2)
+    pipeline.run_stages(cfg, list(length), {})
+    evals = {stage: (args, complete) for stage, name, args, complete in starts if name == "eval"}
+    # base, sft and each policy with a final/ (best-of-n has none), each after its stage, sft and rm
+    assert set(evals) == {"eval:base", "eval:sft", "eval:ppo", "eval:dpo"}
+    for step, stage in (("eval:base", "pretrain"), ("eval:sft", "sft"), ("eval:ppo", "ppo"), ("eval:dpo", "dpo")):
+        args, complete = evals[step]
+        assert {stage, "sft", "rm"} <= complete, step
+        assert f"models={json.dumps([str(tmp_path / stage / 'final')])}" in args
+        assert f"cache_dir={tmp_path / 'eval' / 'cache'}" in args and f"reference={tmp_path / 'sft' / 'final'}" in args
+    # dpo's evaluation did not wait for ppo, which was still running
+    assert "ppo" not in evals["eval:dpo"][1]
+    # an eval that is complete already (a run dir of before): nothing is evaluated again
+    for part in tmp_path.glob("eval/parts/*/summary.json"):
+        part.unlink()
+    (tmp_path / "eval" / "summary.json").write_text("{}")
+    starts.clear()
+    pipeline.run_stages(cfg, list(length), {})
+    assert starts == []

@@ -103,9 +103,9 @@ def eval_part_steps(cfg: PipelineConfig, stages: list[str]) -> list[Step]:
     the summary, alarms and plots. With jobs=1 nothing would run beside it: eval evaluates every model itself."""
     from alignkit.stages import POLICY_METHODS
 
-    if cfg.jobs <= 1 or not cfg.evaluate:
-        return []
     parts = Path(cfg.output_dir) / "eval" / "parts"
+    if cfg.jobs <= 1 or not cfg.evaluate or (parts.parent / "summary.json").exists():  # (that eval is complete)
+        return []
     return [Step(f"eval:{name}", parts / name, {stage} | ({"sft", "rm"} & set(stages)))
             for stage, name in POLICY_METHODS.items() if stage in stages]
 
