@@ -28,17 +28,17 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
+    add_speed_arguments, finish_run, speed_run,
     tiny_model_dir,
     REPO, PaddingCounter, alignkit_step_timer, count_collated_padding, count_packed_padding, emit_result, gold_quality, paired_difference,
     count_params, pair_tokens, preference_records, preimport_alignkit, ratio_lines, rates, run_worker, summarize, trl_step_timer, variant_table,
-    run_alignkit, trl_chat_pairs, write_json, write_jsonl,
+    run_alignkit, trl_chat_pairs, write_jsonl,
 )
 
 HH_DATA = REPO.parent / "shared" / "data" / "hh-rlhf-harmless" / "dev.jsonl.gz"
@@ -133,17 +133,11 @@ def trl_worker(spec: dict) -> dict:
 
 
 def speed(args: argparse.Namespace) -> None:
-    models = ["tiny", "smollm2"] if args.model == "both" else [args.model]
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_dpo_"))
-    work.mkdir(parents=True, exist_ok=True)
-    print(f"work dir: {work}  (worker logs there)", flush=True)
-    report = {"command": " ".join(sys.argv), "cpus": os.cpu_count(), "threads": args.threads, "models": {}}
+    models, work, report = speed_run(args, "bench_dpo")
     for name in models:
         text, report["models"][name] = bench_model(name, args, work / name)
         print(f"\n## {name}\n{text}", flush=True)
-    json_path = Path(args.json or work / "bench_dpo.json")
-    write_json(json_path, report)
-    print(f"\nJSON: {json_path}")
+    finish_run(args, "bench_dpo", work, report)
 
 
 def model_settings(name: str, args: argparse.Namespace) -> tuple[dict, str, int]:
@@ -228,19 +222,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sp = sub.add_parser("speed", help="throughput and peak memory, alignkit vs TRL")
-    sp.add_argument("--model", choices=["tiny", "smollm2", "both"], default="tiny")
-    sp.add_argument("--quick", action="store_true", help="fewer pairs and steps (tiny: under 2 minutes)")
-    sp.add_argument("--steps", type=int, default=0, help="optimizer steps per run (default: tiny 30, smollm2 8; quick 6)")
-    sp.add_argument("--warmup", type=int, default=2, help="first steps not timed")
-    sp.add_argument("--repeats", type=int, default=1, help="runs of each variant, interleaved; the median is reported")
-    sp.add_argument("--threads", type=int, default=1,
-                    help="OMP_NUM_THREADS for the workers (0: torch default). 1: on a shared 2-core box, 2 OpenMP "
-                         "threads spin-wait on each other whenever another job takes a core")
+    add_speed_arguments(sp, "bench_dpo", "tiny 30, smollm2 8; quick 6", "fewer pairs and steps (tiny: under 2 minutes)")
     sp.add_argument("--row-tokens", type=int, default=None, help="alignkit's row_tokens (default: per model, see SETTINGS)")
     sp.add_argument("--variants", default="",
                     help="comma-separated subset of alignkit-pre,alignkit-fly,trl-fly,trl-pre (default: all four)")
-    sp.add_argument("--work-dir", default=None)
-    sp.add_argument("--json", default=None, help="result file (default: WORK_DIR/bench_dpo.json)")
     gp = sub.add_parser("gold", help="gold reward of models on held-out task prompts")
     gp.add_argument("--models", nargs="+", required=True)
     gp.add_argument("--prompts", default="task:sort/prompts_eval?n=500")

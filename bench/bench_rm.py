@@ -33,6 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
+    add_speed_arguments, finish_run, speed_run,
     tiny_model_dir,
     REPO, PaddingCounter, alignkit_step_timer, count_collated_padding, count_packed_padding, emit_result, mean_stderr,
     paired_difference, preimport_alignkit, ratio_lines, rates, run_alignkit, run_worker, summarize, trl_chat_pairs, trl_step_timer,
@@ -275,15 +276,8 @@ def main() -> None:
         emit_result((alignkit_worker if sys.argv[2] == "alignkit" else trl_worker)(spec))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["tiny", "smollm2", "both"], default="tiny")
-    parser.add_argument("--quick", action="store_true", help="fewer pairs and steps")
-    parser.add_argument("--steps", type=int, default=0, help="optimizer steps per run (default: tiny 30, smollm2 6; quick 6)")
-    parser.add_argument("--warmup", type=int, default=2, help="first steps not timed")
-    parser.add_argument("--repeats", type=int, default=1, help="runs of each variant, interleaved; the median is reported")
-    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for the workers (0: torch default)")
+    add_speed_arguments(parser, "bench_rm", "tiny 30, smollm2 6; quick 6", "fewer pairs and steps")
     parser.add_argument("--row-tokens", type=int, default=None, help="alignkit's row_tokens (default 0: the longest sequence of the forward)")
-    parser.add_argument("--work-dir", default=None)
-    parser.add_argument("--json", default=None, help="result file (default: WORK_DIR/bench_rm.json)")
     parser.add_argument("--quality", action="store_true", help="held-out HH accuracy after one epoch, alignkit vs TRL")
     parser.add_argument("--train-pairs", type=int, default=320)
     parser.add_argument("--eval-pairs", type=int, default=200)
@@ -291,16 +285,11 @@ def main() -> None:
     if args.quality:
         quality(args)
         return
-    models = ["tiny", "smollm2"] if args.model == "both" else [args.model]
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_rm_"))
-    print(f"work dir: {work}  (worker logs there)", flush=True)
-    report = {"command": " ".join(sys.argv), "cpus": os.cpu_count(), "threads": args.threads, "models": {}}
+    models, work, report = speed_run(args, "bench_rm")
     for name in models:
         text, report["models"][name] = bench_model(name, args, work / name)
         print(f"\n## {name}\n{text}", flush=True)
-    json_path = Path(args.json or work / "bench_rm.json")
-    write_json(json_path, report)
-    print(f"\nJSON: {json_path}")
+    finish_run(args, "bench_rm", work, report)
 
 
 if __name__ == "__main__":

@@ -29,15 +29,15 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
+    add_speed_arguments, finish_run, speed_run,
     REPO, alignkit_step_timer, emit_result, markdown_table, preimport_alignkit, run_alignkit, run_worker, steady_rate,
-    summarize, tiny_model_dir, trl_step_timer, write_json,
+    summarize, tiny_model_dir, trl_step_timer,
 )
 
 HH_DATA = REPO.parent / "shared" / "data" / "hh-rlhf-harmless" / "dev.jsonl.gz"
@@ -292,27 +292,17 @@ def main() -> None:
     from bench.bench_rl import uptime
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["tiny", "smollm2", "both"], default="tiny")
-    parser.add_argument("--quick", action="store_true", help="fewer samples and steps")
-    parser.add_argument("--steps", type=int, default=0, help="optimizer steps per run (default: tiny 30, smollm2 5; quick 6)")
+    add_speed_arguments(parser, "bench_sft", "tiny 30, smollm2 5; quick 6", "fewer samples and steps")
     parser.add_argument("--samples", type=int, default=0, help="records to train on (default per model)")
-    parser.add_argument("--warmup", type=int, default=2, help="first steps not timed")
-    parser.add_argument("--repeats", type=int, default=1, help="runs of each framework, order alternated; median reported")
-    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for the workers (0: torch default)")
-    parser.add_argument("--work-dir", default=None)
-    parser.add_argument("--json", default=None, help="result file (default: WORK_DIR/bench_sft.json)")
     args = parser.parse_args()
-    models = ["tiny", "smollm2"] if args.model == "both" else [args.model]
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_sft_"))
-    work.mkdir(parents=True, exist_ok=True)
+    models, work, report = speed_run(args, "bench_sft")
     env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)} if args.threads else None
 
     def child(kind: str, log: Path, spec: dict) -> dict:
         return run_worker(Path(__file__), ["_worker", kind, json.dumps(spec)], log, env=env)
 
-    report = {"command": " ".join(sys.argv), "cpus": os.cpu_count(), "threads": args.threads, "models": {},
-              "uptime_before": uptime(), "date": time.strftime("%Y-%m-%d %H:%M %Z")}
-    print(f"work dir: {work}  (worker logs there)\n{report['uptime_before']}", flush=True)
+    report.update(uptime_before=uptime(), date=time.strftime("%Y-%m-%d %H:%M %Z"))
+    print(report["uptime_before"], flush=True)
     report["matmul_before"] = child("peak", work / "peak-before.log", {})
     print(f"  fp32 matmul peak: {report['matmul_before']['gflops']:.1f} GFLOP/s", flush=True)
     outs = {name: bench_model(name, args, work / name, child) for name in models}
@@ -332,9 +322,7 @@ def main() -> None:
         report["models"][name] = {"settings": dict(s, model=model, steps=steps, warmup=args.warmup), "runs": results,
                                   "medians": medians, "text": text}
         print(f"\n## {name}\n{text}", flush=True)
-    json_path = Path(args.json or work / "bench_sft.json")
-    write_json(json_path, report)
-    print(f"\nJSON: {json_path}")
+    finish_run(args, "bench_sft", work, report)
 
 
 if __name__ == "__main__":

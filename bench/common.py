@@ -69,6 +69,42 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
 
 
+THREADS_HELP = ("OMP_NUM_THREADS for the workers (0: torch default). 1: on a shared 2-core box, 2 OpenMP threads "
+                "spin-wait on each other whenever another job takes a core")
+
+
+def add_speed_arguments(parser, name: str, default_steps: str, quick: str) -> None:
+    """The options every alignkit-vs-TRL speed bench takes (bench_sft, bench_rm, bench_dpo speed): which model, how
+    many steps and repeats, threads per worker, where the work and the JSON (WORK_DIR/<name>.json) go."""
+    parser.add_argument("--model", choices=["tiny", "smollm2", "both"], default="tiny")
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--steps", type=int, default=0, help=f"optimizer steps per run (default: {default_steps})")
+    parser.add_argument("--warmup", type=int, default=2, help="first steps not timed")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each variant, interleaved; the median is reported")
+    parser.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
+    parser.add_argument("--work-dir", default=None)
+    parser.add_argument("--json", default=None, help=f"result file (default: WORK_DIR/{name}.json)")
+
+
+def speed_run(args, name: str) -> tuple[list[str], Path, dict[str, Any]]:
+    """(models to bench, the work dir (made), the report to fill) of a speed bench's arguments (add_speed_arguments)."""
+    import tempfile
+
+    models = ["tiny", "smollm2"] if args.model == "both" else [args.model]
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix=f"{name}_"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"work dir: {work}  (worker logs there)", flush=True)
+    return models, work, {"command": " ".join(sys.argv), "cpus": os.cpu_count(), "threads": args.threads, "models": {}}
+
+
+def finish_run(args, name: str, work: Path, report: dict[str, Any]) -> Path:
+    """Write the report to --json (default WORK_DIR/<name>.json) and say where."""
+    path = Path(args.json or work / f"{name}.json")
+    write_json(path, report)
+    print(f"\nJSON: {path}")
+    return path
+
+
 class PaddingCounter:
     """Counts the tokens a framework actually runs through the model vs the real (non-pad) tokens."""
 
