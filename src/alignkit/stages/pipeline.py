@@ -140,8 +140,10 @@ def run_stages(cfg: PipelineConfig, stages: list[str], per_stage: dict[str, list
             if command is None:  # nothing to evaluate (best-of-n has no final/)
                 finished.add(step.name)
                 continue
-            # Alone, a step keeps every thread; beside others, its share (the sharing pays on CPU, see above).
-            alone = cfg.jobs == 1 or step.name in blocking or len(running) + len(ready) == 1
+            # The critical path keeps every thread; every other step its share (the sharing pays on CPU, see
+            # above), even when it happens to run alone: a step's thread count, and so its float sums and numbers,
+            # must not depend on the schedule (a resumed pipeline reports the same numbers as an uninterrupted one).
+            alone = cfg.jobs == 1 or step.name in blocking
             threads = None if alone else thread_share(cfg.jobs)
             cli, config_file, args = command
             running[step.name] = start_stage_process(cli, step.name, config_file, args, cfg.launcher,
