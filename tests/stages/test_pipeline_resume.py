@@ -26,7 +26,8 @@ TIMING = ("wall_s", "train_s", "peak_rss_mb", "per_s", "time_", "provenance", "r
 
 
 def pipeline_args(out: Path) -> list[str]:
-    return ["pipeline", f"output_dir={out}", f"stages=[{', '.join(STAGES)}]", f"overrides={json.dumps(RESUMABLE)}"]
+    # jobs=2, as the default pipeline: stages side by side, then each model evaluated on its own
+    return ["pipeline", f"output_dir={out}", f"stages=[{', '.join(STAGES)}]", "jobs=2", f"overrides={json.dumps(RESUMABLE)}"]
 
 
 def test_a_failed_stage_is_reported_with_its_log_and_the_command_to_rerun_it(tmp_path: Path):
@@ -91,7 +92,9 @@ def test_killed_pipeline_resumes_to_the_same_report(tmp_path: Path):
         ("inside sft, after its step-10 checkpoint", lambda: (out / "sft" / "checkpoints" / "step-10").is_dir()),
         ("between rm and dpo", lambda: (out / "rm" / "summary.json").exists()),
         ("inside ppo", lambda: (out / "ppo" / "metrics.jsonl").exists()),
-        ("during evaluation", lambda: (out / "eval" / "metrics.jsonl").exists()),
+        # jobs=2: a model evaluated on its own (its result kept), the others not yet
+        ("among the per-model evaluations", lambda: any((out / "eval" / "cache").glob("*.json"))),
+        ("during the pipeline's evaluation", lambda: (out / "eval" / "config.yaml").exists()),
     ]
     for moment, condition in moments:
         code = _run_until(out, condition)
