@@ -33,21 +33,27 @@ def _tempered_logp(model, prompt_ids: list[int], response_ids: list[int], temper
     return float(torch.log_softmax(logits, -1).gather(1, torch.tensor(response_ids)[:, None]).sum())
 
 
-def test_kl_uses_the_temperature_on_both_sides_and_groups_by_prompt(pretrained_tiny: Path):
-    from alignkit.config import EvalConfig, EvalSamplingConfig
+def _reference_and_moved_policy(pretrained_tiny: Path):
+    """(reference, a policy moved away from it by seeded noise, tokenizer, 6 held-out prompts), both in eval mode."""
     from alignkit.data.tasks import load_task_records
-    from alignkit.rollout.sampling import generate
     from alignkit.models.loading import load_causal_lm
-    from alignkit.stages.evaluate import Context, kl_metrics
 
     reference, tok = load_causal_lm(str(pretrained_tiny / "final"))
     policy, _ = load_causal_lm(str(pretrained_tiny / "final"))
-    with torch.no_grad():  # a policy that moved away from the reference
+    with torch.no_grad():
         for p in policy.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     reference.eval()
     policy.eval()
-    prompts = [r["prompt"] for r in load_task_records("task:sort/prompts_eval?n=6")[0]]
+    return reference, policy, tok, [r["prompt"] for r in load_task_records("task:sort/prompts_eval?n=6")[0]]
+
+
+def test_kl_uses_the_temperature_on_both_sides_and_groups_by_prompt(pretrained_tiny: Path):
+    from alignkit.config import EvalConfig, EvalSamplingConfig
+    from alignkit.rollout.sampling import generate
+    from alignkit.stages.evaluate import Context, kl_metrics
+
+    reference, policy, tok, prompts = _reference_and_moved_policy(pretrained_tiny)
     k = 3
     cfg = EvalConfig(models=["x"], n_samples=k, sampling=EvalSamplingConfig(temperature=T), max_length=256)
     flat = [g for per in generate(policy, tok, prompts, n=k, temperature=T, max_new_tokens=10, seed=0) for g in per]
@@ -94,19 +100,10 @@ def test_sampler_log_probs_replace_the_policy_forward(pretrained_tiny: Path):
     import dataclasses
 
     from alignkit.config import EvalConfig, EvalSamplingConfig
-    from alignkit.data.tasks import load_task_records
-    from alignkit.models.loading import load_causal_lm
     from alignkit.rollout.sampling import generate
     from alignkit.stages.evaluate import Context, kl_metrics
 
-    reference, tok = load_causal_lm(str(pretrained_tiny / "final"))
-    policy, _ = load_causal_lm(str(pretrained_tiny / "final"))
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    reference.eval()
-    policy.eval()
-    prompts = [r["prompt"] for r in load_task_records("task:sort/prompts_eval?n=6")[0]]
+    reference, policy, tok, prompts = _reference_and_moved_policy(pretrained_tiny)
     k = 3
     kept = [g for per in generate(policy, tok, prompts, n=k, temperature=T, max_new_tokens=10, seed=0, with_logps=True)
             for g in per]

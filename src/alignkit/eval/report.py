@@ -55,22 +55,27 @@ def table_columns(methods: dict) -> list[str]:
     return TABLE[:i] + list(tasks) + TABLE[i:]
 
 
+def _eval_args(cfg: Any, done: dict[str, Path], output_dir: Path, models: dict[str, Path]) -> list[str]:
+    """The overrides every eval run of a pipeline shares: where it writes, the seed, the models {name: final/} and
+    the pipeline's reward model."""
+    # JSON lists are YAML flow lists with every item quoted: safe for any path.
+    args = [f"output_dir={output_dir}", f"seed={cfg.seed}", f"models={json.dumps([str(p) for p in models.values()])}",
+            f"names={json.dumps(list(models))}", "checkpoints=false"]
+    if "rm" in done:
+        args.append(f"reward.models={json.dumps([str(done['rm'] / 'final')])}")
+    return args
+
+
 def eval_stage_args(cfg: Any, done: dict[str, Path]) -> list[str]:
     """The `alignkit eval` overrides that evaluate every policy of a pipeline (stages/pipeline.py runs it)."""
     from alignkit.stages import POLICY_METHODS
 
-    out = Path(cfg.output_dir)
     # Stages without final/ (best-of-n: a sampling procedure, not a new model) report from their summary.
     # In POLICY_METHODS order, whatever order the stages ran in (`jobs` > 1 starts long stages first).
     policies = {name: done[s] / "final" for s, name in POLICY_METHODS.items() if s in done and (done[s] / "final").exists()}
-    names, paths = list(policies), [str(p) for p in policies.values()]
-    # JSON lists are YAML flow lists with every item quoted: safe for any path.
-    args = [f"output_dir={out / 'eval'}", f"seed={cfg.seed}", f"models={json.dumps(paths)}",
-            f"names={json.dumps(names)}", "checkpoints=false"]
+    args = _eval_args(cfg, done, Path(cfg.output_dir) / "eval", policies)
     if "sft" in policies:
         args += ["baseline=sft", "reference=sft"]
-    if "rm" in done:
-        args.append(f"reward.models={json.dumps([str(done['rm'] / 'final')])}")
     if cfg.jobs > 1:  # the policies were evaluated into the cache as their stages ended (eval_part_args)
         args.append(f"cache_dir={eval_cache_dir(cfg)}")
     return args
@@ -89,13 +94,10 @@ def eval_part_args(cfg: Any, done: dict[str, Path], method: str, part_dir: Path)
     stage = next(s for s, name in POLICY_METHODS.items() if name == method)
     if stage not in done or not (done[stage] / "final").exists():
         return None
-    args = [f"output_dir={part_dir}", f"seed={cfg.seed}", f"models={json.dumps([str(done[stage] / 'final')])}",
-            f"names={json.dumps([method])}", "checkpoints=false", f"cache_dir={eval_cache_dir(cfg)}",
-            "pairs=null"]  # the reward model's accuracy on held-out pairs: once, in the pipeline's eval
+    args = _eval_args(cfg, done, part_dir, {method: done[stage] / "final"})
+    args += [f"cache_dir={eval_cache_dir(cfg)}", "pairs=null"]  # the RM's held-out pair accuracy: once, in the pipeline's eval
     if "sft" in done:
         args.append(f"reference={done['sft'] / 'final'}")
-    if "rm" in done:
-        args.append(f"reward.models={json.dumps([str(done['rm'] / 'final')])}")
     return args
 
 
