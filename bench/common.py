@@ -1,6 +1,8 @@
 """Helpers shared by the benchmark scripts: per-child peak memory, step timing, data, gold-reward quality.
 
-Nothing here is imported by `src/` (TRL is a bench-only dependency).
+Nothing here is imported by `src/` (TRL is a bench-only dependency). Past 400 lines because it is the one
+place the bench scripts share code (options, workers, timers, padding counters, tables): a split would only
+spread one set of helpers over several files.
 """
 
 from __future__ import annotations

@@ -11,6 +11,10 @@ Pure math lives in alignkit.eval.metrics / alarms, target resolution in eval.tar
 eval.scoring; sampling is rollout.sampling.sample_generations (the seeded chunked sampler of every stage);
 this file wires the metrics of one evaluation run. `evaluate_models(cfg)` is the entry point for Python
 callers (the pipeline).
+
+Past 400 lines on purpose: one model's whole measurement (samples, rewards, KL, the comparison with the baseline)
+and the run around it (targets, the result cache of eval.results, alarms, files) read top to bottom in one file;
+the pure pieces already live in eval/.
 """
 
 from __future__ import annotations
